@@ -1,0 +1,1 @@
+"""Non-Qt helpers of the MedAnomaly Slicer module (MRML scene loading); importable outside Slicer with slicer-core."""

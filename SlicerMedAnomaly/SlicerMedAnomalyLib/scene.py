@@ -1,0 +1,88 @@
+"""Put one case's output files (OUT/<case>/) into an MRML scene: heatmap volume, segmentation, findings table and
+the reconstruction. MRML API only, so tests run it on a real scene from PyPI's slicer-core."""
+
+import json
+import os
+
+import slicer
+
+HEATMAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeInferno", "vtkMRMLColorTableNodeFileInferno.txt",
+                          "vtkMRMLColorTableNodeRainbow")
+TABLE_COLUMNS = [("id", "int"), ("name", "string"), ("max_probability", "double"), ("mean_probability", "double"),
+                 ("volume_mm3", "double"), ("mean_hu", "double"), ("r_mm", "double"), ("a_mm", "double"),
+                 ("s_mm", "double"), ("slice_first", "int"), ("slice_last", "int")]
+
+
+def _read_volume(scene, path, name):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(path)
+    if not storage.ReadData(node):
+        raise RuntimeError(f"could not read {path}")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def _read_segmentation(scene, path, name, reference_volume):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(path)
+    if not storage.ReadData(node):
+        raise RuntimeError(f"could not read {path}")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.CreateDefaultDisplayNodes()
+    if reference_volume is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+    return node
+
+
+def findings_table(scene, findings, name):
+    """A table node with one row per finding (RAS centroid, as Slicer shows coordinates)."""
+    import vtk
+
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    makers = {"int": vtk.vtkIntArray, "double": vtk.vtkDoubleArray, "string": vtk.vtkStringArray}
+    columns = []
+    for column_name, kind in TABLE_COLUMNS:
+        array = makers[kind]()
+        array.SetName(column_name)
+        table.AddColumn(array)
+        columns.append(array)
+    for f in findings:
+        r, a, s = f["centroid_ras_mm"]
+        values = [f["id"], f["name"], f["max_probability"], f["mean_probability"], f["volume_mm3"], f["mean_hu"],
+                  r, a, s, f["slice_range_k"][0], f["slice_range_k"][1]]
+        for array, value in zip(columns, values):
+            array.InsertNextValue(value)
+    table.Modified()
+    return table
+
+
+def load_case_into_scene(scene, case_dir, input_volume=None, heatmap_opacity=0.4):
+    """Load OUT/<case>/ into `scene`; returns {"heatmap", "segmentation", "table", "reconstruction", "findings"}."""
+    with open(os.path.join(case_dir, "findings.json")) as f:
+        summary = json.load(f)
+    case = summary["case"]
+    heatmap = _read_volume(scene, os.path.join(case_dir, "heatmap.nrrd"), f"{case} anomaly heatmap")
+    display = heatmap.GetDisplayNode()
+    for color_id in HEATMAP_COLOR_NODE_IDS:
+        if scene.GetNodeByID(color_id) is not None:
+            display.SetAndObserveColorNodeID(color_id)
+            break
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevelMinMax(summary["threshold"], 1.0)
+    display.SetApplyThreshold(True)
+    display.SetLowerThreshold(summary["threshold"])
+    display.SetUpperThreshold(1.0)
+    segmentation = _read_segmentation(scene, os.path.join(case_dir, "anomalies.seg.nrrd"), f"{case} anomalies",
+                                      input_volume)
+    table = findings_table(scene, summary["findings"], f"{case} findings")
+    reconstruction = None
+    if os.path.exists(os.path.join(case_dir, "reconstruction.nrrd")):
+        reconstruction = _read_volume(scene, os.path.join(case_dir, "reconstruction.nrrd"), f"{case} pseudo-healthy")
+    if getattr(slicer, "app", None) is not None and input_volume is not None:  # inside Slicer: heatmap over the CT
+        slicer.util.setSliceViewerLayers(background=input_volume, foreground=heatmap,
+                                         foregroundOpacity=heatmap_opacity)
+    return {"heatmap": heatmap, "segmentation": segmentation, "table": table, "reconstruction": reconstruction,
+            "findings": summary["findings"]}

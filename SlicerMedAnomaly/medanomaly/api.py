@@ -1,0 +1,235 @@
+"""`detect`: the one function behind the command line, the Python API and the Slicer module."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .bundle import ModelBundle, resolve_model
+from .calibration import Calibration, sensitivity_to_fp_per_volume
+from .detectors import Detector, build_detector
+from .engine import CancelCheck, ProgressCallback, pick_device, score_slices, to_native
+from .errors import InputError, OutputError
+from .findings import find_findings
+from .orientation import Reorientation
+from .outputs import CaseStaging, write_image, write_json, write_mood, write_overview, write_segmentation
+from .preprocess import prepare_slices
+from .volumes import CTVolume, read_volume
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+@dataclass
+class DetectionResult:
+    """Everything `detect_volume` computed for one volume; arrays lie on the input's [k, j, i] grid."""
+
+    volume: CTVolume
+    heatmap: np.ndarray  # float32 probability in [0, 1]
+    labels: np.ndarray  # uint8, finding i has label i
+    findings: list[dict]
+    volume_score: float
+    threshold: float
+    reconstruction: np.ndarray | None  # int16 HU pseudo-healthy volume, when the method makes one
+    timings: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    dropped_findings: int = 0
+    output_dir: Path | None = None
+    files: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "case": self.volume.case_name,
+            "input": self.volume.source,
+            "series_uid": self.volume.series_uid,
+            "volume_score": round(self.volume_score, 6),
+            "threshold": self.threshold,
+            "findings": self.findings,
+            "dropped_findings": self.dropped_findings,
+            "model": self.model,
+            "settings": self.settings,
+            "software": {"medanomaly": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "geometry": {"size": list(self.volume.image.GetSize()), "spacing": list(self.volume.spacing),
+                         "origin": list(self.volume.image.GetOrigin()),
+                         "direction": list(self.volume.image.GetDirection())},
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "warnings": self.volume.warnings,
+            "files": self.files,
+        }
+
+
+class Stopwatch:
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+def detect_volume(volume: CTVolume, model: ModelBundle | Detector | str | None = None, *, device: str = "auto",
+                  sensitivity: float | None = None, fp_rate: float | None = None,
+                  min_size_mm3: float | None = None, memory_budget_mb: float = 1024.0,
+                  progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> DetectionResult:
+    """Detect anomalies in one volume, in memory: heatmap, findings and scores on the input grid.
+
+    Args:
+        sensitivity: 0..1; sets the target false-positive findings per normal volume (0.5 -> 0.32).
+        fp_rate: that target directly (overrides sensitivity); default: the model card's.
+        min_size_mm3: smallest finding kept; default: the model card's.
+    """
+    watch = Stopwatch()
+    detector = model if isinstance(model, Detector) else build_detector(
+        model if isinstance(model, ModelBundle) else resolve_model(model))
+    card = detector.card
+    calibration = Calibration.from_card(card["calibration"])
+    torch_device = pick_device(device)
+    watch.lap("load_model")
+    notify = progress or (lambda stage, fraction: None)
+
+    notify("preprocess", 0.0)
+    reorientation = Reorientation.for_image(volume.image)
+    hu_canonical = reorientation.to_canonical(volume.hu)
+    slices = prepare_slices(hu_canonical, reorientation.canonical_spacing, detector.spec)
+    watch.lap("preprocess")
+
+    scores, recon, engine_timings = score_slices(detector, slices, device=torch_device,
+                                                 memory_budget_mb=memory_budget_mb, progress=notify, cancel=cancel)
+    watch.lap("network_and_smoothing")
+
+    notify("postprocess", 0.0)
+    probability = calibration.voxel_probability(scores) * slices.region
+    volume_score = calibration.volume_score(scores, slices.region, slices.spacing_mm)
+    heatmap = np.ascontiguousarray(reorientation.to_input(to_native(probability, slices)))
+    np.clip(heatmap, 0.0, 1.0, out=heatmap)
+    reconstruction = None
+    if recon is not None:
+        lo, hi = detector.spec.window_hu
+        delta = (recon * (hi - lo) + lo) - slices.hu.clamp(lo, hi).numpy()
+        delta *= slices.body
+        native_delta = reorientation.to_input(to_native(delta, slices))
+        reconstruction = np.clip(volume.hu + np.rint(native_delta), -32768, 32767).astype(np.int16)
+    watch.lap("postprocess")
+
+    extent_cm = hu_canonical.shape[0] * reorientation.canonical_spacing[0] / 10.0
+    target_fp = fp_rate if fp_rate is not None else (
+        sensitivity_to_fp_per_volume(sensitivity) if sensitivity is not None else calibration.default_fp_per_volume)
+    threshold = calibration.threshold_for(target_fp, extent_cm)
+    min_size = calibration.min_size_mm3 if min_size_mm3 is None else float(min_size_mm3)
+    labels, findings, dropped = find_findings(heatmap, volume.hu, volume.image, threshold, min_size)
+    watch.lap("findings")
+    notify("postprocess", 1.0)
+
+    timings = dict(watch.laps)
+    timings["network"] = engine_timings.network_s
+    timings["pipeline"] = sum(watch.laps.values()) - engine_timings.network_s
+    return DetectionResult(
+        volume=volume, heatmap=heatmap, labels=labels, findings=findings, volume_score=volume_score,
+        threshold=threshold, reconstruction=reconstruction, timings=timings, dropped_findings=dropped,
+        model={"name": card["name"], "version": card["version"], "method": card["method"]},
+        settings={"device": str(torch_device), "batch_size": engine_timings.batch_size,
+                  "target_fp_per_volume": target_fp, "sensitivity": sensitivity, "min_size_mm3": min_size,
+                  "window_hu": list(detector.spec.window_hu), "model_spacing_mm": detector.spec.spacing_mm,
+                  "model_size": detector.spec.size, "region": detector.spec.region},
+    )
+
+
+def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = False, overview: bool = True) -> Path:
+    """Write a case's files into OUT/<case>/ atomically (a staging folder renamed when complete)."""
+    volume, image = result.volume, result.volume.image
+    t0 = time.perf_counter()
+    with CaseStaging(Path(output_dir), volume.case_name) as staging:
+        try:
+            write_image(result.heatmap, image, staging.path / "heatmap.nrrd")
+            write_image(result.labels, image, staging.path / "labels.nrrd")
+            write_segmentation(result.labels, result.findings, image, staging.path / "anomalies.seg.nrrd")
+            if result.reconstruction is not None:
+                write_image(result.reconstruction, image, staging.path / "reconstruction.nrrd")
+            if overview:
+                reorientation = Reorientation.for_image(image)
+                shape = reorientation.to_canonical(volume.hu).shape
+                centres = [(f["id"], reorientation.canonical_index(f["centroid_ijk"][::-1], shape))
+                           for f in result.findings]
+                write_overview(staging.path / "overview.png", reorientation.to_canonical(volume.hu),
+                               reorientation.to_canonical(result.heatmap), reorientation.canonical_spacing,
+                               result.threshold, centres,
+                               title=f"{volume.case_name}: volume score {result.volume_score:.3f}, "
+                                     f"{len(result.findings)} finding(s), model {result.model['name']}")
+            result.files = {name: name for name in sorted(p.name for p in staging.path.iterdir())}
+            if mood:
+                result.files["mood"] = write_mood(result.heatmap, image, result.volume_score, Path(output_dir),
+                                                  Path(volume.source).name)
+            result.timings["write"] = time.perf_counter() - t0
+            result.files["findings.json"] = "findings.json"
+            write_json(result.summary(), staging.path / "findings.json")
+        except OSError as exc:
+            raise OutputError(f"{output_dir}: writing results failed ({exc.strerror or exc}); "
+                              "check free space and permissions") from None
+        result.output_dir = staging.commit()
+    return result.output_dir
+
+
+def detect(inputs: str | Path | Iterable[str | Path], output: str | Path | None = None, *,
+           model: str | None = None, device: str = "auto", sensitivity: float | None = None,
+           fp_rate: float | None = None, min_size_mm3: float | None = None, mood: bool = False,
+           series: str | None = None, allow_non_hu: bool = False, max_memory_gb: float | None = None,
+           memory_budget_mb: float = 1024.0, overview: bool = True,
+           progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> list[DetectionResult]:
+    """Detect anomalies in one or more CT volumes and write `OUT/<case>/` for each (the `medanomaly detect` command).
+
+    Keywords match the command's flags. With `output=None` nothing is written and results stay in memory.
+    """
+    paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if not paths:
+        raise InputError("no input given; pass one or more CT files or DICOM folders")
+    if sensitivity is not None and not 0.0 <= sensitivity <= 1.0:
+        raise InputError(f"--sensitivity {sensitivity}: must lie between 0 and 1")
+    if fp_rate is not None and fp_rate <= 0:
+        raise InputError(f"--fp-rate {fp_rate}: must be a positive number of false positives per volume")
+    if min_size_mm3 is not None and min_size_mm3 < 0:
+        raise InputError(f"--min-size-mm3 {min_size_mm3}: must not be negative")
+    pick_device(device)
+    detector = build_detector(resolve_model(model))
+    if output is not None:
+        _check_writable(Path(output))
+    results = []
+    for path in paths:
+        volume = read_volume(path, series=series, allow_non_hu=allow_non_hu, max_memory_gb=max_memory_gb)
+        t0 = time.perf_counter()
+        result = detect_volume(volume, detector, device=device, sensitivity=sensitivity, fp_rate=fp_rate,
+                               min_size_mm3=min_size_mm3, memory_budget_mb=memory_budget_mb, progress=progress,
+                               cancel=cancel)
+        if output is not None:
+            write_case(result, output, mood=mood, overview=overview)
+        result.timings["total"] = time.perf_counter() - t0
+        results.append(result)
+    return results
+
+
+def _check_writable(output: Path) -> None:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".medanomaly-write-test-{id(output)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"{output}: output folder is not writable ({exc.strerror}); choose another with -o") from None

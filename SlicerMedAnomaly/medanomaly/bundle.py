@@ -1,0 +1,256 @@
+"""Model bundles: a folder with safetensors weights and a JSON model card, found by name through model catalogs.
+
+Weights are only ever read from safetensors, after their SHA-256 matches the card: a bundle cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import torch
+from safetensors.torch import load_file
+
+from . import __version__
+from .errors import ModelError
+
+CARD_NAME = "model_card.json"
+CATALOG_NAME = "catalog.json"
+CARD_FORMAT = 1  # bumped when a card can no longer be read by older code
+
+CARD_SCHEMA = {
+    "type": "object",
+    "required": ["card_format", "name", "version", "method", "min_software_version", "input", "architecture",
+                 "weights", "calibration", "training"],
+    "properties": {
+        "card_format": {"type": "integer"},
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9._-]+$"},
+        "version": {"type": "string"},
+        "method": {"type": "string"},
+        "min_software_version": {"type": "string"},
+        "description": {"type": "string"},
+        "input": {
+            "type": "object",
+            "required": ["size", "spacing_mm", "window_hu", "region", "body_region"],
+            "properties": {
+                "size": {"type": "integer", "minimum": 16},
+                "spacing_mm": {"type": "number", "exclusiveMinimum": 0},
+                "window_hu": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
+                "region": {"enum": ["body", "lung"]},
+                "body_region": {"type": "string"},
+                "smoothing_mm": {"type": "number", "minimum": 0},
+            },
+        },
+        "architecture": {"type": "object"},
+        "weights": {"type": "object", "minProperties": 1,
+                    "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+        "calibration": {
+            "type": "object",
+            "required": ["voxel_quantiles", "voxel_levels", "fp_thresholds", "fp_per_cm", "fp_tail_slope",
+                         "voxel_tail_scale", "default_fp_per_volume", "min_size_mm3"],
+        },
+        "training": {"type": "object"},
+        "evaluation": {"type": "object"},
+    },
+}
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
+
+
+@dataclass
+class ModelBundle:
+    """A validated bundle folder. `tensors()` loads its weights only after checking every SHA-256."""
+
+    path: Path
+    card: dict
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    @property
+    def method(self) -> str:
+        return self.card["method"]
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.card['name']}@{self.card['version']}"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelBundle":
+        path = Path(path)
+        card_path = path / CARD_NAME
+        if not card_path.is_file():
+            raise ModelError(f"{path}: not a model bundle (no {CARD_NAME}); give a bundle folder or a catalog name")
+        try:
+            card = json.loads(card_path.read_text())
+            jsonschema.validate(card, CARD_SCHEMA)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{card_path}: model card is not valid JSON ({exc}); re-import the bundle") from None
+        except jsonschema.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path) or "card"
+            raise ModelError(f"{card_path}: model card is invalid at {where}: {exc.message}; re-import the bundle") from None
+        if card["card_format"] != CARD_FORMAT:
+            raise ModelError(f"{path}: model card format {card['card_format']} is not supported by medanomaly "
+                             f"{__version__} (reads format {CARD_FORMAT}); use a matching medanomaly version")
+        if _version_tuple(card["min_software_version"]) > _version_tuple(__version__):
+            raise ModelError(f"{path}: model {card['name']} needs medanomaly >= {card['min_software_version']} "
+                             f"(this is {__version__}); upgrade medanomaly")
+        return cls(path=path, card=card)
+
+    def verify(self) -> None:
+        """Check every weight file against the SHA-256 in the card."""
+        for filename, expected in self.card["weights"].items():
+            file = self.path / filename
+            if Path(filename).name != filename or not file.is_file():
+                raise ModelError(f"{self.path}: weight file {filename!r} is missing; re-import the bundle")
+            if sha256_of(file) != expected:
+                raise ModelError(f"{file}: SHA-256 does not match the model card (corrupt or tampered); "
+                                 "re-download or re-import the bundle")
+
+    def tensors(self, filename: str | None = None) -> dict[str, torch.Tensor]:
+        self.verify()
+        filename = filename or next(iter(self.card["weights"]))
+        return load_file(str(self.path / filename), device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Catalogs and the search path
+
+
+def repository_models_dir() -> Path:
+    """`models/` of a source checkout (SlicerMedAnomaly/medanomaly -> ../../models) or of an installed extension."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent.parent / "models", here.parent / "Resources" / "models"):
+        if (candidate / CATALOG_NAME).is_file():
+            return candidate
+    return here.parent.parent / "models"
+
+
+def user_models_dir() -> Path:
+    """Per-user cache shared by every Slicer and Python version: $MEDANOMALY_HOME or ~/.cache/medanomaly/models."""
+    base = os.environ.get("MEDANOMALY_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "medanomaly")
+    return Path(base) / "models"
+
+
+def model_dirs() -> list[Path]:
+    """Catalog folders searched in order: $MEDANOMALY_MODELS entries, the user cache, the shipped models."""
+    dirs = [Path(p) for p in os.environ.get("MEDANOMALY_MODELS", "").split(os.pathsep) if p]
+    return dirs + [user_models_dir(), repository_models_dir()]
+
+
+def read_catalog(folder: Path) -> list[dict]:
+    file = folder / CATALOG_NAME
+    if not file.is_file():
+        return []
+    try:
+        entries = json.loads(file.read_text()).get("models", [])
+    except (json.JSONDecodeError, AttributeError):
+        raise ModelError(f"{file}: catalog is not valid JSON; fix or delete it") from None
+    return [dict(entry, catalog=str(folder)) for entry in entries]
+
+
+def list_models() -> list[dict]:
+    """Every catalog entry on the search path; an earlier folder shadows a later one with the same name."""
+    seen, out = set(), []
+    for folder in model_dirs():
+        for entry in read_catalog(folder):
+            if entry["name"] not in seen:
+                seen.add(entry["name"])
+                out.append(entry)
+    return out
+
+
+def default_model_name() -> str:
+    models = list_models()
+    defaults = [m for m in models if m.get("default")]
+    if not (defaults or models):
+        raise ModelError("no model is installed; import one with `medanomaly models import BUNDLE`")
+    return (defaults or models)[0]["name"]
+
+
+def resolve_model(model: str | os.PathLike | None) -> ModelBundle:
+    """A bundle from a folder path, a catalog name, or the catalog's default when `model` is None."""
+    if model is not None and Path(model).is_dir():
+        return ModelBundle.load(model)
+    name = str(model) if model is not None else default_model_name()
+    for entry in list_models():
+        if entry["name"] == name:
+            return ModelBundle.load(Path(entry["catalog"]) / entry["path"])
+    known = ", ".join(m["name"] for m in list_models()) or "none"
+    raise ModelError(f"unknown model {name!r} (installed: {known}); see `medanomaly models list`")
+
+
+def catalog_entry(bundle: ModelBundle, path: str, default: bool = False) -> dict:
+    card = bundle.card
+    return {"name": card["name"], "path": path, "method": card["method"], "version": card["version"],
+            "body_region": card["input"]["body_region"], "description": card.get("description", ""),
+            "default": default}
+
+
+def write_catalog(folder: Path, entries: list[dict]) -> None:
+    entries = [{k: v for k, v in e.items() if k != "catalog"} for e in entries]
+    atomic_write_text(folder / CATALOG_NAME, json.dumps({"models": entries}, indent=2) + "\n")
+
+
+def import_model(source: str | os.PathLike, destination: Path | None = None) -> ModelBundle:
+    """Verify a bundle and copy it into the user cache (or `destination`), then list it in that catalog."""
+    bundle = ModelBundle.load(source)
+    bundle.verify()
+    folder = destination or user_models_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / bundle.name
+    staging = staging_dir(folder, bundle.name)
+    try:
+        for file in [CARD_NAME, *bundle.card["weights"]]:
+            shutil.copy2(bundle.path / file, staging / file)
+        replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    entries = [e for e in read_catalog(folder) if e["name"] != bundle.name]
+    imported = ModelBundle.load(target)
+    write_catalog(folder, entries + [catalog_entry(imported, bundle.name)])
+    return imported
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def staging_dir(parent: Path, name: str) -> Path:
+    """A fresh hidden folder beside the final `parent/name`, with the permissions a plain mkdir would give."""
+    path = Path(tempfile.mkdtemp(prefix=f".{name}.partial.", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    return path
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move a finished folder into place; an older one at `target` is removed only after the new one is there."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old{os.getpid()}")
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,167 @@
+"""Calibration of raw scores against held-out normal CT, stored in the model card.
+
+- Voxel probability: the fraction of normal reference voxels that score lower (an empirical CDF), so a normal voxel
+  is uniform on [0, 1] and 0.999 means "higher than 99.9% of normal tissue".
+- False-positive curve: findings (components of at least the minimum size) per cm of normal CT at a grid of
+  probability thresholds, extended past the last observed false positive by a power-law fit of its tail. A user's
+  target of false positives per normal volume (or `sensitivity`) becomes a threshold for the volume at hand.
+- Volume score: the probability that a normal volume of this length has no finding as strong as this volume's
+  strongest, exp(-fp_rate(t*) * length), from the same curve (Poisson model of false findings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+VOXEL_LEVELS = np.unique(np.concatenate([np.linspace(0.0, 0.99, 100), 1.0 - np.logspace(-2, -6, 41)]))
+FP_THRESHOLDS = 1.0 - np.logspace(-1, -6.5, 56)
+TAIL_LEVEL = VOXEL_LEVELS[-1]
+
+
+def sensitivity_to_fp_per_volume(sensitivity: float) -> float:
+    """Sensitivity in [0, 1] as a target of false-positive findings per normal volume: 0 -> 0.01, 0.5 -> 0.32,
+    1 -> 10 (log scale)."""
+    if not 0.0 <= sensitivity <= 1.0:
+        raise ValueError("sensitivity must lie in [0, 1]")
+    return float(10.0 ** (3.0 * sensitivity - 2.0))
+
+
+def count_components(mask: np.ndarray, min_voxels: int) -> int:
+    labels, n = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return 0
+    sizes = np.bincount(labels.ravel())[1:]
+    return int((sizes >= min_voxels).sum())
+
+
+def strongest_component_level(scores: np.ndarray, region: np.ndarray, min_voxels: int, floor: float,
+                              iterations: int = 22) -> float:
+    """The highest score level s at which {scores >= s} inside the region still holds a 26-connected component of at
+    least `min_voxels` voxels (bisection; `floor` when there is none even there)."""
+    masked = np.where(region, scores, -np.inf)
+    lo, hi = float(floor), float(masked.max())
+    if not np.isfinite(hi) or count_components(masked >= lo, min_voxels) == 0:
+        return lo
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if count_components(masked >= mid, min_voxels) > 0:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass
+class Calibration:
+    voxel_quantiles: np.ndarray  # raw score at each of voxel_levels on normal reference voxels
+    voxel_levels: np.ndarray
+    fp_thresholds: np.ndarray  # probability thresholds, increasing
+    fp_per_cm: np.ndarray  # false-positive findings per cm of normal CT at each threshold
+    fp_tail_slope: float  # d log(fp) / d log(1 - t) beyond the last observed false positive
+    voxel_tail_scale: float  # mean excess of normal scores over their 99th percentile (exponential tail)
+    default_fp_per_volume: float = 0.32
+    min_size_mm3: float = 65.0
+
+    @classmethod
+    def from_card(cls, cal: dict) -> "Calibration":
+        return cls(voxel_quantiles=np.asarray(cal["voxel_quantiles"], np.float64),
+                   voxel_levels=np.asarray(cal["voxel_levels"], np.float64),
+                   fp_thresholds=np.asarray(cal["fp_thresholds"], np.float64),
+                   fp_per_cm=np.asarray(cal["fp_per_cm"], np.float64),
+                   fp_tail_slope=float(cal["fp_tail_slope"]),
+                   voxel_tail_scale=float(cal["voxel_tail_scale"]),
+                   default_fp_per_volume=float(cal["default_fp_per_volume"]),
+                   min_size_mm3=float(cal["min_size_mm3"]))
+
+    def to_card(self, **extra) -> dict:
+        return {"voxel_quantiles": self.voxel_quantiles.tolist(), "voxel_levels": self.voxel_levels.tolist(),
+                "fp_thresholds": self.fp_thresholds.tolist(), "fp_per_cm": self.fp_per_cm.tolist(),
+                "fp_tail_slope": self.fp_tail_slope, "voxel_tail_scale": self.voxel_tail_scale,
+                "default_fp_per_volume": self.default_fp_per_volume,
+                "min_size_mm3": self.min_size_mm3, **extra}
+
+    def log_exceedance(self, scores) -> np.ndarray:
+        """log(1 - probability) of raw scores, exact far into the tail: above the highest reference quantile the
+        exceedance decays exponentially with the tail's fitted scale (peaks over threshold)."""
+        scores = np.asarray(scores, dtype=np.float64)
+        q = self.voxel_quantiles
+        out = np.log1p(-np.minimum(np.interp(scores, q, self.voxel_levels), TAIL_LEVEL))
+        above = scores > q[-1]
+        if np.any(above):
+            out[above] = np.log1p(-TAIL_LEVEL) - (scores[above] - q[-1]) / max(self.voxel_tail_scale, 1e-12)
+        inside = scores <= q[-1]
+        p = np.interp(scores[inside], q, self.voxel_levels)
+        out[inside] = np.log(np.maximum(1.0 - p, 1e-300))
+        return out
+
+    def voxel_probability(self, scores, dtype=np.float32) -> np.ndarray:
+        """Raw (smoothed) scores -> calibrated probability in [0, 1]."""
+        return (-np.expm1(self.log_exceedance(scores))).astype(dtype)
+
+    def fp_rate(self, threshold: float | None = None, *, log_exceedance: float | None = None) -> float:
+        """False-positive findings per cm at a probability threshold (or at log(1 - threshold)): the measured curve,
+        log-linear between grid points, then its power-law tail."""
+        observed = np.nonzero(self.fp_per_cm > 0)[0]
+        if observed.size == 0:
+            return 0.0
+        last = observed[-1]
+        x = np.log(1.0 - self.fp_thresholds[: last + 1])
+        y = np.log(self.fp_per_cm[: last + 1])
+        xt = log_exceedance if log_exceedance is not None else np.log(max(1.0 - threshold, 1e-300))
+        if xt >= x[-1]:  # within the measured range (x decreases as the threshold rises)
+            return float(np.exp(np.interp(-xt, -x, y)))
+        return float(np.exp(y[-1] + self.fp_tail_slope * (xt - x[-1])))
+
+    def threshold_for(self, fp_per_volume: float, extent_cm: float) -> float:
+        """The probability threshold at which a normal volume of this length expects `fp_per_volume` findings."""
+        allowed = fp_per_volume / max(extent_cm, 1e-6)
+        lo, hi = -14.0, 0.0  # bisection on log10(1 - t): t from 1 - 1e-14 to 0
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if self.fp_rate(1.0 - 10.0**mid) > allowed:
+                hi = mid
+            else:
+                lo = mid
+        return float(1.0 - 10.0**lo)
+
+    def volume_score(self, scores: np.ndarray, region: np.ndarray, spacing_mm) -> float:
+        """P(a normal volume of this length has no finding as strong as this one's strongest), in [0, 1]."""
+        min_voxels = max(1, int(np.ceil(self.min_size_mm3 / float(np.prod(spacing_mm)))))
+        floor = float(np.interp(self.fp_thresholds[0], self.voxel_levels, self.voxel_quantiles))
+        level = strongest_component_level(scores, region, min_voxels, floor)
+        log_exc = float(self.log_exceedance(np.array([level]))[0])
+        extent_cm = scores.shape[0] * spacing_mm[0] / 10.0
+        return float(np.exp(-self.fp_rate(log_exceedance=log_exc) * extent_cm))
+
+    @classmethod
+    def fit(cls, references: list[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]],
+            min_size_mm3: float = 65.0, default_fp_per_volume: float = 0.32) -> "Calibration":
+        """references: (smoothed raw scores [Z, H, W], region [Z, H, W], spacing mm) of held-out normal slabs."""
+        pooled = np.concatenate([s[r].ravel() for s, r, _ in references])
+        if pooled.size < 1000:
+            raise ValueError("calibration needs at least 1000 reference voxels of normal CT")
+        quantiles = np.quantile(pooled, VOXEL_LEVELS)
+        # strictly increasing, so that interpolation is a function
+        quantiles = np.maximum.accumulate(quantiles) + np.arange(quantiles.size) * 1e-9
+        q99 = float(np.quantile(pooled, 0.99))
+        tail_scale = float(np.mean(pooled[pooled > q99] - q99)) if np.any(pooled > q99) else 1e-6
+        cal = cls(voxel_quantiles=quantiles, voxel_levels=VOXEL_LEVELS.copy(), fp_thresholds=FP_THRESHOLDS.copy(),
+                  fp_per_cm=np.zeros_like(FP_THRESHOLDS), fp_tail_slope=1.0, voxel_tail_scale=tail_scale,
+                  default_fp_per_volume=default_fp_per_volume, min_size_mm3=min_size_mm3)
+        extent_cm, counts = 0.0, np.zeros_like(FP_THRESHOLDS)
+        for scores, region, spacing in references:
+            prob = cal.voxel_probability(scores, dtype=np.float64) * region
+            min_voxels = max(1, int(np.ceil(min_size_mm3 / float(np.prod(spacing)))))
+            counts += [count_components(prob >= t, min_voxels) for t in FP_THRESHOLDS]
+            extent_cm += scores.shape[0] * spacing[0] / 10.0
+        # Component counts are not monotone in the threshold (low thresholds merge findings into one); the upper
+        # envelope from above keeps the curve conservative and invertible.
+        cal.fp_per_cm = np.maximum.accumulate((counts / extent_cm)[::-1])[::-1]
+        observed = cal.fp_per_cm > 0
+        if observed.sum() >= 3:  # slope of log(fp) against log(1 - t) over the observed tail, at least 0.25
+            x, y = np.log(1.0 - FP_THRESHOLDS[observed]), np.log(cal.fp_per_cm[observed])
+            cal.fp_tail_slope = float(max(0.25, np.polyfit(x, y, 1)[0]))
+        return cal

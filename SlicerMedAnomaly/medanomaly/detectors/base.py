@@ -1,0 +1,45 @@
+"""The one interface every detection method implements; the volume engine only ever sees this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..bundle import ModelBundle
+from ..preprocess import InputSpec
+
+
+@dataclass
+class DetectorOutput:
+    """Per-pixel raw anomaly scores (higher is more abnormal) and, if the method makes one, a pseudo-healthy
+    reconstruction in the same [0, 1] window as the input."""
+
+    score: torch.Tensor  # [B, 1, H, W], >= 0
+    reconstruction: torch.Tensor | None = None  # [B, 1, H, W] or None
+
+
+class Detector(nn.Module):
+    """A slice-wise anomaly detector built from a model bundle.
+
+    Subclasses set `method`, build their networks from `card["architecture"]` and implement `score`.
+    """
+
+    method: ClassVar[str] = ""
+
+    def __init__(self, card: dict):
+        super().__init__()
+        self.card = card
+        self.spec = InputSpec.from_card(card["input"])
+
+    @classmethod
+    def from_bundle(cls, bundle: ModelBundle) -> "Detector":
+        detector = cls(bundle.card)
+        detector.load_state_dict(bundle.tensors(), strict=True)
+        return detector.eval()
+
+    def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
+        """image: [B, 1, H, W] windowed to [0, 1]; region: [B, 1, H, W] bool, where scores count."""
+        raise NotImplementedError

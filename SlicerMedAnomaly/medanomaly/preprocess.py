@@ -1,0 +1,167 @@
+"""Preprocessing driven by a model card: in-plane resampling to the model grid, HU window, body and region masks.
+
+Everything here works on canonical [S, P, L] arrays (see orientation.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+
+AIR_HU = -1024.0
+BODY_THRESHOLD_HU = -500.0
+LUNG_THRESHOLD_HU = -400.0
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects: a square in-plane grid of `size` pixels of `spacing_mm`, HU window, region mask."""
+
+    size: int = 128
+    spacing_mm: float = 3.5
+    window_hu: tuple[float, float] = (-1000.0, 500.0)
+    region: str = "body"  # "body" or "lung": where scores count
+    smoothing_mm: float = 3.0  # 3D Gaussian sigma applied to slice-wise maps
+    body_region: str = "chest"
+
+    @classmethod
+    def from_card(cls, spec: dict) -> "InputSpec":
+        return cls(size=int(spec["size"]), spacing_mm=float(spec["spacing_mm"]),
+                   window_hu=tuple(float(v) for v in spec["window_hu"]), region=spec.get("region", "body"),
+                   smoothing_mm=float(spec.get("smoothing_mm", 3.0)), body_region=spec.get("body_region", "chest"))
+
+    def to_card(self) -> dict:
+        return {"size": self.size, "spacing_mm": self.spacing_mm, "window_hu": list(self.window_hu),
+                "region": self.region, "smoothing_mm": self.smoothing_mm, "body_region": self.body_region}
+
+
+def window(hu, window_hu) -> torch.Tensor | np.ndarray:
+    """HU to [0, 1] through the window (lo, hi); values outside are clipped."""
+    lo, hi = window_hu
+    return ((hu - lo) / (hi - lo)).clip(0, 1)
+
+
+@dataclass(frozen=True)
+class InPlaneGrid:
+    """Resize of every canonical slice to the model spacing, then a crop/pad of `size` x `size` centred on the body."""
+
+    native_shape: tuple[int, int]  # (P, L) pixels of the canonical slice
+    resized_shape: tuple[int, int]  # after resampling to the model spacing
+    offset: tuple[int, int]  # top-left of the model window in the resized slice (may be negative: padding)
+    size: int
+
+    def to_model(self, slices: torch.Tensor, fill: float) -> torch.Tensor:
+        """[Z, P, L] native slices -> [Z, size, size] on the model grid."""
+        resized = _resize(slices, self.resized_shape)
+        return _window_crop(resized, self.offset, self.size, fill)
+
+    def to_native(self, maps: torch.Tensor) -> torch.Tensor:
+        """[Z, size, size] model-grid maps -> [Z, P, L] native slices (zero outside the model window)."""
+        z = maps.shape[0]
+        canvas = maps.new_zeros((z,) + self.resized_shape)
+        (y0, x0), s = self.offset, self.size
+        ys, xs = max(y0, 0), max(x0, 0)
+        ye, xe = min(y0 + s, self.resized_shape[0]), min(x0 + s, self.resized_shape[1])
+        canvas[:, ys:ye, xs:xe] = maps[:, ys - y0:ye - y0, xs - x0:xe - x0]
+        return _resize(canvas, self.native_shape)
+
+
+def _resize(slices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    if tuple(slices.shape[-2:]) == tuple(shape):
+        return slices
+    down = shape[0] < slices.shape[-2] or shape[1] < slices.shape[-1]
+    return F.interpolate(slices[:, None], size=shape, mode="bilinear", align_corners=False, antialias=down)[:, 0]
+
+
+def _window_crop(slices: torch.Tensor, offset, size: int, fill: float) -> torch.Tensor:
+    (y0, x0) = offset
+    h, w = slices.shape[-2:]
+    out = slices.new_full((slices.shape[0], size, size), fill)
+    ys, xs = max(y0, 0), max(x0, 0)
+    ye, xe = min(y0 + size, h), min(x0 + size, w)
+    if ye > ys and xe > xs:
+        out[:, ys - y0:ye - y0, xs - x0:xe - x0] = slices[:, ys:ye, xs:xe]
+    return out
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """Body of the patient in a canonical [S, P, L] HU array: the largest 3D component above -500 HU, holes filled
+    per slice; thin structures such as the couch are opened away first."""
+    inplane = np.zeros((3, 3, 3), bool)
+    inplane[1] = ndi.generate_binary_structure(2, 1)
+    mask = ndi.binary_opening(hu > BODY_THRESHOLD_HU, structure=inplane, iterations=1)
+    labels, n = ndi.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    mask = labels == int(sizes.argmax())
+    return ndi.binary_fill_holes(mask, structure=inplane)
+
+
+def lung_mask(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float, float],
+              min_volume_ml: float = 20.0) -> np.ndarray:
+    """Lungs from HU thresholds and connectivity: air inside the body, in components of at least `min_volume_ml`,
+    closed so that vessels and nodules inside the lung are part of it."""
+    air = (hu < LUNG_THRESHOLD_HU) & body
+    labels, n = ndi.label(air)
+    if n == 0:
+        return air
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    sizes = np.bincount(labels.ravel()) * voxel_ml
+    sizes[0] = 0
+    keep = sizes >= min_volume_ml
+    lungs = keep[labels]
+    radius = max(1, int(round(6.0 / spacing_mm[1])))
+    disk = np.zeros((1, 2 * radius + 1, 2 * radius + 1), bool)
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    disk[0] = yy**2 + xx**2 <= radius**2
+    lungs = ndi.binary_closing(lungs, structure=disk)
+    inplane = np.zeros((3, 3, 3), bool)
+    inplane[1] = ndi.generate_binary_structure(2, 1)
+    return ndi.binary_fill_holes(lungs, structure=inplane) & body
+
+
+@dataclass
+class ModelSlices:
+    """A volume on the model grid: HU slices, the mask where scores count, and how to map back."""
+
+    hu: torch.Tensor  # [Z, size, size] float32
+    region: np.ndarray  # [Z, size, size] bool
+    body: np.ndarray  # [Z, size, size] bool
+    grid: InPlaneGrid
+    spacing_mm: tuple[float, float, float]  # (S, P, L) spacing of the model grid
+
+    def windowed(self, spec: InputSpec) -> torch.Tensor:
+        return window(self.hu, spec.window_hu)
+
+
+def prepare_slices(canonical_hu: np.ndarray, canonical_spacing, spec: InputSpec) -> ModelSlices:
+    """Resample canonical HU slices to the model's in-plane spacing and crop the model window around the body."""
+    sz, sy, sx = canonical_spacing
+    z, h, w = canonical_hu.shape
+    resized_shape = (max(1, int(round(h * sy / spec.spacing_mm))), max(1, int(round(w * sx / spec.spacing_mm))))
+    vol = torch.from_numpy(np.ascontiguousarray(canonical_hu, dtype=np.float32)).clamp_(min=AIR_HU)
+    resized = _resize(vol, resized_shape)
+    body_resized = body_mask(resized.numpy())
+    if body_resized.any():
+        cy, cx = (np.nonzero(body_resized.any(axis=0)))
+        centre = ((cy.min() + cy.max()) / 2.0, (cx.min() + cx.max()) / 2.0)
+    else:
+        centre = ((resized_shape[0] - 1) / 2.0, (resized_shape[1] - 1) / 2.0)
+    offset = (int(round(centre[0] - spec.size / 2.0)), int(round(centre[1] - spec.size / 2.0)))
+    grid = InPlaneGrid(native_shape=(h, w), resized_shape=resized_shape, offset=offset, size=spec.size)
+    hu = _window_crop(resized, offset, spec.size, AIR_HU)
+    body = _window_crop(torch.from_numpy(body_resized), offset, spec.size, False).numpy()
+    model_spacing = (float(sz), h * sy / resized_shape[0], w * sx / resized_shape[1])
+    if spec.region == "lung":
+        region = lung_mask(hu.numpy(), body, model_spacing)
+    elif spec.region == "body":
+        region = body
+    else:
+        raise ValueError(f"unknown region mask {spec.region!r}")
+    return ModelSlices(hu=hu, region=region, body=body, grid=grid, spacing_mm=model_spacing)

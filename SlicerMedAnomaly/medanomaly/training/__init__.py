@@ -1,0 +1,237 @@
+"""The companion training package: `medanomaly train --method M --data PATHS -o BUNDLE`.
+
+Each method registers a trainer; this module does what they share: data, checkpoints, calibration, the bundle.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..bundle import CARD_FORMAT, CARD_NAME, ModelBundle, replace_dir, sha256_of, staging_dir
+from ..calibration import Calibration
+from ..detectors import Detector, build_detector as build_detector_from, detector_class
+from ..engine import pick_device, score_slices
+from ..errors import InputError
+from ..preprocess import InputSpec
+from .data import SliceBuffer, contiguous_runs
+
+log = logging.getLogger(__name__)
+
+TRAINER_MODULES = {"vqvae-recon": "medanomaly.training.vqvae_recon"}
+WEIGHTS_NAME = "weights.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; the whole config is written into the model card."""
+
+    method: str = "vqvae-recon"
+    name: str = "custom-model"
+    version: str = "0.1.0"
+    steps: int = 4000  # optimisation steps
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    seed: int = 0
+    input: dict = field(default_factory=lambda: InputSpec().to_card())
+    architecture: dict = field(default_factory=dict)
+    min_size_mm3: float = 65.0  # default smallest finding
+    default_fp_per_volume: float = 0.32
+    checkpoint_every: int = 250
+    split_block: int = 20  # slab split of single-patient data (see data.slab_split)
+    split_every: int = 3
+    split_margin: int = 3
+    description: str = ""
+    device: str = "auto"
+
+
+def trainer_for(method: str):
+    if method not in TRAINER_MODULES:
+        raise InputError(f"--method {method}: no trainer for it (known: {', '.join(TRAINER_MODULES)})")
+    return importlib.import_module(TRAINER_MODULES[method])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors for tensors (model and optimizer), JSON for the rest. Never pickle.
+
+
+def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    losses: list[dict], config: TrainConfig, generator: torch.Generator) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = optimizer.state_dict()
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.generator"] = generator.get_state()
+    tmp = folder / f".checkpoint.tmp{os.getpid()}"
+    save_file(tensors, str(tmp))
+    meta = {"step": step, "losses": losses, "param_groups": state["param_groups"], "config": config.__dict__}
+    tmp_meta = folder / f".checkpoint.json.tmp{os.getpid()}"
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp, folder / "checkpoint.safetensors")
+    os.replace(tmp_meta, folder / "checkpoint.json")
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator) -> tuple[int, list[dict]]:
+    meta = json.loads((folder / "checkpoint.json").read_text())
+    tensors = load_file(str(folder / "checkpoint.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {"state": {}, "param_groups": meta["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(state)
+    generator.set_state(tensors["rng.generator"])
+    return int(meta["step"]), meta["losses"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shared run: data, optimisation loop with checkpoints, calibration on held-out normal slabs, bundle.
+
+
+def calibrate(detector: Detector, buffer: SliceBuffer, calibration_paths: Sequence[str], config: TrainConfig,
+              device: torch.device) -> tuple[Calibration, dict]:
+    """Fit the calibration on held-out normal slices: separate volumes if given, else the held-out slabs."""
+    references = []
+    sources = buffer.heldout if buffer is not None else []
+    if calibration_paths:
+        from .data import load_sources
+
+        sources = [(s.slices, s.train_z) for s in load_sources(calibration_paths, detector.spec, split=False)]
+    for slices, z in sources:
+        smoothed, _, _ = score_slices(detector, slices, device=device)
+        for run in contiguous_runs(z):
+            references.append((smoothed[run], slices.region[run], slices.spacing_mm))
+    if not references:
+        raise InputError("no held-out normal slices for calibration; give --calibration-data or more slices")
+    calibration = Calibration.fit(references, min_size_mm3=config.min_size_mm3,
+                                  default_fp_per_volume=config.default_fp_per_volume)
+    summary = {"reference_slabs": len(references), "reference_slices": int(sum(r[0].shape[0] for r in references)),
+               "reference_voxels": int(sum(r[1].sum() for r in references)),
+               "source": "held-out volumes" if calibration_paths else "held-out slabs of the training volumes"}
+    return calibration, summary
+
+
+def write_bundle(output: Path, detector: Detector, card: dict) -> ModelBundle:
+    """Write weights and card into a staging folder, then move it into place."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir(output.parent, output.name)
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()}
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "name": card["name"]})
+        os.chmod(staging / WEIGHTS_NAME, 0o644)
+        card = dict(card, weights={WEIGHTS_NAME: sha256_of(staging / WEIGHTS_NAME)})
+        (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+        ModelBundle.load(staging).verify()
+        replace_dir(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ModelBundle.load(output)
+
+
+def train(method: str, data: Sequence[str], output: str | Path, *, calibration_data: Sequence[str] = (),
+          resume: bool = False, progress: Callable[[int, int, dict], None] | None = None, **overrides) -> ModelBundle:
+    """Train a bundle of `method` on normal CT volumes `data` and write it to `output`.
+
+    With a single patient and no `calibration_data`, slices are split into training and held-out slabs with a margin
+    between them (data.slab_split), and the held-out slabs calibrate the model.
+    """
+    config = TrainConfig(method=method, **overrides)
+    trainer = trainer_for(method)
+    if not data:
+        raise InputError("no training data; pass normal CT volumes with --data")
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    device = pick_device(config.device)
+    output = Path(output)
+    checkpoint_dir = output.with_name(output.name + ".checkpoint")
+    spec = InputSpec.from_card(config.input)
+    t0 = time.perf_counter()
+    buffer = SliceBuffer(data, spec, split=not calibration_data, seed=config.seed, block=config.split_block,
+                         every=config.split_every, margin=config.split_margin)
+    log.info("training on %d slices from %d volume(s)", len(buffer), len(buffer.records))
+
+    card = {"card_format": CARD_FORMAT, "name": config.name, "version": config.version, "method": method,
+            "min_software_version": __version__, "description": config.description, "input": spec.to_card(),
+            "architecture": trainer.architecture(config.architecture)}
+    detector = detector_class(method)(dict(card, calibration={}, weights={}, training={}))
+    model = trainer.trainable(detector)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    scheduler = lambda step: 0.5 * (1 + np.cos(np.pi * min(step, config.steps) / config.steps))  # noqa: E731
+    generator = torch.Generator().manual_seed(config.seed)
+    step, losses = 0, []
+    if resume and (checkpoint_dir / "checkpoint.json").is_file():
+        step, losses = load_checkpoint(checkpoint_dir, model, optimizer, generator)
+        log.info("resumed from %s at step %d", checkpoint_dir, step)
+    model.to(device).train()
+    while step < config.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate * scheduler(step)
+        images, regions = buffer.batch(config.batch_size, generator)
+        loss, parts = trainer.loss(model, images.to(device), regions.to(device), generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % 50 == 0 or step == config.steps:
+            losses.append({"step": step, **{k: round(float(v), 6) for k, v in parts.items()}})
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save_checkpoint(checkpoint_dir, model, optimizer, step, losses, config, generator)
+        if progress is not None:
+            progress(step, config.steps, parts)
+    train_seconds = time.perf_counter() - t0
+    model.eval()
+    detector.to(device).eval()
+    calibration, cal_summary = calibrate(detector, buffer, list(calibration_data), config, device)
+    card.update(
+        calibration=calibration.to_card(**cal_summary),
+        training={"data": buffer.records, "calibration_data": list(calibration_data), "config": config.__dict__,
+                  "seconds": round(train_seconds, 1), "device": str(device), "torch": torch.__version__,
+                  "final_losses": losses[-1] if losses else {}, "losses": losses[::max(1, len(losses) // 40)],
+                  **trainer.training_report(detector, buffer)},
+        evaluation={},
+        memory_per_slice_mb=trainer.memory_per_slice_mb(),
+    )
+    bundle = write_bundle(output, detector.cpu(), card)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return bundle
+
+
+def recalibrate(bundle_path: str | Path, *, data: Sequence[str] = (), calibration_data: Sequence[str] = (),
+                output: str | Path | None = None) -> ModelBundle:
+    """Refit a bundle's calibration without retraining: on `calibration_data` (whole normal volumes, for example a
+    site's own), or else on the held-out slabs of `data` (default: the training volumes in the card) split as in
+    training. Writes the bundle to `output` (default: in place)."""
+    bundle = ModelBundle.load(bundle_path)
+    card = bundle.card
+    config = TrainConfig(**{k: v for k, v in card["training"]["config"].items() if k in TrainConfig.__dataclass_fields__})
+    detector = build_detector_from(bundle)
+    device = pick_device(config.device)
+    detector.to(device)
+    if calibration_data:
+        buffer = None
+    else:
+        if not data:
+            files = ", ".join(d["file"] for d in card["training"]["data"])
+            raise InputError(f"give --data (the training volumes: {files}) or --calibration-data (normal volumes)")
+        paths = list(data)
+        buffer = SliceBuffer(paths, detector.spec, split=True, seed=config.seed, block=config.split_block,
+                             every=config.split_every, margin=config.split_margin)
+    calibration, summary = calibrate(detector, buffer, list(calibration_data), config, device)
+    card = dict(card, calibration=calibration.to_card(**summary))
+    return write_bundle(Path(output or bundle.path), detector.cpu(), card)

@@ -1,0 +1,133 @@
+"""Streaming normal CT slices for training and calibration, with bounded memory and a leakage-free slab split."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..bundle import sha256_of
+from ..orientation import Reorientation
+from ..preprocess import InputSpec, ModelSlices, prepare_slices
+from ..volumes import read_volume
+
+log = logging.getLogger(__name__)
+
+
+def slab_split(n_slices: int, block: int = 20, every: int = 3, margin: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Split one patient's slices into training and held-out slabs along z.
+
+    Every `every`-th block of `block` slices is held out; `margin` slices on each side of a held-out block are used
+    for neither, so that no training slice lies within `margin` slices of a held-out one.
+    """
+    z = np.arange(n_slices)
+    held = (z // block) % every == every - 1
+    near = np.zeros(n_slices, bool)
+    for i in np.nonzero(held)[0]:
+        near[max(0, i - margin):i + margin + 1] = True
+    train = ~held & ~near
+    return z[train], z[held]
+
+
+def contiguous_runs(indices: np.ndarray) -> list[np.ndarray]:
+    """[3,4,5,9,10] -> [[3,4,5],[9,10]]"""
+    if indices.size == 0:
+        return []
+    breaks = np.nonzero(np.diff(indices) != 1)[0] + 1
+    return np.split(indices, breaks)
+
+
+@dataclass
+class SourceVolume:
+    path: str
+    sha256: str
+    slices: ModelSlices
+    train_z: np.ndarray
+    heldout_z: np.ndarray
+
+
+def load_sources(paths: Sequence[str], spec: InputSpec, *, split: bool, block: int = 20, every: int = 3,
+                 margin: int = 3) -> Iterator[SourceVolume]:
+    """One volume at a time on the model grid; `split` applies the slab split, otherwise all slices train."""
+    for path in paths:
+        volume = read_volume(path)
+        reorientation = Reorientation.for_image(volume.image)
+        slices = prepare_slices(reorientation.to_canonical(volume.hu), reorientation.canonical_spacing, spec)
+        n = slices.hu.shape[0]
+        # slices without body teach nothing and would dilute the calibration
+        has_body = slices.body.reshape(n, -1).mean(axis=1) > 0.02
+        if split:
+            train_z, held_z = slab_split(n, block, every, margin)
+        else:
+            train_z, held_z = np.arange(n), np.arange(0)
+        yield SourceVolume(path=str(path), sha256=content_hash(path),
+                           slices=slices, train_z=train_z[has_body[train_z]], heldout_z=held_z[has_body[held_z]])
+
+
+def content_hash(path) -> str:
+    """SHA-256 of a volume file, or of a DICOM folder's file names and contents."""
+    if not Path(path).is_dir():
+        return sha256_of(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        digest.update(file.name.encode())
+        digest.update(sha256_of(file).encode())
+    return digest.hexdigest()
+
+
+class SliceBuffer:
+    """Training slices held in memory up to `max_slices`; beyond that, volumes are re-read in turn (streaming)."""
+
+    def __init__(self, paths: Sequence[str], spec: InputSpec, *, split: bool, max_slices: int = 4096,
+                 seed: int = 0, block: int = 20, every: int = 3, margin: int = 3):
+        self.paths, self.spec, self.split, self.max_slices = list(paths), spec, split, max_slices
+        self.rng = np.random.default_rng(seed)
+        self.records: list[dict] = []
+        self.heldout: list[tuple[ModelSlices, np.ndarray]] = []
+        images, regions = [], []
+        for source in load_sources(self.paths, spec, split=split, block=block, every=every, margin=margin):
+            self.records.append({"file": Path(source.path).name, "sha256": source.sha256,
+                                 "train_slices": int(source.train_z.size),
+                                 "heldout_slices": int(source.heldout_z.size)})
+            if source.heldout_z.size:
+                self.heldout.append((source.slices, source.heldout_z))
+            images.append(source.slices.windowed(spec)[source.train_z])
+            regions.append(torch.from_numpy(source.slices.body[source.train_z]))
+            if sum(len(i) for i in images) > max_slices:  # keep a random subset; later passes re-read others
+                images, regions = self._subsample(images, regions)
+        if not images or sum(len(i) for i in images) == 0:
+            raise ValueError("no training slices with body found in the given data")
+        self.images = torch.cat(images)[:, None]
+        self.regions = torch.cat(regions)[:, None]
+
+    def _subsample(self, images, regions):
+        x, r = torch.cat(images), torch.cat(regions)
+        keep = torch.from_numpy(self.rng.choice(len(x), self.max_slices, replace=False))
+        return [x[keep]], [r[keep]]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self.images), (size,), generator=generator)
+        return self.images[idx], self.regions[idx]
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, max_rotation_deg: float = 7.0,
+            scale_range: float = 0.08, max_shift: float = 0.05) -> torch.Tensor:
+    """Small random rotations, scalings and shifts (no left-right flips: anatomy is not symmetric)."""
+    b = images.shape[0]
+    rnd = lambda: torch.rand(b, generator=generator) * 2 - 1  # noqa: E731
+    angle = rnd() * max_rotation_deg * np.pi / 180
+    scale = 1 + rnd() * scale_range
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, rnd() * max_shift], 1),
+                         torch.stack([sin, cos, rnd() * max_shift], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -1,0 +1,285 @@
+"""Reading CT volumes (NIfTI, NRRD, MetaImage, DICOM folders) through SimpleITK, and refusing what is not a usable CT."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+# ITK prints reader warnings straight to the terminal; our own checks report what matters in one line.
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Bytes of working memory per input voxel during detection: the int16 input, the float32 heatmap, the component
+# labels and the masks (measured peak on the 512x512x141 chest CT, rounded up).
+WORKING_BYTES_PER_VOXEL = 16
+# Air is about -1000 HU and every CT of a body contains some; outside these bounds values cannot be Hounsfield units.
+HU_FLOOR, HU_CEILING = -3100.0, 40000.0
+AIR_EXPECTED_BELOW_HU = -200.0
+
+
+@dataclass
+class CTVolume:
+    """A CT volume as read: the SimpleITK image carries the geometry outputs must copy; `hu` is a [k, j, i] view."""
+
+    image: sitk.Image
+    hu: np.ndarray
+    source: str
+    case_name: str
+    series_uid: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(self.image.GetSpacing())
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(np.prod(self.image.GetSpacing()))
+
+
+def case_name_for(path: str | os.PathLike) -> str:
+    """The output folder name of a case: the file name without its image suffix, or the DICOM folder's name."""
+    name = Path(path).name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def available_memory_bytes() -> int:
+    """Memory the operating system can give us now (MemAvailable), or a conservative 4 GiB where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def _dicom_series(folder: Path) -> list[tuple[str, list[str], str, str]]:
+    """(series UID, files, modality, description) for every series GDCM finds in a folder, whatever the suffixes."""
+    try:
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError:
+        uids = ()
+    series = []
+    for uid in uids:
+        files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        if not files:
+            continue
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            continue
+        tag = lambda key: reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""  # noqa: E731
+        series.append((uid, files, tag("0008|0060").upper(), tag("0008|103e")))
+    return series
+
+
+def _read_dicom(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str]:
+    series = _dicom_series(folder)
+    if not series:
+        raise InputError(f"{folder}: no DICOM series found; point to a folder of DICOM files or to a NIfTI/NRRD/MHA file")
+    if series_uid is not None:
+        chosen = [s for s in series if s[0] == series_uid]
+        if not chosen:
+            known = ", ".join(repr(s[0]) for s in series)
+            raise InputError(f"{folder}: no series with UID {series_uid!r}; the folder holds {known}")
+        chosen = chosen[0]
+    else:
+        ct = [s for s in series if s[2] in ("CT", "")]
+        if not ct:
+            kinds = ", ".join(sorted({s[2] for s in series}))
+            raise InputError(f"{folder}: no CT series (found modality {kinds}); medanomaly needs CT in Hounsfield units")
+        chosen = max(ct, key=lambda s: len(s[1]))
+        if len(series) > 1:
+            log.warning("%s holds %d series; using CT series %r (%d slices, %s); choose another with --series UID",
+                        folder, len(series), chosen[0], len(chosen[1]), chosen[3] or "no description")
+    if chosen[2] not in ("CT", ""):
+        raise InputError(f"{folder}: series {chosen[0]!r} is {chosen[2]}, not CT; medanomaly needs CT in Hounsfield units")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(chosen[1])
+    try:
+        return reader.Execute(), chosen[0]
+    except RuntimeError as exc:
+        raise InputError(f"{folder}: the DICOM series could not be read ({_first_line(exc)}); check that it is complete") from None
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # ITK messages end with the useful part after the file/line banner.
+    useful = [ln for ln in lines if not ln.startswith(("/", "sitk::ERROR")) and "itk::ERROR" not in ln[:12]]
+    text = (useful or lines or [type(exc).__name__])[-1]
+    return text[:200]
+
+
+def _nifti_pixdim(path: Path) -> list[float] | None:
+    """pixdim[1..3] of a NIfTI-1/2 header read from the raw bytes: nibabel and ITK both replace a zero spacing by 1
+    and ITK silently makes a negative one positive, so the header must be read before they see it."""
+    import gzip
+    import struct
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(540)
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            ndim = struct.unpack(endian + "h", head[40:42])[0]
+            return list(struct.unpack(endian + "8f", head[76:108]))[1:1 + min(3, max(ndim, 0))]
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            ndim = struct.unpack(endian + "q", head[16:24])[0]
+            return list(struct.unpack(endian + "8d", head[104:168]))[1:1 + min(3, max(ndim, 0))]
+    return None
+
+
+def _header_spacing(path: Path) -> list[float] | None:
+    """Spacing as the file's own header states it, before any reader normalizes it."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            return _nifti_pixdim(path)
+        if name.endswith((".nrrd", ".nhdr")):
+            import nrrd
+
+            header = nrrd.read_header(str(path))
+            if "space directions" in header:
+                vectors = [np.asarray(v, dtype=float) for v in header["space directions"] if v is not None]
+                return [float(np.linalg.norm(v)) for v in vectors if v.ndim == 1 and np.all(np.isfinite(v))]
+            if "spacings" in header:
+                return [float(v) for v in header["spacings"]]
+    except Exception:  # an unreadable header is reported by SimpleITK's own reading
+        return None
+    return None
+
+
+def _check_gzip_complete(path: Path) -> None:
+    """ITK reads a truncated .gz silently (the missing voxels come back as zeros), so check the stream's end."""
+    import zlib
+
+    stream = zlib.decompressobj(wbits=31)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                stream.decompress(chunk, 0)
+                if stream.eof:
+                    break
+    except zlib.error as exc:
+        raise InputError(f"{path}: compressed data is corrupt ({exc}); re-export or re-copy the file") from None
+    if not stream.eof:
+        raise InputError(f"{path}: compressed data ends early: the file is truncated; re-copy it")
+
+
+def _check_header(reader: sitk.ImageFileReader, path: Path, max_memory_bytes: int) -> None:
+    dim = reader.GetDimension()
+    size = reader.GetSize()
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(f"{path}: image has {reader.GetNumberOfComponents()} components per voxel; "
+                         "give a single-channel (grayscale) CT volume")
+    if dim == 2 or (dim == 3 and min(size) == 1):
+        raise InputError(f"{path}: image is 2D ({'x'.join(map(str, size))}); give a 3D CT volume")
+    if dim != 3:
+        raise InputError(f"{path}: image is {dim}D; give a single 3D CT volume (split time series first)")
+    _check_memory(size, path, max_memory_bytes)
+
+
+def _check_memory(size, path, max_memory_bytes: int) -> None:
+    needed = int(np.prod(size, dtype=np.float64)) * WORKING_BYTES_PER_VOXEL
+    if needed > max_memory_bytes:
+        raise InputError(
+            f"{path}: volume of {'x'.join(map(str, size))} voxels needs about {needed / 2**30:.1f} GiB but "
+            f"{max_memory_bytes / 2**30:.1f} GiB are allowed; refused (not streamed): crop or downsample it first, "
+            "or raise --max-memory-gb")
+
+
+def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non_hu: bool = False,
+                max_memory_gb: float | None = None) -> CTVolume:
+    """Read one CT volume and check that it is a usable 3D CT in HU; raises InputError with a one-line message.
+
+    Args:
+        path: a NIfTI/NRRD/MetaImage file or a DICOM folder (files need no `.dcm` suffix).
+        series: DICOM SeriesInstanceUID to read when a folder holds several series.
+        allow_non_hu: warn instead of refusing values that cannot be Hounsfield units.
+        max_memory_gb: refuse volumes whose processing would need more; default: 80% of available memory.
+    """
+    path = Path(path)
+    max_bytes = int(max_memory_gb * 2**30) if max_memory_gb else int(0.8 * available_memory_bytes())
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder; check the path")
+    series_uid = None
+    if path.is_dir():
+        image, series_uid = _read_dicom(path, series)
+        _check_memory(image.GetSize(), path, max_bytes)
+    else:
+        spacing = _header_spacing(path)
+        if spacing is not None and (not np.all(np.isfinite(spacing)) or any(v <= 0 for v in spacing)):
+            raise InputError(f"{path}: voxel spacing {tuple(round(v, 6) for v in spacing)} in the header is not "
+                             "positive; fix the header's spacing")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputError(f"{path}: not a readable image ({_first_line(exc)}); "
+                             "give a NIfTI, NRRD or MetaImage file or a DICOM folder") from None
+        _check_header(reader, path, max_bytes)
+        if path.name.lower().endswith(".gz"):
+            _check_gzip_complete(path)
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(f"{path}: image data could not be read ({_first_line(exc)}); "
+                             "the file may be truncated or corrupt") from None
+    volume = CTVolume(image=image, hu=sitk.GetArrayViewFromImage(image), source=str(path),
+                      case_name=case_name_for(path), series_uid=series_uid)
+    validate_volume(volume, allow_non_hu=allow_non_hu)
+    return volume
+
+
+def volume_from_image(image: sitk.Image, *, name: str = "volume", allow_non_hu: bool = False) -> CTVolume:
+    """Wrap an in-memory SimpleITK image (for example from Slicer) and apply the same checks as for a file."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name}: give a single-channel 3D CT volume")
+    volume = CTVolume(image=image, hu=sitk.GetArrayViewFromImage(image), source=name, case_name=name)
+    validate_volume(volume, allow_non_hu=allow_non_hu)
+    return volume
+
+
+def validate_volume(volume: CTVolume, *, allow_non_hu: bool = False) -> None:
+    """Geometry and value checks shared by every way a volume enters the pipeline."""
+    image, src = volume.image, volume.source
+    if min(image.GetSize()) < 2:
+        raise InputError(f"{src}: image is 2D ({'x'.join(map(str, image.GetSize()))}); give a 3D CT volume")
+    spacing = np.asarray(image.GetSpacing())
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"{src}: voxel spacing {tuple(spacing)} is not positive; fix the header's spacing")
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    if not np.all(np.isfinite(direction)) or abs(abs(np.linalg.det(direction)) - 1) > 1e-3:
+        raise InputError(f"{src}: the direction matrix is not a rotation; fix the header's orientation")
+    hu = volume.hu
+    if hu.dtype.kind == "f" and not np.isfinite(hu).all():
+        raise InputError(f"{src}: volume contains NaN or infinite values; replace them before detection")
+    lo, hi = float(hu.min()), float(hu.max())
+    if lo == hi:
+        raise InputError(f"{src}: every voxel has the value {lo:g}; the volume is empty")
+    problem = None
+    if lo < HU_FLOOR or hi > HU_CEILING:
+        problem = f"values {lo:g}..{hi:g} lie outside any Hounsfield-unit range"
+    elif lo > AIR_EXPECTED_BELOW_HU:
+        problem = f"no voxel is below {AIR_EXPECTED_BELOW_HU:g} (lowest {lo:g}), so there is no air: not CT in HU"
+    if problem:
+        if not allow_non_hu:
+            raise InputError(f"{src}: {problem}; give CT in Hounsfield units, or pass --allow-non-hu to go on anyway")
+        volume.warnings.append(problem)
+        log.warning("%s: %s; going on because --allow-non-hu was given", src, problem)

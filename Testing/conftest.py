@@ -1,0 +1,132 @@
+"""Shared fixtures: the small real CT shipped in Testing/Data, crops of it in every orientation, and DICOM series."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "Testing" / "Data"
+DEMO_CT = DATA / "chest_ct_demo.nii.gz"
+SHARED_CT = ROOT.parent / "shared" / "data" / "ct"
+DEFAULT_MODEL = ROOT / "models" / "chest-ct-vqvae-recon"
+
+sys.path.insert(0, str(ROOT / "SlicerMedAnomaly"))
+os.environ.setdefault("MEDANOMALY_HOME", str(ROOT / ".pytest-medanomaly-home"))
+
+requires_shared = pytest.mark.skipif(not SHARED_CT.is_dir(), reason="../shared/data/ct is absent (a user's clone)")
+
+
+@pytest.fixture(scope="session")
+def demo_image() -> sitk.Image:
+    return sitk.ReadImage(str(DEMO_CT))
+
+
+@pytest.fixture(scope="session")
+def small_ct(demo_image) -> sitk.Image:
+    """24 slices of the demo CT, 2x smaller in-plane again: a real chest CT that detects in well under a second."""
+    return sitk.Shrink(demo_image[:, :, 18:42], [2, 2, 1])
+
+
+@pytest.fixture
+def small_ct_file(small_ct, tmp_path) -> Path:
+    path = tmp_path / "small_ct.nrrd"
+    sitk.WriteImage(small_ct, str(path), useCompression=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    if not (DEFAULT_MODEL / "model_card.json").is_file():
+        pytest.fail("the default model bundle models/chest-ct-vqvae-recon is missing from the repository")
+    return DEFAULT_MODEL
+
+
+def write_dicom_series(image: sitk.Image, folder: Path, modality: str = "CT", series_uid: str | None = None,
+                       description: str = "test series", suffix: str = "") -> list[Path]:
+    """Write a 3D image as a DICOM series (one file per slice, optionally without a suffix)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or f"1.2.826.0.1.3680043.8.498.{abs(hash((str(folder), modality))) % 10**12}"
+    image = sitk.Cast(image, sitk.sitkInt16)
+    direction = image.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetImageIO("GDCMImageIO")
+    files = []
+    for z in range(image.GetDepth()):
+        s = image[:, :, z]
+        tags = {
+            "0008|0060": modality, "0020|000e": series_uid, "0020|000d": series_uid + ".1",
+            "0008|103e": description, "0010|0010": "Test^Patient", "0010|0020": "TEST01",
+            "0020|0037": "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6],
+                                                        direction[1], direction[4], direction[7])),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, z))),
+            "0020|0013": str(z + 1), "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+            "0008|0018": f"{series_uid}.{z + 1}", "0028|1052": "0", "0028|1053": "1",
+            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+        }
+        for key, value in tags.items():
+            s.SetMetaData(key, value)
+        path = folder / f"S{series_uid.split('.')[-1]}_{z:04d}{suffix}"
+        writer.SetFileName(str(path))
+        writer.Execute(s)
+        files.append(path)
+    return files
+
+
+def reoriented(image: sitk.Image, kind: str):
+    """The same physical CT stored in another orientation: voxels permuted/flipped with the geometry to match
+    (exact), or, for "oblique", resampled onto a rotated grid. Returns (image, array permutation, flips); the
+    permutation is None for the oblique grid."""
+    arr = sitk.GetArrayFromImage(image)  # k, j, i
+    spacing, origin = np.array(image.GetSpacing()), np.array(image.GetOrigin())
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    if kind == "oblique":
+        rot = sitk.Euler3DTransform()
+        rot.SetRotation(np.deg2rad(8), np.deg2rad(-5), np.deg2rad(20))
+        new_dir = (np.array(rot.GetMatrix()).reshape(3, 3) @ d).ravel()
+        centre = np.array(image.TransformContinuousIndexToPhysicalPoint((np.array(image.GetSize()) - 1) / 2.0))
+        size = image.GetSize()
+        new_origin = centre - np.array(new_dir).reshape(3, 3) @ ((np.array(size) - 1) / 2.0 * spacing)
+        return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, new_origin.tolist(), spacing.tolist(),
+                             new_dir.tolist(), -1024.0, image.GetPixelID()), None, None
+    # array axis permutation (k, j, i order) and flips, in array terms
+    if kind == "lps":
+        return image, (0, 1, 2), (False, False, False)
+    if kind == "ras":
+        perm, flips = (0, 1, 2), (False, True, True)
+    elif kind == "flipped_z":
+        perm, flips = (0, 1, 2), (True, False, False)
+    elif kind == "sagittal":  # slices along L-R: image axis k = physical x
+        perm, flips = (2, 0, 1), (False, True, False)
+    elif kind == "coronal":  # slices along A-P: image axis k = physical y
+        perm, flips = (1, 0, 2), (False, True, False)
+    else:
+        raise ValueError(kind)
+    new = np.transpose(arr, perm)
+    for axis, flip in enumerate(flips):
+        if flip:
+            new = np.flip(new, axis)
+    # image axis c (i, j, k) = array axis 2-c; new array axis a came from old array axis perm[a]
+    new_dir = np.zeros((3, 3))
+    new_spacing = np.zeros(3)
+    shape_old = arr.shape
+    corner_old_idx = np.zeros(3)  # old array index (k, j, i) of new index 0
+    for a in range(3):
+        old_a = perm[a]
+        c_new, c_old = 2 - a, 2 - old_a
+        sign = -1.0 if flips[a] else 1.0
+        new_dir[:, c_new] = d[:, c_old] * sign
+        new_spacing[c_new] = spacing[c_old]
+        corner_old_idx[old_a] = shape_old[old_a] - 1 if flips[a] else 0
+    new_origin = image.TransformIndexToPhysicalPoint([int(v) for v in corner_old_idx[::-1]])
+    out = sitk.GetImageFromArray(np.ascontiguousarray(new))
+    out.SetSpacing(new_spacing.tolist())
+    out.SetDirection(new_dir.ravel().tolist())
+    out.SetOrigin(new_origin)
+    return out, perm, flips

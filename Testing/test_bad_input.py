@@ -1,0 +1,249 @@
+"""Every kind of bad input gives one clear line, a non-zero exit, no traceback, no output and an untouched input."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import ROOT, write_dicom_series
+
+from medanomaly.cli import main
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_clean_failure(code, err, out_dir: Path, expect: str):
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one error line, got: {err!r}"
+    assert lines[0].startswith("medanomaly: error:"), lines[0]
+    assert "Traceback" not in err
+    assert expect.lower() in lines[0].lower(), lines[0]
+    # nothing half-written: no case folder and no staging folder
+    if out_dir.exists():
+        leftovers = [p.name for p in out_dir.iterdir()]
+        assert leftovers == [], leftovers
+
+
+def digest(path: Path) -> str:
+    if path.is_dir():
+        return hashlib.sha256(b"".join(digest(p).encode() for p in sorted(path.iterdir()))).hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def detect_fails(path: Path, tmp_path: Path, capsys, expect: str, *extra) -> None:
+    out = tmp_path / "out"
+    before = digest(path) if path.exists() else None
+    code, _, err = run_cli(["detect", str(path), "-o", str(out), *extra], capsys)
+    assert_clean_failure(code, err, out, expect)
+    if before is not None:
+        assert digest(path) == before, "the input was modified"
+
+
+def test_missing_file(tmp_path, capsys):
+    detect_fails(tmp_path / "nope.nii.gz", tmp_path, capsys, "no such file")
+
+
+def test_truncated_file(small_ct_file, tmp_path, capsys):
+    truncated = tmp_path / "truncated.nrrd"
+    data = small_ct_file.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    detect_fails(truncated, tmp_path, capsys, "truncated or corrupt")
+
+
+def test_truncated_gzip_nifti(small_ct, tmp_path, capsys):
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(small_ct, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    detect_fails(path, tmp_path, capsys, "ct.nii.gz")
+
+
+def test_not_an_image(tmp_path, capsys):
+    path = tmp_path / "notes.nii.gz"
+    path.write_bytes(gzip.compress(b"these are meeting notes, not an image\n" * 20))
+    detect_fails(path, tmp_path, capsys, "not a readable image")
+    text = tmp_path / "report.txt"
+    text.write_text("hello")
+    detect_fails(text, tmp_path, capsys, "not a readable image")
+
+
+def test_2d_image(small_ct, tmp_path, capsys):
+    path = tmp_path / "slice.nrrd"
+    sitk.WriteImage(small_ct[:, :, 5], str(path))
+    detect_fails(path, tmp_path, capsys, "2D")
+
+
+def test_single_slice_volume(small_ct, tmp_path, capsys):
+    path = tmp_path / "one_slice.nii.gz"
+    sitk.WriteImage(small_ct[:, :, 5:6], str(path))
+    detect_fails(path, tmp_path, capsys, "2D")
+
+
+def test_4d_image(small_ct, tmp_path, capsys):
+    arr = sitk.GetArrayFromImage(small_ct)
+    path = tmp_path / "series4d.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([arr.T, arr.T], axis=-1), np.eye(4)), str(path))
+    detect_fails(path, tmp_path, capsys, "4D")
+
+
+def test_multicomponent_image(small_ct, tmp_path, capsys):
+    arr = sitk.GetArrayFromImage(small_ct)
+    rgb = sitk.GetImageFromArray(np.stack([arr, arr, arr], axis=-1), isVector=True)
+    path = tmp_path / "rgb.nrrd"
+    sitk.WriteImage(rgb, str(path))
+    detect_fails(path, tmp_path, capsys, "components")
+
+
+def test_empty_dicom_folder(tmp_path, capsys):
+    folder = tmp_path / "empty_dicom"
+    folder.mkdir()
+    detect_fails(folder, tmp_path, capsys, "no DICOM series")
+    (folder / "readme.txt").write_text("not dicom")
+    detect_fails(folder, tmp_path, capsys, "no DICOM series")
+
+
+def test_mr_series_refused(small_ct, tmp_path, capsys):
+    folder = tmp_path / "mr"
+    write_dicom_series(small_ct[:, :, :6], folder, modality="MR")
+    detect_fails(folder, tmp_path, capsys, "no CT series")
+
+
+def test_constant_volume(tmp_path, capsys):
+    image = sitk.Image([32, 32, 8], sitk.sitkInt16) - 1000
+    path = tmp_path / "constant.nrrd"
+    sitk.WriteImage(image, str(path))
+    detect_fails(path, tmp_path, capsys, "every voxel")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_inf_volume(small_ct, tmp_path, capsys, bad):
+    arr = sitk.GetArrayFromImage(small_ct).astype(np.float32)
+    arr[3, 10, 10] = bad
+    image = sitk.GetImageFromArray(arr)
+    image.CopyInformation(small_ct)
+    path = tmp_path / "nan.nrrd"
+    sitk.WriteImage(image, str(path))
+    detect_fails(path, tmp_path, capsys, "NaN or infinite")
+
+
+@pytest.mark.parametrize("spacing", [0.0, -2.0])
+def test_zero_or_negative_spacing_nifti(small_ct, tmp_path, capsys, spacing):
+    arr = sitk.GetArrayFromImage(small_ct).T
+    img = nib.Nifti1Image(arr, np.diag([1.5, 1.5, 2.0, 1.0]))
+    img.header["pixdim"][3] = spacing
+    img.header.set_qform(None, code=0)
+    img.header.set_sform(None, code=0)
+    path = tmp_path / "badspacing.nii"
+    nib.save(img, str(path))
+    raw = bytearray(path.read_bytes())
+    pixdim = np.frombuffer(raw, dtype=np.float32, count=8, offset=76).copy()
+    pixdim[3] = spacing
+    raw[76:108] = pixdim.tobytes()
+    path.write_bytes(bytes(raw))
+    detect_fails(path, tmp_path, capsys, "spacing")
+
+
+def test_zero_spacing_nrrd(small_ct_file, tmp_path, capsys):
+    import nrrd
+
+    data, header = nrrd.read(str(small_ct_file))
+    directions = np.array(header["space directions"], dtype=float)
+    directions[2] = 0.0
+    header["space directions"] = directions
+    path = tmp_path / "zero.nrrd"
+    nrrd.write(str(path), data, header)
+    detect_fails(path, tmp_path, capsys, "spacing")
+
+
+def test_values_not_hu(small_ct, tmp_path, capsys):
+    arr = sitk.GetArrayFromImage(small_ct).astype(np.int32) + 1024  # stored values without the rescale
+    image = sitk.GetImageFromArray(arr)
+    image.CopyInformation(small_ct)
+    path = tmp_path / "unsigned.nrrd"
+    sitk.WriteImage(image, str(path))
+    detect_fails(path, tmp_path, capsys, "--allow-non-hu")
+    out = tmp_path / "allowed"
+    code, _, err = run_cli(["-q", "detect", str(path), "-o", str(out), "--allow-non-hu",
+                            "--model", str(ROOT / "models" / "chest-ct-vqvae-recon")], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "unsigned" / "findings.json").read_text())
+    assert summary["warnings"], "the non-HU warning must be recorded"
+
+
+def test_volume_too_large_for_memory(small_ct_file, tmp_path, capsys):
+    detect_fails(small_ct_file, tmp_path, capsys, "refused", "--max-memory-gb", "0.0001")
+
+
+def test_output_folder_not_writable(small_ct_file, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, _, err = run_cli(["detect", str(small_ct_file), "-o", str(blocker / "out")], capsys)
+    assert code != 0 and "not writable" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def _copy_model(default_model, tmp_path) -> Path:
+    copy = tmp_path / "model_copy"
+    shutil.copytree(default_model, copy)
+    return copy
+
+
+def test_model_with_wrong_checksum(small_ct_file, default_model, tmp_path, capsys):
+    model = _copy_model(default_model, tmp_path)
+    weights = model / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    detect_fails(small_ct_file, tmp_path, capsys, "SHA-256", "--model", str(model))
+
+
+@pytest.mark.parametrize("field,value,expect", [("min_software_version", "99.0.0", "upgrade"),
+                                                ("card_format", 99, "format"),
+                                                ("method", "no-such-method", "not known")])
+def test_incompatible_model(small_ct_file, default_model, tmp_path, capsys, field, value, expect):
+    model = _copy_model(default_model, tmp_path)
+    card = json.loads((model / "model_card.json").read_text())
+    card[field] = value
+    (model / "model_card.json").write_text(json.dumps(card))
+    detect_fails(small_ct_file, tmp_path, capsys, expect, "--model", str(model))
+
+
+def test_invalid_model_card(small_ct_file, default_model, tmp_path, capsys):
+    model = _copy_model(default_model, tmp_path)
+    card = json.loads((model / "model_card.json").read_text())
+    del card["calibration"]
+    (model / "model_card.json").write_text(json.dumps(card))
+    detect_fails(small_ct_file, tmp_path, capsys, "invalid", "--model", str(model))
+
+
+def test_bad_flag_values(small_ct_file, tmp_path, capsys):
+    detect_fails(small_ct_file, tmp_path, capsys, "sensitivity", "--sensitivity", "3")
+    detect_fails(small_ct_file, tmp_path, capsys, "device", "--device", "tpu")
+
+
+def test_real_child_process_reports_one_line(tmp_path):
+    """The installed command, as a user runs it: one line on stderr, exit 2, and a traceback only with --debug."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
+    missing = str(tmp_path / "missing.nii.gz")
+    cmd = [sys.executable, "-m", "medanomaly.cli", "detect", missing, "-o", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr
+    debug = subprocess.run([sys.executable, "-m", "medanomaly.cli", "--debug", *cmd[3:]], capture_output=True,
+                           encoding="utf-8", errors="replace", env=env, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

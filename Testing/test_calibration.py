@@ -1,0 +1,97 @@
+"""Calibration against normal reference scores: probabilities, false-positive curve, thresholds, volume score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medanomaly.calibration import Calibration, count_components, sensitivity_to_fp_per_volume, strongest_component_level
+
+
+def normal_slabs(seed=0, n=3, shape=(20, 48, 48)):
+    rng = np.random.default_rng(seed)
+    slabs = []
+    for _ in range(n):
+        scores = np.abs(rng.normal(size=shape)).astype(np.float32)
+        region = np.zeros(shape, bool)
+        region[:, 4:-4, 4:-4] = True
+        slabs.append((scores, region, (2.0, 3.0, 3.0)))
+    return slabs
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return Calibration.fit(normal_slabs(), min_size_mm3=18.0)
+
+
+def test_probability_is_uniform_on_normal_voxels(calibration):
+    scores, region, _ = normal_slabs(seed=5, n=1)[0]
+    p = calibration.voxel_probability(scores[region])
+    counts, _ = np.histogram(p, bins=10, range=(0, 1))
+    assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+    assert p.dtype == np.float32 and p.min() >= 0 and p.max() <= 1
+
+
+def test_probability_strictly_increasing_beyond_reference(calibration):
+    top = calibration.voxel_quantiles[-1]
+    scores = np.array([top * 0.9, top, top * 1.5, top * 3, top * 10])
+    log_exc = calibration.log_exceedance(scores)
+    assert np.all(np.diff(log_exc) < 0), "exceedance keeps falling far beyond the reference"
+    np.testing.assert_allclose(calibration.voxel_probability(scores[:2], dtype=np.float64),
+                               -np.expm1(log_exc[:2]))
+    rates = [calibration.fp_rate(log_exceedance=x) for x in log_exc]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+
+
+def test_fp_curve_decreases_and_thresholds_follow_targets(calibration):
+    rates = [calibration.fp_rate(t) for t in calibration.fp_thresholds]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    t_low = calibration.threshold_for(5.0, 20.0)
+    t_high = calibration.threshold_for(0.05, 20.0)
+    assert t_low < t_high
+    assert calibration.fp_rate(t_low) * 20.0 == pytest.approx(5.0, rel=0.05)
+
+
+def test_fp_rate_matches_what_it_was_fitted_on(calibration):
+    """The stored curve is the upper envelope (from above) of component counts on the reference slabs."""
+    slabs = normal_slabs()
+    extent = sum(s.shape[0] * sp[0] / 10 for s, _, sp in slabs)
+    min_voxels = 1  # 18 mm3 over 2 x 3 x 3 mm voxels
+    raw = np.array([sum(count_components((calibration.voxel_probability(s, dtype=np.float64) * r) >= t, min_voxels)
+                        for s, r, _ in slabs) for t in calibration.fp_thresholds]) / extent
+    envelope = np.maximum.accumulate(raw[::-1])[::-1]
+    np.testing.assert_allclose(calibration.fp_per_cm, envelope)
+    assert raw.max() > 0
+
+
+def test_volume_score_ranks_an_anomaly_above_normal(calibration):
+    normal, region, spacing = normal_slabs(seed=9, n=1)[0]
+    anomalous = normal.copy()
+    anomalous[8:12, 20:26, 20:26] += 6.0
+    s_normal = calibration.volume_score(normal, region, spacing)
+    s_anom = calibration.volume_score(anomalous, region, spacing)
+    assert 0.0 <= s_normal < s_anom <= 1.0
+    assert s_anom > 0.99
+
+
+def test_strongest_component_level_by_hand():
+    scores = np.zeros((5, 10, 10), np.float32)
+    scores[2, 2:4, 2:4] = 5.0  # 4 voxels at 5
+    scores[1, 7, 7] = 9.0  # a single voxel at 9
+    region = np.ones_like(scores, bool)
+    assert strongest_component_level(scores, region, 4, 0.0) == pytest.approx(5.0, abs=1e-4)
+    assert strongest_component_level(scores, region, 1, 0.0) == pytest.approx(9.0, abs=1e-4)
+
+
+def test_sensitivity_mapping():
+    assert sensitivity_to_fp_per_volume(0.0) == pytest.approx(0.01)
+    assert sensitivity_to_fp_per_volume(1.0) == pytest.approx(10.0)
+    with pytest.raises(ValueError):
+        sensitivity_to_fp_per_volume(1.5)
+
+
+def test_card_round_trip(calibration):
+    again = Calibration.from_card(calibration.to_card())
+    x = np.linspace(0, 5, 50)
+    np.testing.assert_array_equal(again.voxel_probability(x), calibration.voxel_probability(x))
+    assert again.threshold_for(0.3, 30) == calibration.threshold_for(0.3, 30)

@@ -1,0 +1,107 @@
+"""Outputs lie on the input's voxel grid bit for bit, whatever the orientation, and the canonical reorientation makes
+the result independent of how the same CT is stored."""
+
+from __future__ import annotations
+
+import nrrd
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+from conftest import reoriented
+
+import medanomaly
+from medanomaly.orientation import Reorientation
+
+KINDS = ["lps", "ras", "flipped_z", "sagittal", "coronal", "oblique"]
+
+
+def geometry(image: sitk.Image):
+    return (image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+
+@pytest.fixture(scope="module")
+def results(small_ct, default_model, tmp_path_factory):
+    out = {}
+    root = tmp_path_factory.mktemp("geometry")
+    for kind in KINDS:
+        image, perm, flips = reoriented(small_ct, kind)
+        suffix = ".nii.gz" if kind in ("ras", "oblique") else ".nrrd"
+        path = root / f"ct_{kind}{suffix}"
+        sitk.WriteImage(image, str(path))
+        (result,) = medanomaly.detect(path, root / "out", model=str(default_model), mood=True, sensitivity=1.0)
+        out[kind] = (sitk.ReadImage(str(path)), result, perm, flips)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_output_on_the_input_grid(results, kind):
+    reference, result, _, _ = results[kind]
+    case = result.output_dir
+    for name in ("heatmap.nrrd", "labels.nrrd", "reconstruction.nrrd"):
+        written = sitk.ReadImage(str(case / name))
+        if kind == "oblique":
+            # NRRD stores direction x spacing; a reader recovers the spacing as a vector norm, so an oblique grid
+            # comes back within the last bits of a double (the written image itself copies the input's geometry).
+            assert written.GetSize() == reference.GetSize()
+            for got, want in zip(geometry(written)[1:], geometry(reference)[1:]):
+                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        else:
+            assert geometry(written) == geometry(reference), name
+    heat = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "heatmap.nrrd")))
+    assert heat.dtype == np.float32 and np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
+    mood = sitk.ReadImage(str(result.files["mood"]["pixel"]))
+    assert geometry(mood)[0] == reference.GetSize()
+    np.testing.assert_allclose(mood.GetSpacing(), reference.GetSpacing(), rtol=1e-6)
+    seg = slicerio.read_segmentation(str(case / "anomalies.seg.nrrd"))
+    expected = np.eye(4)
+    expected[:3, :3] = np.array(reference.GetDirection()).reshape(3, 3) * np.array(reference.GetSpacing())
+    expected[:3, 3] = reference.GetOrigin()
+    np.testing.assert_allclose(seg["ijkToLPS"], expected, atol=1e-9)
+    assert seg["voxels"].shape == reference.GetSize()
+
+
+@pytest.mark.parametrize("kind", ["ras", "flipped_z", "sagittal", "coronal"])
+def test_same_anatomy_same_result_in_any_storage_order(results, kind):
+    _, base, _, _ = results["lps"]
+    _, result, perm, flips = results[kind]
+    expected = np.transpose(base.heatmap, perm)
+    for axis, flip in enumerate(flips):
+        if flip:
+            expected = np.flip(expected, axis)
+    np.testing.assert_allclose(result.heatmap, expected, atol=1e-5)
+    assert len(result.findings) == len(base.findings)
+    assert result.volume_score == pytest.approx(base.volume_score, abs=1e-6)
+    for f, g in zip(result.findings, base.findings):
+        np.testing.assert_allclose(f["centroid_lps_mm"], g["centroid_lps_mm"], atol=0.02)
+        assert f["volume_mm3"] == pytest.approx(g["volume_mm3"])
+
+
+def test_canonical_orientation_is_superior_posterior_left():
+    # RAS-stored image: i runs to the patient's right (-x in LPS), j anterior (-y)
+    r = Reorientation.from_geometry((-1, 0, 0, 0, -1, 0, 0, 0, 1), (0.5, 0.7, 2.0))
+    assert r.flips == (False, True, True)
+    assert r.canonical_spacing == (2.0, 0.7, 0.5)
+    array = np.arange(24).reshape(2, 3, 4)
+    assert np.array_equal(r.to_input(r.to_canonical(array)), array)
+    # sagittal stack: k along x
+    d = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float)  # columns: i -> P, j -> -S, k -> L
+    s = Reorientation.from_geometry(d.ravel(), (0.8, 0.9, 3.0))
+    assert s.canonical_spacing == (0.9, 0.8, 3.0)
+    assert np.array_equal(s.to_input(s.to_canonical(array)), array)
+    canonical = s.to_canonical(array)
+    index = np.array([1, 2, 3])
+    assert canonical[tuple(s.canonical_index(index, canonical.shape).astype(int))] == array[tuple(index)]
+
+
+def test_written_images_copy_the_input_geometry_exactly(results):
+    from medanomaly.outputs import image_like
+
+    reference, result, _, _ = results["oblique"]
+    assert geometry(image_like(result.heatmap, result.volume.image)) == geometry(reference)
+
+
+def test_nrrd_header_is_slicer_readable(results):
+    _, result, _, _ = results["oblique"]
+    _, header = nrrd.read(str(result.output_dir / "heatmap.nrrd"))
+    assert header["space"] == "left-posterior-superior"
