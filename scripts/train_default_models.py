@@ -28,6 +28,15 @@ RECIPES = {
                     "(chest_ct_01, slab split with held-out slabs for calibration). Score = |x - reconstruction|.",
         default=True,
     ),
+    "chest-ct-hu-outlier": dict(
+        method="hu-outlier",
+        data=[SHARED_CT / "chest_ct_01.nii.gz"],
+        steps=0, seed=0,
+        input={"size": 128, "spacing_mm": 3.5, "window_hu": [-1024.0, 3071.0], "region": "body",
+               "smoothing_mm": 3.0, "body_region": "chest"},
+        description="Non-learned baseline: deviation of each pixel's local mean HU from the median/MAD of its tissue "
+                    "class (from the wider context) on normal chest slices (chest_ct_01, slab split).",
+    ),
 }
 
 

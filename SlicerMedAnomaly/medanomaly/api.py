@@ -213,11 +213,14 @@ def detect(inputs: str | Path | Iterable[str | Path], output: str | Path | None 
         _check_writable(Path(output))
     results = []
     for path in paths:
-        volume = read_volume(path, series=series, allow_non_hu=allow_non_hu, max_memory_gb=max_memory_gb)
         t0 = time.perf_counter()
+        volume = read_volume(path, series=series, allow_non_hu=allow_non_hu, max_memory_gb=max_memory_gb)
+        read_s = time.perf_counter() - t0
         result = detect_volume(volume, detector, device=device, sensitivity=sensitivity, fp_rate=fp_rate,
                                min_size_mm3=min_size_mm3, memory_budget_mb=memory_budget_mb, progress=progress,
                                cancel=cancel)
+        result.timings["read"] = read_s
+        result.timings["pipeline"] += read_s
         if output is not None:
             write_case(result, output, mood=mood, overview=overview)
         result.timings["total"] = time.perf_counter() - t0

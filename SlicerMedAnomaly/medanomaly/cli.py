@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--data", nargs="*", default=[], help="volumes to split into held-out slabs (default: the card's)")
     c.add_argument("--calibration-data", nargs="*", default=[], help="whole normal volumes to calibrate on")
     c.add_argument("-o", "--output", default=None, help="write the recalibrated bundle here (default: in place)")
+    e = sub.add_parser("evaluate", help="score a model on the anomaly lab's cases (metrics as JSON and Markdown)")
+    e.add_argument("--cases", required=True, help="folder with cases.json (see scripts/benchmark_lab.py)")
+    e.add_argument("--model", default=None, help="model name or bundle folder (default: catalog default)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", default=None, help="write the metrics here")
+    e.add_argument("--markdown", default=None, help="write the tables here")
     return p
 
 
@@ -228,7 +234,26 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
-COMMANDS = {"detect": _cmd_detect, "models": _cmd_models, "info": _cmd_info, "train": _cmd_train,
+def _cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    from .lab import evaluate, markdown_breakdown, markdown_table
+
+    printer = ProgressPrinter(args.quiet, False)
+    try:
+        result = evaluate(args.cases, args.model, device=args.device, progress=printer)
+    finally:
+        printer.close()
+    tables = markdown_table([result]) + "\n\n" + markdown_breakdown([result])
+    print(tables)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(tables + "\n")
+    return 0
+
+
+COMMANDS = {"evaluate": _cmd_evaluate, "detect": _cmd_detect, "models": _cmd_models, "info": _cmd_info, "train": _cmd_train,
             "calibrate": _cmd_calibrate}
 
 

@@ -57,3 +57,12 @@ class Reorientation:
             if self.flips[b]:
                 out[b] = canonical_shape[b] - 1 - out[b]
         return out
+
+    def input_index(self, canonical_index, canonical_shape) -> np.ndarray:
+        """Input array index [k, j, i] of a canonical [S, P, L] index (inverse of canonical_index)."""
+        c = np.asarray(canonical_index, dtype=float)
+        unflipped = [canonical_shape[b] - 1 - c[b] if self.flips[b] else c[b] for b in range(3)]
+        out = np.empty(3)
+        for b in range(3):
+            out[self.axes[b]] = unflipped[b]
+        return out

@@ -11,6 +11,7 @@ from .base import Detector, DetectorOutput
 # method name -> module that defines and registers it (imported on first use, so unused methods cost nothing)
 METHOD_MODULES = {
     "vqvae-recon": "medanomaly.detectors.vqvae_recon",
+    "hu-outlier": "medanomaly.detectors.hu_outlier",
 }
 _REGISTRY: dict[str, type[Detector]] = {}
 

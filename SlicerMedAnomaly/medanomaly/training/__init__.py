@@ -30,7 +30,7 @@ from .data import SliceBuffer, contiguous_runs
 
 log = logging.getLogger(__name__)
 
-TRAINER_MODULES = {"vqvae-recon": "medanomaly.training.vqvae_recon"}
+TRAINER_MODULES = {"vqvae-recon": "medanomaly.training.vqvae_recon", "hu-outlier": "medanomaly.training.hu_outlier"}
 WEIGHTS_NAME = "weights.safetensors"
 
 
@@ -170,6 +170,11 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
             "min_software_version": __version__, "description": config.description, "input": spec.to_card(),
             "architecture": trainer.architecture(config.architecture)}
     detector = detector_class(method)(dict(card, calibration={}, weights={}, training={}))
+    if hasattr(trainer, "fit"):  # statistics, not gradient steps
+        detector.to(device)
+        report = trainer.fit(detector, buffer)
+        return _finish_bundle(output, detector, card, trainer, buffer, calibration_data, config, device,
+                              time.perf_counter() - t0, [], dict(report), checkpoint_dir)
     model = trainer.trainable(detector)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = lambda step: 0.5 * (1 + np.cos(np.pi * min(step, config.steps) / config.steps))  # noqa: E731
@@ -194,16 +199,23 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
             save_checkpoint(checkpoint_dir, model, optimizer, step, losses, config, generator)
         if progress is not None:
             progress(step, config.steps, parts)
-    train_seconds = time.perf_counter() - t0
     model.eval()
+    return _finish_bundle(output, detector, card, trainer, buffer, calibration_data, config, device,
+                          time.perf_counter() - t0, losses, trainer.training_report(detector, buffer),
+                          checkpoint_dir)
+
+
+def _finish_bundle(output, detector, card, trainer, buffer, calibration_data, config, device, train_seconds,
+                   losses, report, checkpoint_dir) -> ModelBundle:
+    """Calibrate on held-out normal CT, write the card and weights, drop the checkpoint."""
     detector.to(device).eval()
     calibration, cal_summary = calibrate(detector, buffer, list(calibration_data), config, device)
     card.update(
         calibration=calibration.to_card(**cal_summary),
-        training={"data": buffer.records, "calibration_data": list(calibration_data), "config": config.__dict__,
-                  "seconds": round(train_seconds, 1), "device": str(device), "torch": torch.__version__,
-                  "final_losses": losses[-1] if losses else {}, "losses": losses[::max(1, len(losses) // 40)],
-                  **trainer.training_report(detector, buffer)},
+        training={"data": buffer.records, "calibration_data": [Path(p).name for p in calibration_data],
+                  "config": config.__dict__, "seconds": round(train_seconds, 1), "device": str(device),
+                  "torch": torch.__version__, "final_losses": losses[-1] if losses else {},
+                  "losses": losses[::max(1, len(losses) // 40)], **report},
         evaluation={},
         memory_per_slice_mb=trainer.memory_per_slice_mb(),
     )

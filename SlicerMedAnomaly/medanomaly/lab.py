@@ -1,0 +1,216 @@
+"""The anomaly lab: build cases (real CT slabs with synthetic lesions and exact masks, plus untouched normal slabs)
+and score any detector on them the way published work does (`medanomaly evaluate`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__
+from .api import detect_volume, peak_rss_mb
+from .bundle import resolve_model, sha256_of
+from .calibration import Calibration
+from .detectors import Detector, build_detector
+from .errors import InputError
+from .metrics import FROC, PooledVoxelCurve, average_precision, localization_hits, roc_auc
+from .orientation import Reorientation
+from .synth import LesionInserter
+from .volumes import read_volume
+
+log = logging.getLogger(__name__)
+MANIFEST = "cases.json"
+FROC_RATES = (0.5, 1.0, 2.0, 4.0)
+SIZE_BINS_MM = ((0, 6), (6, 10), (10, 20), (20, 1000))
+
+
+def slab(image: sitk.Image, z0: int, z1: int) -> sitk.Image:
+    """Canonical axial slices z0..z1-1 (superior index order) of an image, as a sub-image on the same grid."""
+    r = Reorientation.for_image(image)
+    axis = 2 - r.axes[0]  # image axis (i, j, k) that runs along S
+    n = image.GetSize()[axis]
+    lo, hi = (n - z1, n - z0) if r.flips[0] else (z0, z1)
+    index = [0, 0, 0]
+    size = list(image.GetSize())
+    index[axis], size[axis] = lo, hi - lo
+    return sitk.RegionOfInterest(image, size, index)
+
+
+def build_cases(source: str | Path, slabs: list[tuple[int, int]], kinds: list[str], output: str | Path,
+                seed: int = 0, name: str | None = None, group_note: str = "") -> dict:
+    """Write one normal case per slab and one case per (slab, kind) with that lesion inserted, plus cases.json.
+
+    Returns the manifest. Existing manifests in `output` are extended, so several sources can share one folder.
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    image = read_volume(source).image
+    name = name or Path(source).name.split(".")[0]
+    manifest_path = output / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {
+        "format": 1, "created_by": f"medanomaly {__version__}", "sources": [], "cases": []}
+    manifest["sources"].append({"file": Path(source).name, "sha256": sha256_of(source) if Path(source).is_file()
+                                else None, "slabs": slabs, "kinds": kinds, "seed": seed, "note": group_note})
+    for s_index, (z0, z1) in enumerate(slabs):
+        sub = slab(image, z0, z1)
+        group = f"{name} slices {z0}-{z1 - 1}"
+        normal_name = f"{name}_slab{s_index}_normal"
+        sitk.WriteImage(sub, str(output / f"{normal_name}.nii.gz"), True)
+        manifest["cases"].append({"case": normal_name, "volume": f"{normal_name}.nii.gz", "labels": None,
+                                  "lesions": [], "group": group, "normal": True})
+        inserter = LesionInserter(sub)
+        for k_index, spec in enumerate(kinds):
+            kind, _, diameter = spec.partition(":")  # "nodule_solid:8" fixes the diameter in mm
+            params = {"diameter_mm": float(diameter)} if diameter else {}
+            case_seed = seed * 100000 + s_index * 1000 + k_index
+            try:
+                insertion = inserter.insert(kind, seed=case_seed, **params)
+            except ValueError as exc:
+                log.warning("%s: no %s inserted (%s)", group, kind, exc)
+                continue
+            case = f"{name}_slab{s_index}_{k_index:02d}_{kind}"
+            out = sitk.GetImageFromArray(insertion.volume)
+            out.CopyInformation(sub)
+            sitk.WriteImage(out, str(output / f"{case}.nii.gz"), True)
+            labels = sitk.GetImageFromArray(insertion.mask.astype(np.uint8))
+            labels.CopyInformation(sub)
+            sitk.WriteImage(labels, str(output / f"{case}_labels.nii.gz"), True)
+            manifest["cases"].append({"case": case, "volume": f"{case}.nii.gz", "labels": f"{case}_labels.nii.gz",
+                                      "lesions": [dict(insertion.record, label=1)], "group": group,
+                                      "normal": False})
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _size_bin(lesion: dict) -> str:
+    diameter = lesion.get("diameter_mm")
+    if diameter is None or lesion.get("kind", "").startswith(("effusion", "ascites", "needle")):
+        diameter = 2 * (3 * lesion.get("volume_mm3", 0.0) / (4 * np.pi)) ** (1 / 3)
+    for lo, hi in SIZE_BINS_MM:
+        if lo <= diameter < hi:
+            return f"{lo}-{hi}" if hi < 1000 else f">={lo}"
+    return "?"
+
+
+def evaluate(cases_dir: str | Path, model: str | Detector | None = None, *, device: str = "cpu",
+             progress=None) -> dict:
+    """Run a detector over the lab's cases and compute every metric; returns a JSON-able dict."""
+    cases_dir = Path(cases_dir)
+    manifest_path = cases_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise InputError(f"{cases_dir}: no {MANIFEST}; build cases with scripts/benchmark_lab.py first")
+    manifest = json.loads(manifest_path.read_text())
+    detector = model if isinstance(model, Detector) else build_detector(resolve_model(model))
+    calibration = Calibration.from_card(detector.card["calibration"])
+    pooled, normal_curve = PooledVoxelCurve(), PooledVoxelCurve()
+    kind_curves: dict[str, PooledVoxelCurve] = {}
+    froc = FROC()
+    volume_scores, volume_labels, seconds, normal_findings, default_hits = [], [], [], [], []
+    localization: dict[str, list[bool]] = {}
+    for n, case in enumerate(manifest["cases"]):
+        volume = read_volume(cases_dir / case["volume"])
+        t0 = time.perf_counter()
+        result = detect_volume(volume, detector, device=device)
+        seconds.append(time.perf_counter() - t0)
+        labels = (sitk.GetArrayFromImage(sitk.ReadImage(str(cases_dir / case["labels"])))
+                  if case["labels"] else None)
+        truth = labels > 0 if labels is not None else np.zeros(result.heatmap.shape, bool)
+        volume_scores.append(result.volume_score)
+        volume_labels.append(not case["normal"])
+        pooled.add(result.heatmap, truth)
+        if case["normal"]:
+            normal_curve.add(result.heatmap, truth)
+            normal_findings.append(len(result.findings))
+        else:
+            for lesion in case["lesions"]:
+                curve = kind_curves.setdefault(lesion["kind"], PooledVoxelCurve())
+                curve.add(result.heatmap, labels == lesion["label"])
+                found = bool(np.any(result.labels[labels == lesion["label"]]))
+                default_hits.append({"kind": lesion["kind"], "size": _size_bin(lesion), "found": found})
+            r = Reorientation.for_image(volume.image)
+            heat_c, truth_c = r.to_canonical(result.heatmap), r.to_canonical(truth)
+            rows = np.nonzero(truth_c.any(axis=(1, 2)))[0]
+            hits = localization_hits(heat_c[rows], truth_c[rows])
+            kind = case["lesions"][0]["kind"]
+            localization.setdefault(kind, []).extend(bool(h) for h in hits)
+        r = Reorientation.for_image(volume.image)
+        extent_cm = volume.hu.shape[r.axes[0]] * r.canonical_spacing[0] / 10.0
+        base = calibration.threshold_for(10.0, extent_cm)
+        min_voxels = max(1, int(np.ceil(calibration.min_size_mm3 / volume.voxel_volume_mm3)))
+        info = {lesion["label"]: {"kind": lesion["kind"], "size": _size_bin(lesion)} for lesion in case["lesions"]}
+        froc.add_case(result.heatmap, labels, base, min_voxels, info, case["case"])
+        if progress is not None:
+            progress("evaluate", (n + 1) / len(manifest["cases"]))
+    for kind, curve in kind_curves.items():
+        curve.pos += normal_curve.pos
+        curve.neg += normal_curve.neg
+    dice, dice_threshold = pooled.best_dice()
+    all_loc = [h for hits in localization.values() for h in hits]
+    kinds = sorted({lesion["kind"] for lesion in froc.lesions})
+    per_kind = {}
+    for kind in kinds:
+        hits = [h["found"] for h in default_hits if h["kind"] == kind]
+        per_kind[kind] = {
+            "lesions": len(hits),
+            "sensitivity_at_2fp": froc.sensitivity_at(2.0, lambda lesion, k=kind: lesion["kind"] == k),
+            "sensitivity_at_default": float(np.mean(hits)) if hits else float("nan"),
+            "voxel_ap": kind_curves[kind].average_precision(),
+            "localization_rate": float(np.mean(localization[kind])) if localization.get(kind) else float("nan"),
+        }
+    sizes = sorted({h["size"] for h in default_hits}, key=lambda s: float(s.strip(">=").split("-")[0]))
+    per_size = {size: {"lesions": sum(h["size"] == size for h in default_hits),
+                       "sensitivity_at_2fp": froc.sensitivity_at(2.0, lambda lesion, s=size: lesion["size"] == s)}
+                for size in sizes}
+    labels_arr, scores_arr = np.array(volume_labels), np.array(volume_scores)
+    return {
+        "model": {k: detector.card[k] for k in ("name", "version", "method")},
+        "cases": len(manifest["cases"]), "normal_cases": int((~labels_arr).sum()),
+        "anomalous_cases": int(labels_arr.sum()),
+        "volume_auroc": roc_auc(scores_arr, labels_arr), "volume_ap": average_precision(scores_arr, labels_arr),
+        "voxel_ap": pooled.average_precision(), "voxel_auroc": pooled.auroc(),
+        "dice_best": dice, "dice_threshold": dice_threshold,
+        "froc": {str(rate): froc.sensitivity_at(rate) for rate in FROC_RATES},
+        "localization_rate": float(np.mean(all_loc)) if all_loc else float("nan"),
+        "localization_slices": len(all_loc),
+        "fp_findings_per_normal_volume": float(np.mean(normal_findings)) if normal_findings else float("nan"),
+        "sensitivity_at_default": float(np.mean([h["found"] for h in default_hits])) if default_hits else float("nan"),
+        "per_kind": per_kind, "per_size": per_size,
+        "seconds_per_volume_median": statistics.median(seconds) if seconds else float("nan"),
+        "peak_rss_mb": peak_rss_mb(),
+        "provenance": {"manifest_sha256": sha256_of(manifest_path), "sources": manifest["sources"]},
+    }
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One row per detector: the lab's headline numbers."""
+    header = ["detector", "method", "volume AUROC", "volume AP", "voxel AP", "voxel AUROC", "Dice (best)",
+              "sens @0.5/1/2/4 FP", "localization", "FP/normal vol (default)", "s/volume"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        froc = "/".join(f"{r['froc'][str(rate)]:.2f}" for rate in FROC_RATES)
+        rows.append(f"| {r['model']['name']} | {r['model']['method']} | {r['volume_auroc']:.3f} | "
+                    f"{r['volume_ap']:.3f} | {r['voxel_ap']:.4f} | {r['voxel_auroc']:.3f} | {r['dice_best']:.3f} | "
+                    f"{froc} | {r['localization_rate']:.2f} | {r['fp_findings_per_normal_volume']:.2f} | "
+                    f"{r['seconds_per_volume_median']:.2f} |")
+    return "\n".join(rows)
+
+
+def markdown_breakdown(results: list[dict]) -> str:
+    """Per lesion kind: sensitivity at 2 false positives per volume, voxel AP and localization, per detector."""
+    kinds = sorted({k for r in results for k in r["per_kind"]})
+    header = ["lesion kind", "n"] + [f"{r['model']['name']} sens@2FP / voxel AP / loc" for r in results]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for kind in kinds:
+        n = next(r["per_kind"][kind]["lesions"] for r in results if kind in r["per_kind"])
+        cells = []
+        for r in results:
+            k = r["per_kind"].get(kind)
+            cells.append("-" if k is None else f"{k['sensitivity_at_2fp']:.2f} / {k['voxel_ap']:.3f} / "
+                                               f"{k['localization_rate']:.2f}")
+        rows.append(f"| {kind} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)

@@ -1,0 +1,171 @@
+"""Metrics of the anomaly lab, computed the way published work does; each one is checked against scikit-learn.
+
+Voxel metrics are pooled over every voxel of every case (MOOD's protocol) through score histograms, so memory stays
+bounded whatever the number of cases; within one bin, voxels count as tied scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+from scipy.stats import rankdata
+
+
+def _ranked(scores, labels):
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(bool)
+    return scores, labels
+
+
+def roc_auc(scores, labels) -> float:
+    """Area under the ROC curve (Mann-Whitney U with ties counted half)."""
+    scores, labels = _ranked(scores, labels)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = rankdata(scores)
+    return float((r[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(scores, labels) -> float:
+    """Average precision as scikit-learn defines it: sum over thresholds of (R_n - R_{n-1}) * P_n, ties grouped."""
+    scores, labels = _ranked(scores, labels)
+    if labels.sum() == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    distinct = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    tp = np.cumsum(y)[distinct]
+    fp = (distinct + 1) - tp
+    precision = tp / (tp + fp)
+    recall = tp / labels.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+class PooledVoxelCurve:
+    """Positive and negative voxel counts per score bin, accumulated over cases.
+
+    Scores in [0, 1] are binned on u = -log10(1 - p) in [0, 8) with `bins` bins, which resolves both the bulk and
+    the far tail of calibrated probabilities.
+    """
+
+    def __init__(self, bins: int = 1 << 16, max_u: float = 8.0):
+        self.bins, self.max_u = bins, max_u
+        self.pos = np.zeros(bins, np.int64)
+        self.neg = np.zeros(bins, np.int64)
+
+    def bin_of(self, scores: np.ndarray) -> np.ndarray:
+        p = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+        u = -np.log10(np.maximum(1.0 - p, 10.0 ** -self.max_u))
+        return np.minimum((u / self.max_u * self.bins).astype(np.int64), self.bins - 1)
+
+    def add(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        b = self.bin_of(scores.ravel())
+        y = np.asarray(labels).ravel().astype(bool)
+        self.pos += np.bincount(b[y], minlength=self.bins)
+        self.neg += np.bincount(b[~y], minlength=self.bins)
+
+    def _cumulative(self):
+        tp = np.cumsum(self.pos[::-1])  # thresholds from the highest bin down
+        fp = np.cumsum(self.neg[::-1])
+        keep = (self.pos[::-1] + self.neg[::-1]) > 0
+        return tp[keep], fp[keep]
+
+    def average_precision(self) -> float:
+        tp, fp = self._cumulative()
+        if tp.size == 0 or tp[-1] == 0:
+            return float("nan")
+        precision = tp / np.maximum(tp + fp, 1)
+        recall = tp / tp[-1]
+        return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+    def auroc(self) -> float:
+        tp, fp = self._cumulative()
+        if tp.size == 0 or tp[-1] == 0 or fp[-1] == 0:
+            return float("nan")
+        tpr, fpr = np.r_[0.0, tp / tp[-1]], np.r_[0.0, fp / fp[-1]]
+        return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+    def best_dice(self) -> tuple[float, float]:
+        """Strict Dice (no dilation of the ground truth) at the best threshold, and that threshold."""
+        tp = np.cumsum(self.pos[::-1])
+        fp = np.cumsum(self.neg[::-1])
+        total = self.pos.sum()
+        if total == 0:
+            return float("nan"), float("nan")
+        dice = 2 * tp / np.maximum(2 * tp + fp + (total - tp), 1)
+        best = int(np.argmax(dice))
+        threshold_bin = self.bins - 1 - best
+        return float(dice[best]), float(1.0 - 10.0 ** (-threshold_bin * self.max_u / self.bins))
+
+
+@dataclass
+class FROC:
+    """Lesion-level FROC from scored candidates: a lesion is found at threshold t when a candidate component with
+    peak score >= t overlaps it; any candidate overlapping no lesion is a false positive."""
+
+    n_volumes: int = 0
+    lesions: list[dict] = field(default_factory=list)  # {"case", "label", "best": best overlapping score, ...}
+    false_positive_scores: list[float] = field(default_factory=list)
+
+    def add_case(self, heatmap: np.ndarray, lesion_labels: np.ndarray | None, base_threshold: float,
+                 min_voxels: int, lesion_info: dict[int, dict] | None = None, case: str = "") -> None:
+        self.n_volumes += 1
+        components, n = ndi.label(heatmap >= base_threshold, structure=np.ones((3, 3, 3), bool))
+        best = {}
+        if n:
+            idx = np.flatnonzero(components)
+            comp = components.ravel()[idx]
+            sizes = np.bincount(comp, minlength=n + 1)
+            peak = np.zeros(n + 1)
+            np.maximum.at(peak, comp, heatmap.ravel()[idx])
+            valid = sizes >= min_voxels
+            hits_any = np.zeros(n + 1, bool)
+            if lesion_labels is not None:
+                lab = lesion_labels.ravel()[idx]
+                pairs = np.unique(np.stack([comp[lab > 0], lab[lab > 0]], 1), axis=0) if (lab > 0).any() else []
+                for c, lesion in pairs:
+                    if valid[c]:
+                        hits_any[c] = True
+                        best[int(lesion)] = max(best.get(int(lesion), -1.0), float(peak[c]))
+            fp = np.nonzero(valid & ~hits_any)[0]
+            self.false_positive_scores.extend(float(peak[c]) for c in fp if c > 0)
+        if lesion_labels is not None:
+            for lesion in np.unique(lesion_labels[lesion_labels > 0]):
+                info = (lesion_info or {}).get(int(lesion), {})
+                self.lesions.append({"case": case, "label": int(lesion), "best": best.get(int(lesion), -1.0), **info})
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(thresholds, false positives per volume, sensitivity) over every candidate score."""
+        fps = np.sort(np.asarray(self.false_positive_scores))[::-1]
+        bests = np.asarray([lesion["best"] for lesion in self.lesions])
+        thresholds = np.unique(np.r_[fps, bests[bests >= 0], np.inf])[::-1]
+        fp_rate = np.array([(fps >= t).sum() for t in thresholds]) / max(self.n_volumes, 1)
+        sens = np.array([(bests >= t).sum() for t in thresholds]) / max(len(bests), 1)
+        return thresholds, fp_rate, sens
+
+    def sensitivity_at(self, fp_per_volume: float, subset=None) -> float:
+        """Highest sensitivity (over `subset` of lesions if given) at no more than `fp_per_volume`."""
+        thresholds, fp_rate, _ = self.curve()
+        ok = thresholds[fp_rate <= fp_per_volume]
+        t = ok.min() if ok.size else np.inf
+        lesions = [lesion for lesion in self.lesions if subset is None or subset(lesion)]
+        if not lesions:
+            return float("nan")
+        return float(np.mean([lesion["best"] >= t for lesion in lesions]))
+
+
+def localization_hits(heatmap_slices: np.ndarray, lesion_slices: np.ndarray, patch: int = 32) -> np.ndarray:
+    """For each axial slice [Z, H, W] with lesion voxels: does the highest-scoring `patch` x `patch` window (mean
+    score, stride 1, native spacing) overlap the lesion? The StyleGAN2 CT study's localization criterion."""
+    heat = torch.from_numpy(np.ascontiguousarray(heatmap_slices, np.float32))[:, None]
+    lesion = torch.from_numpy(np.ascontiguousarray(lesion_slices, np.float32))[:, None]
+    k = min(patch, heat.shape[-1], heat.shape[-2])
+    mean = F.avg_pool2d(heat, k, stride=1)
+    overlap = F.avg_pool2d(lesion, k, stride=1) > 0
+    flat = mean.flatten(1).argmax(1)
+    return overlap.flatten(1)[torch.arange(len(flat)), flat].numpy()

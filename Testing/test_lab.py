@@ -1,0 +1,137 @@
+"""The anomaly lab: lesion insertion in real CT (ranges, exact masks, seeds, anatomy) and the evaluation run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import ROOT
+
+from medanomaly.lab import build_cases, evaluate, markdown_breakdown, markdown_table, slab
+from medanomaly.synth import LESION_KINDS, LUNG_KINDS, LesionInserter, insert_lesions
+
+
+@pytest.fixture(scope="module")
+def inserter(demo_image):
+    return LesionInserter(demo_image[:, :, 10:50])
+
+
+@pytest.fixture(scope="module")
+def insertions(inserter):
+    return {kind: inserter.insert(kind, seed=11) for kind in LESION_KINDS}
+
+
+@pytest.mark.parametrize("kind", LESION_KINDS)
+def test_mask_is_exactly_where_the_volume_changed(inserter, insertions, kind):
+    insertion = insertions[kind]
+    assert insertion.mask.any(), f"{kind} changed nothing"
+    assert np.array_equal(insertion.mask, insertion.volume != inserter.original)
+    assert insertion.volume.dtype == inserter.original.dtype
+    assert insertion.record["changed_voxels"] == int(insertion.mask.sum())
+
+
+@pytest.mark.parametrize("kind", LESION_KINDS)
+def test_lesions_stay_inside_their_anatomy(inserter, insertions, kind):
+    mask = inserter.reorientation.to_canonical(insertions[kind].mask)
+    anatomy = inserter.lung if kind in LUNG_KINDS else inserter.body
+    assert not (mask & ~anatomy).any(), f"{kind} leaves its anatomy"
+
+
+def test_inserted_hu_in_range(inserter, insertions):
+    noise = 6 * inserter.noise_hu
+    original = inserter.original
+    for kind in ("nodule_solid", "consolidation", "effusion", "ascites"):
+        r = insertions[kind]
+        new = r.volume[r.mask].astype(float)
+        assert new.max() <= r.record["hu"] + noise + 1, kind  # blended towards the target, never beyond
+        assert new.min() >= original[r.mask].min() - noise - 1, kind
+    ggo = insertions["ggo"]
+    core = ggo.volume[ggo.mask].astype(float)
+    assert core.max() <= max(ggo.record["hu"] + noise, original[ggo.mask].max()) + 1
+    for kind in ("effusion", "ascites"):
+        r = insertions[kind]
+        assert 0 <= r.record["hu"] <= 20
+    needle = insertions["needle"]
+    assert 2000 <= needle.record["hu"] <= 3000
+    assert 1.0 <= needle.record["diameter_mm"] <= 2.0
+    assert needle.volume[needle.mask].max() > 700, "the needle core stands out even after partial-volume blur"
+    assert needle.volume.max() <= 3000
+    assert -700 <= insertions["ggo"].record["hu"] <= -300
+    assert 0 <= insertions["consolidation"].record["hu"] <= 50
+    assert 3 <= insertions["nodule_solid"].record["diameter_mm"] <= 30
+
+
+def test_nodule_diameter_and_shape_parameters(inserter):
+    r = inserter.insert("nodule_solid", seed=3, diameter_mm=10.0, shape="lobulated", hu=40.0)
+    volume = r.record["volume_mm3"]
+    sphere = 4 / 3 * np.pi * 5.0**3
+    assert 0.5 * sphere < volume < 3.0 * sphere
+    assert r.record["shape"] == "lobulated" and r.record["hu"] == 40.0
+
+
+def test_seed_reproduces_a_case(inserter):
+    a = inserter.insert("nodule_part_solid", seed=99)
+    b = inserter.insert("nodule_part_solid", seed=99)
+    c = inserter.insert("nodule_part_solid", seed=100)
+    assert np.array_equal(a.volume, b.volume) and a.record == b.record
+    assert not np.array_equal(a.volume, c.volume)
+
+
+def test_no_lesion_leaves_volume_unchanged(demo_image):
+    image, labels, records = insert_lesions(demo_image[:, :, :12], [], seed=1)
+    assert records == [] and not labels.any()
+    assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(demo_image[:, :, :12]))
+
+
+def test_several_lesions_label_map(demo_image):
+    image, labels, records = insert_lesions(demo_image[:, :, 10:40], ["nodule_solid", "mood_noise"], seed=5)
+    assert [r["label"] for r in records] == [1, 2]
+    assert set(np.unique(labels)) <= {0, 1, 2} and (labels == 2).any()
+    changed = sitk.GetArrayFromImage(image) != sitk.GetArrayFromImage(demo_image[:, :, 10:40])
+    assert np.array_equal(changed, labels > 0)
+
+
+def test_slab_follows_canonical_superior_order(demo_image):
+    flipped = sitk.Flip(demo_image, [False, False, True])
+    a = sitk.GetArrayFromImage(slab(demo_image, 5, 9))
+    b = sitk.GetArrayFromImage(slab(flipped, 5, 9))
+    assert np.array_equal(a, b[::-1])
+
+
+def test_evaluate_runs_every_metric_and_prints_tables(demo_image, tmp_path):
+    source = tmp_path / "source.nii.gz"
+    sitk.WriteImage(sitk.Shrink(demo_image, [2, 2, 1]), str(source))
+    manifest = build_cases(source, [(4, 24), (34, 54)], ["nodule_solid:12", "needle", "mood_intensity"],
+                           tmp_path / "cases", seed=1, name="demo")
+    assert len(manifest["cases"]) == 8 and sum(c["normal"] for c in manifest["cases"]) == 2
+    results = []
+    for model in ("chest-ct-vqvae-recon", "chest-ct-hu-outlier"):
+        r = evaluate(tmp_path / "cases", model)
+        for key in ("volume_auroc", "volume_ap", "voxel_ap", "voxel_auroc", "dice_best", "localization_rate",
+                    "fp_findings_per_normal_volume", "seconds_per_volume_median", "peak_rss_mb"):
+            assert np.isfinite(r[key]), key
+        assert 0 <= r["voxel_ap"] <= 1 and 0 <= r["volume_auroc"] <= 1
+        assert set(r["froc"]) == {"0.5", "1.0", "2.0", "4.0"}
+        assert set(r["per_kind"]) == {"nodule_solid", "needle", "mood_intensity"}
+        assert r["provenance"]["sources"][0]["sha256"]
+        results.append(r)
+    table = markdown_table(results)
+    assert "chest-ct-vqvae-recon" in table and "chest-ct-hu-outlier" in table
+    assert "needle" in markdown_breakdown(results)
+    json.dumps(results)
+
+
+def test_evaluate_command_line(demo_image, tmp_path, capsys):
+    from medanomaly.cli import main
+
+    source = tmp_path / "source.nii.gz"
+    sitk.WriteImage(sitk.Shrink(demo_image, [2, 2, 1])[:, :, :20], str(source))
+    build_cases(source, [(0, 20)], ["mood_noise"], tmp_path / "cases", seed=2)
+    out = tmp_path / "result.json"
+    assert main(["evaluate", "--cases", str(tmp_path / "cases"), "--model", "chest-ct-hu-outlier",
+                 "--json", str(out)]) == 0
+    assert "| chest-ct-hu-outlier |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["model"]["name"] == "chest-ct-hu-outlier"
+    assert (ROOT / "scripts" / "benchmark_lab.py").is_file()

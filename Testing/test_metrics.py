@@ -1,0 +1,85 @@
+"""Every lab metric against scikit-learn (or by hand) on small cases whose answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from medanomaly.metrics import FROC, PooledVoxelCurve, average_precision, localization_hits, roc_auc
+
+
+def test_auroc_and_ap_by_hand():
+    scores = [0.9, 0.8, 0.7, 0.6]
+    labels = [1, 0, 1, 0]
+    assert roc_auc(scores, labels) == pytest.approx(0.75)  # 3 of 4 positive-negative pairs ordered
+    assert average_precision(scores, labels) == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_and_ap_match_sklearn_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(200) < 0.3
+    scores = np.round(rng.random(200) + labels * 0.4, 1)  # rounding makes ties
+    assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
+    assert average_precision(scores, labels) == pytest.approx(average_precision_score(labels, scores))
+
+
+def test_pooled_voxel_curve_matches_sklearn_over_cases():
+    rng = np.random.default_rng(7)
+    curve = PooledVoxelCurve()
+    all_s, all_y = [], []
+    for _ in range(3):
+        y = rng.random((4, 8, 8)) < 0.1
+        s = np.clip(rng.random((4, 8, 8)) * 0.7 + y * 0.3, 0, 0.9999).astype(np.float32)
+        s = np.round(s, 3)
+        curve.add(s, y)
+        all_s.append(s.ravel())
+        all_y.append(y.ravel())
+    s, y = np.concatenate(all_s), np.concatenate(all_y)
+    assert curve.average_precision() == pytest.approx(average_precision_score(y, s), abs=1e-9)
+    assert curve.auroc() == pytest.approx(roc_auc_score(y, s), abs=1e-9)
+
+
+def test_best_dice_by_hand():
+    curve = PooledVoxelCurve()
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 0], bool)
+    s = np.array([0.9, 0.8, 0.3, 0.85, 0.2, 0.1, 0.1, 0.1])
+    curve.add(s, y)
+    # thresholds: >=0.9 -> TP1 FP0 FN2: 2/4; >=0.85 -> TP1 FP1: 2/5; >=0.8 -> TP2 FP1 FN1: 4/6; >=0.3 -> TP3 FP1: 6/7
+    dice, threshold = curve.best_dice()
+    assert dice == pytest.approx(6 / 7)
+    assert 0.29 < threshold <= 0.3
+
+
+def test_froc_by_hand():
+    froc = FROC()
+    heat = np.zeros((3, 10, 10), np.float32)
+    lesions = np.zeros((3, 10, 10), np.uint8)
+    lesions[1, 1:3, 1:3] = 1  # found with peak 0.9
+    lesions[1, 6:8, 6:8] = 2  # missed
+    heat[1, 1:3, 1:3] = 0.9
+    heat[1, 4, 8] = 0.95  # a false positive, stronger than the hit
+    froc.add_case(heat, lesions, base_threshold=0.5, min_voxels=1, case="a")
+    normal = np.zeros_like(heat)
+    normal[0, 0, 0] = 0.7  # a weaker false positive in a normal volume
+    froc.add_case(normal, None, base_threshold=0.5, min_voxels=1, case="n")
+    assert froc.n_volumes == 2
+    # thresholds 0.95 -> 1 FP (0.5/vol), sens 0; 0.9 -> 1 FP, sens 1/2; 0.7 -> 2 FP (1/vol), sens 1/2
+    assert froc.sensitivity_at(0.5) == pytest.approx(0.5)
+    assert froc.sensitivity_at(0.25) == pytest.approx(0.0)
+    assert froc.sensitivity_at(4.0) == pytest.approx(0.5)
+    # a minimum size removes the 1-voxel false positives
+    sized = FROC()
+    sized.add_case(heat, lesions, base_threshold=0.5, min_voxels=2, case="a")
+    assert sized.false_positive_scores == []
+
+
+def test_localization_by_hand():
+    heat = np.zeros((2, 64, 64), np.float32)
+    lesion = np.zeros((2, 64, 64), bool)
+    lesion[0, 50:54, 50:54] = True
+    heat[0, 48:56, 48:56] = 1.0  # hottest patch covers the lesion
+    lesion[1, 5:8, 5:8] = True
+    heat[1, 40:60, 40:60] = 1.0  # hottest patch far from the lesion
+    assert localization_hits(heat, lesion, patch=32).tolist() == [True, False]

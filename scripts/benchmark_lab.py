@@ -1,0 +1,62 @@
+"""The anomaly lab benchmark: build cases from the real CTs in ../shared/data/ct, run every detector present plus
+the baselines, and print one table of quality and speed.
+
+    python scripts/benchmark_lab.py [--cases DIR] [--rebuild] [--models NAME ...]
+
+Leakage: the chest models are trained on chest_ct_01, the only chest patient. Its slices are split by slab
+(medanomaly.training.data.slab_split: 20-slice blocks, every third held out, 3-slice margins); only the held-out
+slabs become lab cases, and each model's card records that split.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medanomaly.bundle import list_models
+from medanomaly.lab import build_cases, evaluate, markdown_breakdown, markdown_table
+from medanomaly.training.data import contiguous_runs, slab_split
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CT = ROOT.parent / "shared" / "data" / "ct"
+CHEST_KINDS = ["nodule_solid:4", "nodule_solid:6", "nodule_solid:8", "nodule_solid:12", "nodule_solid:20",
+               "nodule_solid:28", "nodule_part_solid:10", "nodule_part_solid:20", "ggo", "consolidation",
+               "needle", "needle", "effusion", "mood_intensity", "mood_noise", "mood_deformation", "mood_mirror"]
+SEED = 2026
+
+
+def chest_heldout_slabs(n_slices: int = 141) -> list[tuple[int, int]]:
+    _, held = slab_split(n_slices, block=20, every=3, margin=3)
+    return [(int(run[0]), int(run[-1]) + 1) for run in contiguous_runs(held)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cases", default=str(ROOT / "runs" / "lab-cases"))
+    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--models", nargs="*", default=None, help="catalog names (default: every model present)")
+    ap.add_argument("--json", default=str(ROOT / "scripts" / "results" / "lab_benchmark.json"))
+    args = ap.parse_args()
+    cases = Path(args.cases)
+    if args.rebuild or not (cases / "cases.json").exists():
+        chest = SHARED_CT / "chest_ct_01.nii.gz"
+        if not chest.exists():
+            sys.exit(f"{chest} is absent: the lab builds its cases from ../shared/data/ct")
+        if (cases / "cases.json").exists():
+            (cases / "cases.json").unlink()
+        build_cases(chest, chest_heldout_slabs(), CHEST_KINDS, cases, seed=SEED, name="chest01",
+                    group_note="held-out slabs of the only chest patient (slab split with 3-slice margins)")
+    names = args.models or [m["name"] for m in list_models()]
+    results = []
+    for name in names:
+        print(f"evaluating {name} ...", file=sys.stderr, flush=True)
+        results.append(evaluate(cases, name))
+    print(markdown_table(results))
+    print()
+    print(markdown_breakdown(results))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    main()
