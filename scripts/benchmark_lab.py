@@ -34,7 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cases", default=str(ROOT / "runs" / "lab-cases"))
     ap.add_argument("--rebuild", action="store_true")
-    ap.add_argument("--models", nargs="*", default=None, help="catalog names (default: every model present)")
+    ap.add_argument("--models", nargs="*", default=None,
+                    help="catalog names or bundle folders (default: every model in the catalogs)")
     ap.add_argument("--json", default=str(ROOT / "scripts" / "results" / "lab_benchmark.json"))
     args = ap.parse_args()
     cases = Path(args.cases)

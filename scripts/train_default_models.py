@@ -28,6 +28,16 @@ RECIPES = {
                     "(chest_ct_01, slab split with held-out slabs for calibration). Score = |x - reconstruction|.",
         default=True,
     ),
+    "chest-ct-vqvae-fs": dict(
+        method="vqvae-fs",
+        data=[SHARED_CT / "chest_ct_01.nii.gz"],
+        steps=6000, batch_size=16, learning_rate=1e-3, seed=0,
+        input={"size": 128, "spacing_mm": 3.5, "window_hu": [-1000.0, 500.0], "region": "body",
+               "smoothing_mm": 3.0, "body_region": "chest"},
+        description="Flagship: VQ-VAE feature-space anomaly synthesis with a transformer token classifier and a "
+                    "decoder from corrupted features (residual-weighted loss), trained on normal chest CT slices "
+                    "(chest_ct_01, slab split with held-out slabs for calibration).",
+    ),
     "chest-ct-hu-outlier": dict(
         method="hu-outlier",
         data=[SHARED_CT / "chest_ct_01.nii.gz"],

@@ -59,6 +59,19 @@ def findings_table(scene, findings, name):
     return table
 
 
+def place_under_study(scene, input_volume, nodes):
+    """Put result nodes beside the input in the subject hierarchy (under its study, when it has one)."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    input_item = hierarchy.GetItemByDataNode(input_volume)
+    if not input_item:  # outside Slicer nothing creates items automatically
+        input_item = hierarchy.CreateItem(hierarchy.GetSceneItemID(), input_volume)
+    parent = hierarchy.GetItemParent(input_item)
+    for node in nodes:
+        item = hierarchy.GetItemByDataNode(node) or hierarchy.CreateItem(parent, node)
+        hierarchy.SetItemParent(item, parent)
+    return parent
+
+
 def load_case_into_scene(scene, case_dir, input_volume=None, heatmap_opacity=0.4):
     """Load OUT/<case>/ into `scene`; returns {"heatmap", "segmentation", "table", "reconstruction", "findings"}."""
     with open(os.path.join(case_dir, "findings.json")) as f:
@@ -81,6 +94,9 @@ def load_case_into_scene(scene, case_dir, input_volume=None, heatmap_opacity=0.4
     reconstruction = None
     if os.path.exists(os.path.join(case_dir, "reconstruction.nrrd")):
         reconstruction = _read_volume(scene, os.path.join(case_dir, "reconstruction.nrrd"), f"{case} pseudo-healthy")
+    created = [heatmap, segmentation, table] + ([reconstruction] if reconstruction is not None else [])
+    if input_volume is not None:
+        place_under_study(scene, input_volume, created)
     if getattr(slicer, "app", None) is not None and input_volume is not None:  # inside Slicer: heatmap over the CT
         slicer.util.setSliceViewerLayers(background=input_volume, foreground=heatmap,
                                          foregroundOpacity=heatmap_opacity)

@@ -12,6 +12,7 @@ from .base import Detector, DetectorOutput
 METHOD_MODULES = {
     "vqvae-recon": "medanomaly.detectors.vqvae_recon",
     "hu-outlier": "medanomaly.detectors.hu_outlier",
+    "vqvae-fs": "medanomaly.detectors.vqvae_fs",
 }
 _REGISTRY: dict[str, type[Detector]] = {}
 

@@ -30,7 +30,8 @@ from .data import SliceBuffer, contiguous_runs
 
 log = logging.getLogger(__name__)
 
-TRAINER_MODULES = {"vqvae-recon": "medanomaly.training.vqvae_recon", "hu-outlier": "medanomaly.training.hu_outlier"}
+TRAINER_MODULES = {"vqvae-recon": "medanomaly.training.vqvae_recon", "hu-outlier": "medanomaly.training.hu_outlier",
+                   "vqvae-fs": "medanomaly.training.vqvae_fs"}
 WEIGHTS_NAME = "weights.safetensors"
 
 
@@ -145,11 +146,14 @@ def write_bundle(output: Path, detector: Detector, card: dict) -> ModelBundle:
 
 
 def train(method: str, data: Sequence[str], output: str | Path, *, calibration_data: Sequence[str] = (),
-          resume: bool = False, progress: Callable[[int, int, dict], None] | None = None, **overrides) -> ModelBundle:
+          resume: bool = False, progress: Callable[[int, int, dict], None] | None = None,
+          init_from: str | Path | None = None, init_prefixes: Sequence[str] = ("vqvae.",),
+          **overrides) -> ModelBundle:
     """Train a bundle of `method` on normal CT volumes `data` and write it to `output`.
 
     With a single patient and no `calibration_data`, slices are split into training and held-out slabs with a margin
-    between them (data.slab_split), and the held-out slabs calibrate the model.
+    between them (data.slab_split), and the held-out slabs calibrate the model. `init_from` starts from the weights
+    of another bundle whose names begin with `init_prefixes` (for example a trained stage 1, for ablations).
     """
     config = TrainConfig(method=method, **overrides)
     trainer = trainer_for(method)
@@ -175,6 +179,13 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
         report = trainer.fit(detector, buffer)
         return _finish_bundle(output, detector, card, trainer, buffer, calibration_data, config, device,
                               time.perf_counter() - t0, [], dict(report), checkpoint_dir)
+    if init_from is not None:
+        source = ModelBundle.load(init_from).tensors()
+        chosen = {k: v for k, v in source.items() if k.startswith(tuple(init_prefixes))}
+        missing = detector.load_state_dict(chosen, strict=False)
+        log.info("initialised %d tensors from %s (%d left as built)", len(chosen), init_from,
+                 len(missing.missing_keys))
+        card["training_init"] = {"bundle": Path(init_from).name, "prefixes": list(init_prefixes)}
     model = trainer.trainable(detector)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = lambda step: 0.5 * (1 + np.cos(np.pi * min(step, config.steps) / config.steps))  # noqa: E731
@@ -188,7 +199,7 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * scheduler(step)
         images, regions = buffer.batch(config.batch_size, generator)
-        loss, parts = trainer.loss(model, images.to(device), regions.to(device), generator)
+        loss, parts = trainer.loss(model, images.to(device), regions.to(device), generator, step=step, config=config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

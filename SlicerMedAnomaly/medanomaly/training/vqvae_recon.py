@@ -18,7 +18,7 @@ def trainable(detector) -> torch.nn.Module:
     return detector.vqvae
 
 
-def loss(model, images: torch.Tensor, regions: torch.Tensor, generator: torch.Generator):
+def loss(model, images: torch.Tensor, regions: torch.Tensor, generator: torch.Generator, **_):
     x = augment(images, generator)
     encodings = model.encode(x)
     quantized, quantization_loss = model.quantize(encodings)

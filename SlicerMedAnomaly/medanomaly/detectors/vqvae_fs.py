@@ -1,0 +1,192 @@
+"""VQ-VAE feature-space anomaly synthesis with a transformer token classifier (the flagship method).
+
+Stage 1 learns normal CT with a VQ-VAE (MONAI `VQVAE`, stride 8: a 128^2 slice is a 16x16 token map). Stage 2 freezes
+encoder and codebook, corrupts the most salient tokens with plausible codebook entries from elsewhere, and trains
+(a) a transformer to label each token normal or corrupted and (b) a second decoder that rebuilds the normal image
+from corrupted features. At test time the anomaly map is the upsampled token probability times the residual
+|x - decoder2(quantized x)|; decoder2's output is the pseudo-healthy reconstruction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from monai.networks.nets import VQVAE
+from torch import nn
+
+from . import register
+from .base import Detector, DetectorOutput
+from .vqvae_recon import build_vqvae
+
+DEFAULT_ARCHITECTURE = {
+    "channels": [16, 32, 64],  # encoder widths; three stride-2 levels give stride 8
+    "num_res_layers": 1,  # residual blocks per level
+    "num_embeddings": 512,  # codebook entries
+    "embedding_dim": 64,  # codebook vector length
+    "commitment_cost": 0.25,  # weight of the encoder commitment loss
+    "decay": 0.99,  # EMA decay of the codebook
+    "classifier_width": 128,  # transformer width
+    "classifier_depth": 4,  # transformer blocks
+    "classifier_heads": 4,  # attention heads
+    "use_residual": True,  # map = probability x residual (True) or probability alone (False)
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token classifier
+
+
+class TokenClassifier(nn.Module):
+    """A transformer over the token grid with learned positional embeddings; two logits per token."""
+
+    def __init__(self, embedding_dim: int = 64,  # input feature length (codebook vectors)
+                 width: int = 128,  # model width
+                 depth: int = 4,  # transformer blocks
+                 heads: int = 4,  # attention heads
+                 tokens: int = 256):  # tokens per slice (16 x 16)
+        super().__init__()
+        self.project = nn.Linear(embedding_dim, width)
+        self.position = nn.Parameter(torch.zeros(1, tokens, width))
+        nn.init.trunc_normal_(self.position, std=0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, quantized: torch.Tensor) -> torch.Tensor:
+        """quantized: [B, C, h, w] -> logits [B, 2, h, w]."""
+        b, c, h, w = quantized.shape
+        assert h * w == self.position.shape[1], f"expected {self.position.shape[1]} tokens, got {h}x{w}"
+        x = self.project(rearrange(quantized, "b c h w -> b (h w) c")) + self.position
+        x = self.head(self.norm(self.blocks(x)))
+        return rearrange(x, "b (h w) k -> b k h w", h=h, w=w)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saliency and feature synthesis
+
+
+def token_saliency(encodings: torch.Tensor, components: int = 8) -> torch.Tensor:
+    """0.5 * normalized leave-one-out change of spectral entropy + normalized per-token variance.
+
+    encodings: [B, C, h, w] pre-quantization features. The entropy term projects the tokens of each slice on their
+    top `components` principal components; removing token t changes the scatter matrix by a rank-one downdate, so
+    all leave-one-out spectra come from one batched eigvalsh (no loop over tokens). Returns [B, h, w].
+    """
+    b, c, h, w = encodings.shape
+    x = rearrange(encodings.float(), "b c h w -> b (h w) c")
+    n = x.shape[1]
+    variance = x.var(dim=2)
+    centred = x - x.mean(dim=1, keepdim=True)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    y = centred @ v[:, :components].transpose(1, 2)  # [B, n, k], zero mean
+    scatter = y.transpose(1, 2) @ y  # [B, k, k]
+
+    def entropy(eigenvalues: torch.Tensor) -> torch.Tensor:
+        p = eigenvalues.clamp(min=1e-12)
+        p = p / p.sum(-1, keepdim=True)
+        return -(p * p.log()).sum(-1)
+
+    full = entropy(torch.linalg.eigvalsh(scatter))
+    # scatter without token t about the new mean: S - n/(n-1) y_t y_t^T
+    outer = y[:, :, :, None] * y[:, :, None, :]
+    loo = scatter[:, None] - (n / (n - 1)) * outer
+    change = (entropy(torch.linalg.eigvalsh(loo)) - full[:, None]).abs()
+
+    def normalize(t: torch.Tensor) -> torch.Tensor:
+        lo, hi = t.amin(1, keepdim=True), t.amax(1, keepdim=True)
+        return (t - lo) / (hi - lo).clamp(min=1e-12)
+
+    return rearrange(0.5 * normalize(change) + normalize(variance), "b (h w) -> b h w", h=h, w=w)
+
+
+def synthesize(encodings: torch.Tensor, quantized: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor,
+               generator: torch.Generator, fraction: float = 0.1, k: int = 20, salient: bool = True,
+               blob: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrupt the top `fraction` most salient tokens (or random ones) with codes drawn from the pooled k nearest
+    codebook entries of those tokens' features, shuffled across tokens.
+
+    encodings, quantized: [B, C, h, w]; codes: [B, h, w] code indices; codebook: [K, C].
+    Returns the corrupted quantized map and the mask of tokens whose code changed, [B, h, w] bool.
+    """
+    b, c, h, w = encodings.shape
+    n = h * w
+    m = max(1, int(round(fraction * n)))
+    if salient:
+        score = token_saliency(encodings).flatten(1)
+    else:
+        score = torch.rand(b, n, generator=generator).to(encodings.device)
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=encodings.device)
+    chosen.scatter_(1, score.topk(m, dim=1).indices, True)
+    if blob:  # grow the chosen tokens into contiguous blobs, closer to lesion shapes
+        grown = F.max_pool2d(chosen.view(b, 1, h, w).float(), 3, stride=1, padding=1) > 0
+        chosen = grown.flatten(1)
+    flat = rearrange(encodings, "b c h w -> b (h w) c")
+    distances = torch.cdist(flat, codebook[None].expand(b, -1, -1))  # [B, n, K]
+    neighbours = distances.topk(min(k, codebook.shape[0]), dim=2, largest=False).indices  # [B, n, k]
+    new_codes = codes.flatten(1).clone()
+    for i in range(b):  # per slice: pool the candidates of the chosen tokens, shuffle, assign
+        tokens = chosen[i].nonzero().flatten()
+        pool = neighbours[i, tokens].flatten()
+        order = torch.randperm(pool.numel(), generator=generator).to(pool.device)
+        new_codes[i, tokens] = pool[order[: tokens.numel()]]
+    corrupted_mask = (new_codes != codes.flatten(1)).view(b, h, w)
+    corrupted = rearrange(codebook[new_codes], "b (h w) c -> b c h w", h=h, w=w)
+    # keep the original (straight-through) features where nothing changed
+    out = torch.where(corrupted_mask[:, None], corrupted, quantized)
+    return out, corrupted_mask
+
+
+def residual_weight(residual: torch.Tensor, token_stride: int, window: int = 3) -> torch.Tensor:
+    """Residual neighbourhood aggregation: pooled residual's local mean and variance, each normalized, summed and
+    divided by the maximum; [B, 1, H, W] -> [B, h, w]. Corruptions the decoder repairs (low residual) weigh less."""
+    pooled = F.avg_pool2d(residual, token_stride)
+    mean = F.avg_pool2d(pooled, window, stride=1, padding=window // 2, count_include_pad=False)
+    second = F.avg_pool2d(pooled**2, window, stride=1, padding=window // 2, count_include_pad=False)
+    variance = (second - mean**2).clamp(min=0)
+
+    def by_max(t: torch.Tensor) -> torch.Tensor:
+        return t / t.flatten(1).amax(1).clamp(min=1e-12)[:, None, None, None]
+
+    weight = by_max(by_max(mean) + by_max(variance))
+    return weight[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Detector
+
+
+@register
+class VQVAEFeatureSynthesisDetector(Detector):
+    method = "vqvae-fs"
+
+    def __init__(self, card: dict):
+        super().__init__(card)
+        arch = {**DEFAULT_ARCHITECTURE, **card.get("architecture", {})}
+        self.arch = arch
+        self.vqvae: VQVAE = build_vqvae(arch)
+        self.decoder_corrupted = build_vqvae(arch).decoder  # a second decoder, from corrupted features
+        self.stride = 2 ** len(arch["channels"])
+        tokens = (self.spec.size // self.stride) ** 2
+        self.classifier = TokenClassifier(arch["embedding_dim"], arch["classifier_width"], arch["classifier_depth"],
+                                          arch["classifier_heads"], tokens)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.vqvae.quantizer.quantizer.embedding.weight
+
+    def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pre-quantization features [B, C, h, w], quantized features and code indices [B, h, w] (no EMA update)."""
+        quantizer = self.vqvae.quantizer.quantizer
+        encodings = self.vqvae.encode(image)
+        codes = quantizer.quantize(encodings)[2]
+        return encodings, quantizer.embed(codes), codes
+
+    def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
+        assert image.ndim == 4 and image.shape[1] == 1, f"expected [B, 1, H, W], got {tuple(image.shape)}"
+        _, quantized, _ = self.encode(image)
+        probability = self.classifier(quantized).float().softmax(1)[:, 1:2]
+        probability = F.interpolate(probability, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        reconstruction = self.decoder_corrupted(quantized).float().clamp(0, 1)
+        score = probability * (image - reconstruction).abs() if self.arch["use_residual"] else probability
+        return DetectorOutput(score=score * region, reconstruction=reconstruction)

@@ -1,0 +1,80 @@
+"""Trainer of the flagship: stage 1 VQ-VAE on normal slices, stage 2 feature synthesis, token classifier and the
+decoder from corrupted features with the residual-weighted loss (encoder and codebook frozen)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..detectors.vqvae_fs import DEFAULT_ARCHITECTURE, residual_weight, synthesize
+from .codebook import restart_dead_codes
+from .data import SliceBuffer, augment
+from .vqvae_recon import training_report as codebook_report
+
+STAGE_DEFAULTS = {
+    "stage1_fraction": 0.5,  # share of the steps spent on the VQ-VAE
+    "corrupt_fraction": 0.1,  # p: share of tokens corrupted
+    "neighbours": 20,  # k nearest codebook entries per salient token
+    "salient": True,  # False: random tokens (ablation)
+    "residual_weighting": True,  # False: plain CE on corrupted tokens (ablation)
+    "blob_probability": 0.5,  # chance that a slice's corruption is grown into contiguous blobs
+}
+
+
+def architecture(overrides: dict) -> dict:
+    return {**DEFAULT_ARCHITECTURE, **STAGE_DEFAULTS, **overrides}
+
+
+def trainable(detector) -> torch.nn.Module:
+    return detector
+
+
+def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch.Generator, *, step: int, config):
+    arch = detector.arch
+    x = augment(images, generator)
+    vqvae = detector.vqvae
+    if step < int(arch["stage1_fraction"] * config.steps):
+        encodings = vqvae.encode(x)
+        quantized, commitment = vqvae.quantize(encodings)
+        reconstruction = vqvae.decode(quantized)
+        mse = F.mse_loss(reconstruction, x)
+        restarted = restart_dead_codes(vqvae.quantizer.quantizer, encodings, generator)
+        total = 2 * mse + commitment
+        return total, {"loss": total.detach(), "stage": 1.0, "mse": mse.detach(), "restarted_codes": restarted}
+    # stage 2: encoder and codebook frozen (no gradients, no EMA updates)
+    vqvae.encoder.eval()
+    vqvae.quantizer.eval()
+    with torch.no_grad():
+        encodings, quantized, codes = detector.encode(x)
+        blob = bool(torch.rand(1, generator=generator) < arch["blob_probability"])
+        corrupted, mask = synthesize(encodings, quantized, codes, detector.codebook, generator,
+                                     fraction=arch["corrupt_fraction"], k=arch["neighbours"], salient=arch["salient"],
+                                     blob=blob)
+    reconstruction = vqvae.decode(quantized)  # decoder 1 keeps learning normal reconstruction
+    repaired = detector.decoder_corrupted(corrupted)
+    logits = detector.classifier(corrupted)
+    ce = F.cross_entropy(logits, mask.long(), reduction="none")  # [B, h, w]
+    normal_ce = (ce * ~mask).sum() / (~mask).sum().clamp(min=1)
+    if arch["residual_weighting"]:
+        weight = residual_weight((repaired.detach() - x).abs(), detector.stride)
+    else:
+        weight = torch.ones_like(ce)
+    corrupted_ce = (ce * weight * mask).sum() / mask.sum().clamp(min=1)
+    mse = F.mse_loss(reconstruction, x)
+    mse_repaired = F.mse_loss(repaired, x)
+    total = 2 * mse + normal_ce + corrupted_ce + 2 * mse_repaired
+    with torch.no_grad():
+        predicted = logits.argmax(1).bool()
+        recall = (predicted & mask).sum() / mask.sum().clamp(min=1)
+        false_alarm = (predicted & ~mask).sum() / (~mask).sum().clamp(min=1)
+    return total, {"loss": total.detach(), "stage": 2.0, "mse": mse.detach(), "mse_repaired": mse_repaired.detach(),
+                   "ce_normal": normal_ce.detach(), "ce_corrupted": corrupted_ce.detach(),
+                   "token_recall": recall, "token_false_alarm": false_alarm}
+
+
+def training_report(detector, buffer: SliceBuffer) -> dict:
+    return codebook_report(detector, buffer)
+
+
+def memory_per_slice_mb() -> float:
+    return 24.0

@@ -1,0 +1,58 @@
+"""Ablations of the flagship (chest-ct-vqvae-fs), for the lab benchmark:
+
+- random tokens instead of salient ones (stage 2 retrained from the flagship's stage-1 VQ-VAE);
+- no residual weighting of the corrupted-token loss (likewise);
+- the classifier map alone instead of map x residual (same weights, recalibrated).
+
+    python scripts/train_ablations.py [--output runs/ablations] [--steps 3000]
+    python scripts/benchmark_lab.py --models chest-ct-vqvae-fs runs/ablations/*
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from medanomaly.bundle import CARD_NAME, resolve_model
+from medanomaly.training import recalibrate, train
+from train_default_models import RECIPES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--output", default=str(ROOT / "runs" / "ablations"))
+    ap.add_argument("--steps", type=int, default=3000, help="stage-2 steps (the flagship's stage 2 has 3000)")
+    ap.add_argument("--only", default=None)
+    args = ap.parse_args()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    flagship = resolve_model("chest-ct-vqvae-fs")
+    recipe = dict(RECIPES["chest-ct-vqvae-fs"])
+    data = [str(p) for p in recipe.pop("data")]
+    recipe.pop("method")
+    recipe.pop("description")
+    recipe["steps"] = args.steps
+    variants = {"vqvae-fs-random-tokens": {"salient": False}, "vqvae-fs-no-residual-weight": {"residual_weighting": False}}
+    for name, overrides in variants.items():
+        if args.only and args.only != name:
+            continue
+        arch = {**flagship.card["architecture"], **overrides, "stage1_fraction": 0.0}
+        train("vqvae-fs", data, out / name, name=name, init_from=flagship.path, architecture=arch,
+              description=f"ablation of chest-ct-vqvae-fs: {overrides}", **recipe)
+        print(f"trained {name}")
+    if not args.only or args.only == "vqvae-fs-classifier-only":
+        target = out / "vqvae-fs-classifier-only"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(flagship.path, target)
+        card = json.loads((target / CARD_NAME).read_text())
+        card["name"] = "vqvae-fs-classifier-only"
+        card["architecture"]["use_residual"] = False
+        (target / CARD_NAME).write_text(json.dumps(card, indent=2))
+        recalibrate(target, data=data)
+        print("recalibrated vqvae-fs-classifier-only")
+
+
+if __name__ == "__main__":
+    main()
