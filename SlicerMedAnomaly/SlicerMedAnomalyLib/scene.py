@@ -13,9 +13,10 @@ TABLE_COLUMNS = [("id", "int"), ("name", "string"), ("max_probability", "double"
                  ("s_mm", "double"), ("slice_first", "int"), ("slice_last", "int")]
 
 
-def _read_volume(scene, path, name):
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+def _read_node(scene, node_class, storage_class, path, name):
+    """A node of `node_class` read from `path` by its MRML storage node, with default display nodes."""
+    node = scene.AddNewNodeByClass(node_class, name)
+    storage = scene.AddNewNodeByClass(storage_class)
     storage.SetFileName(path)
     if not storage.ReadData(node):
         raise RuntimeError(f"could not read {path}")
@@ -24,14 +25,12 @@ def _read_volume(scene, path, name):
     return node
 
 
+def _read_volume(scene, path, name):
+    return _read_node(scene, "vtkMRMLScalarVolumeNode", "vtkMRMLVolumeArchetypeStorageNode", path, name)
+
+
 def _read_segmentation(scene, path, name, reference_volume):
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(path)
-    if not storage.ReadData(node):
-        raise RuntimeError(f"could not read {path}")
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    node.CreateDefaultDisplayNodes()
+    node = _read_node(scene, "vtkMRMLSegmentationNode", "vtkMRMLSegmentationStorageNode", path, name)
     if reference_volume is not None:
         node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
     return node

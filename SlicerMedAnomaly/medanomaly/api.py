@@ -52,6 +52,7 @@ class DetectionResult:
     dropped_findings: int = 0
     output_dir: Path | None = None
     files: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # more fields for findings.json (batch hashes, for example)
 
     def summary(self) -> dict:
         return {
@@ -72,6 +73,7 @@ class DetectionResult:
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "warnings": self.volume.warnings,
             "files": self.files,
+            **self.extra,
         }
 
 

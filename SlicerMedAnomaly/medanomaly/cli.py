@@ -70,6 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--data", nargs="*", default=[], help="volumes to split into held-out slabs (default: the card's)")
     c.add_argument("--calibration-data", nargs="*", default=[], help="whole normal volumes to calibrate on")
     c.add_argument("-o", "--output", default=None, help="write the recalibrated bundle here (default: in place)")
+    b = sub.add_parser("batch", help="detect over many scans (resumable), ranked in OUT/summary.csv")
+    b.add_argument("inputs", nargs="+", metavar="INPUT", help="folders (searched recursively), globs or a CSV manifest")
+    b.add_argument("-o", "--output", required=True)
+    b.add_argument("--model", default=None)
+    b.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+    b.add_argument("--memory-limit", default="3GB", help="memory bound of each local worker (Dask syntax)")
+    b.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786)")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--sensitivity", type=float, default=None)
+    b.add_argument("--min-size-mm3", type=float, default=None)
+    b.add_argument("--mood", action="store_true")
+    b.add_argument("--allow-non-hu", action="store_true")
+    b.add_argument("--no-overview", action="store_true")
+
     e = sub.add_parser("evaluate", help="score a model on the anomaly lab's cases (metrics as JSON and Markdown)")
     e.add_argument("--cases", required=True, help="folder with cases.json (see scripts/benchmark_lab.py)")
     e.add_argument("--model", default=None, help="model name or bundle folder (default: catalog default)")
@@ -97,7 +111,7 @@ class ProgressPrinter:
             self.close()
             self.stage = stage
             self.bar = tqdm(total=100, desc=f"{stage:>11}", leave=False, file=sys.stderr,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
         self.bar.n = int(round(fraction * 100))
         self.bar.refresh()
 
@@ -234,6 +248,23 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def _cmd_batch(args) -> int:
+    from .batch import batch
+
+    printer = ProgressPrinter(args.quiet, False)
+    try:
+        rows = batch(args.inputs, args.output, model=args.model, workers=args.workers,
+                     memory_limit=args.memory_limit, scheduler=args.scheduler, progress=printer, device=args.device,
+                     sensitivity=args.sensitivity, min_size_mm3=args.min_size_mm3, mood=args.mood,
+                     allow_non_hu=args.allow_non_hu, overview=not args.no_overview)
+    finally:
+        printer.close()
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    print(f"{len(rows)} case(s): {counts['ok']} done, {counts['skipped']} already complete, {counts['failed']} "
+          f"failed -> {args.output}/summary.csv")
+    return 0 if counts["failed"] == 0 else 4
+
+
 def _cmd_evaluate(args) -> int:
     from pathlib import Path
 
@@ -253,7 +284,7 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": _cmd_evaluate, "detect": _cmd_detect, "models": _cmd_models, "info": _cmd_info, "train": _cmd_train,
+COMMANDS = {"batch": _cmd_batch, "evaluate": _cmd_evaluate, "detect": _cmd_detect, "models": _cmd_models, "info": _cmd_info, "train": _cmd_train,
             "calibrate": _cmd_calibrate}
 
 

@@ -118,11 +118,14 @@ def _read_dicom(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str]:
 
 
 def _first_line(exc: Exception) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    # ITK messages end with the useful part after the file/line banner.
-    useful = [ln for ln in lines if not ln.startswith(("/", "sitk::ERROR")) and "itk::ERROR" not in ln[:12]]
-    text = (useful or lines or [type(exc).__name__])[-1]
-    return text[:200]
+    """The useful sentence of an ITK exception: the text after 'ERROR:' without the source-file banner."""
+    text = " ".join(str(exc).split())
+    for marker in ("sitk::ERROR:", "itk::ERROR:", "ERROR:"):
+        if marker in text:
+            text = text.split(marker)[-1]
+            break
+    text = text.split("Description:")[-1].strip()
+    return (text or type(exc).__name__)[:200]
 
 
 def _nifti_pixdim(path: Path) -> list[float] | None:

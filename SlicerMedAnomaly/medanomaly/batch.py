@@ -1,0 +1,213 @@
+"""`medanomaly batch`: rank a whole repository of CT scans by how unusual they are, resumably, on local worker
+processes or an existing Dask distributed cluster.
+
+- Inputs: a folder (searched recursively for volumes and DICOM series), a glob, or a CSV manifest (column `path`).
+- Each case is written by `detect` (atomically, OUT/<case>/); `summary.csv` ranks cases by volume score.
+- A case is skipped when its findings.json records the same input content hash and model hash: a re-run after a
+  crash (even kill -9) recomputes only what was not finished, and never a completed case.
+- Workers are Dask distributed processes with a memory limit each; `--scheduler ADDRESS` uses a running cluster.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .bundle import resolve_model, sha256_of
+from .errors import InputError
+from .volumes import VOLUME_SUFFIXES, case_name_for
+
+log = logging.getLogger(__name__)
+SUMMARY_FIELDS = ["rank", "case", "input", "volume_score", "findings", "top_finding_probability",
+                  "top_finding_ras_mm", "top_finding_volume_mm3", "status", "error", "seconds"]
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if not files or any(p.name.lower().endswith(VOLUME_SUFFIXES) for p in files):
+        return False
+    with open(files[0], "rb") as f:
+        head = f.read(132)
+    return head[128:132] == b"DICM" or any(p.suffix.lower() == ".dcm" for p in files)
+
+
+def find_inputs(inputs: list[str]) -> list[str]:
+    """Expand folders (recursively: volume files and DICOM series folders), globs and CSV manifests."""
+    found: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file() and path.suffix.lower() == ".csv":
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if not rows or "path" not in rows[0]:
+                raise InputError(f"{path}: a manifest needs a 'path' column")
+            found += [str((path.parent / r["path"]).resolve()) if not os.path.isabs(r["path"]) else r["path"]
+                      for r in rows]
+        elif path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                folder = Path(root)
+                if _is_dicom_folder(folder):
+                    found.append(str(folder))
+                    continue
+                found += [str(folder / f) for f in sorted(files) if f.lower().endswith(VOLUME_SUFFIXES)]
+        elif any(ch in item for ch in "*?["):
+            found += sorted(glob.glob(item, recursive=True))
+        elif path.exists():
+            found.append(str(path))
+        else:
+            raise InputError(f"{item}: no such file, folder or glob match; check the path")
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise InputError("no CT volumes found in the inputs; give folders, globs or a CSV manifest")
+    return unique
+
+
+def content_hash(path: str) -> str:
+    from .training.data import content_hash as hash_of
+
+    return hash_of(path)
+
+
+def model_hash(model: str | None) -> str:
+    bundle = resolve_model(model)
+    digest = hashlib.sha256(json.dumps(bundle.card, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def unique_case_names(paths: list[str]) -> dict[str, str]:
+    """Case folder names: the file or folder name, with a short path hash where two inputs share one."""
+    names: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for p in paths:
+        counts[case_name_for(p)] = counts.get(case_name_for(p), 0) + 1
+    for p in paths:
+        name = case_name_for(p)
+        names[p] = name if counts[name] == 1 else f"{name}-{hashlib.sha1(p.encode()).hexdigest()[:8]}"
+    return names
+
+
+def completed(case_dir: Path, input_hash: str, model_id: str) -> dict | None:
+    file = case_dir / "findings.json"
+    if not file.is_file():
+        return None
+    try:
+        summary = json.loads(file.read_text())
+    except json.JSONDecodeError:
+        return None
+    batch = summary.get("batch", {})
+    if batch.get("input_sha256") == input_hash and batch.get("model_hash") == model_id:
+        return summary
+    return None
+
+
+def run_case(path: str, case: str, output: str, model: str | None, options: dict, model_id: str,
+             input_hash: str) -> dict:
+    """One case in a worker: detect, record the hashes in findings.json, return the summary row."""
+    from .api import detect_volume, write_case
+    from .errors import MedAnomalyError
+    from .volumes import read_volume
+
+    t0 = time.perf_counter()
+    row = {"case": case, "input": path, "status": "ok", "error": ""}
+    try:
+        volume = read_volume(path, allow_non_hu=options.get("allow_non_hu", False))
+        volume.case_name = case
+        result = detect_volume(volume, model, device=options.get("device", "cpu"),
+                               sensitivity=options.get("sensitivity"), fp_rate=options.get("fp_rate"),
+                               min_size_mm3=options.get("min_size_mm3"))
+        result.extra["batch"] = {"input_sha256": input_hash, "model_hash": model_id}
+        write_case(result, output, mood=options.get("mood", False), overview=options.get("overview", True))
+        row.update(_summary_row(result.summary()))
+    except MedAnomalyError as exc:
+        row.update(status="failed", error=str(exc))
+    except Exception as exc:  # one case's failure never stops the batch
+        row.update(status="failed", error=f"unexpected {type(exc).__name__}: {exc}")
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def _summary_row(summary: dict) -> dict:
+    top = summary["findings"][0] if summary["findings"] else None
+    return {"volume_score": summary["volume_score"], "findings": len(summary["findings"]),
+            "top_finding_probability": top["max_probability"] if top else "",
+            "top_finding_ras_mm": " ".join(f"{v:.1f}" for v in top["centroid_ras_mm"]) if top else "",
+            "top_finding_volume_mm3": top["volume_mm3"] if top else ""}
+
+
+def write_summary(rows: list[dict], output: Path) -> Path:
+    """summary.csv, ranked by volume score (failed cases last), written atomically."""
+    ranked = sorted(rows, key=lambda r: (r["status"] != "ok" and r["status"] != "skipped",
+                                         -(float(r["volume_score"]) if r.get("volume_score") not in ("", None)
+                                           else -1.0)))
+    tmp = output / f".summary.csv.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for rank, row in enumerate(ranked, start=1):
+            writer.writerow(dict(row, rank=rank))
+    os.replace(tmp, output / "summary.csv")
+    return output / "summary.csv"
+
+
+def batch(inputs: list[str], output: str | Path, *, model: str | None = None, workers: int = 2,
+          memory_limit: str = "3GB", scheduler: str | None = None, progress=None, **options) -> list[dict]:
+    """Run `detect` over many inputs on a Dask cluster (local processes by default); returns the summary rows."""
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    for name in ("distributed", "tornado"):  # their INFO lines would drown the progress bar
+        logging.getLogger(name).setLevel(logging.WARNING)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    for stale in output.glob(".*.partial.*"):  # staging folders of a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    paths = find_inputs(inputs)
+    model_path = str(resolve_model(model).path)
+    model_id = model_hash(model)
+    names = unique_case_names(paths)
+    rows, todo = [], []
+    for path in paths:
+        input_hash = content_hash(path)
+        done = completed(output / names[path], input_hash, model_id)
+        if done is not None:
+            rows.append({"case": names[path], "input": path, "status": "skipped", "error": "", "seconds": 0.0,
+                         **_summary_row(done)})
+        else:
+            todo.append((path, input_hash))
+    log.info("%d case(s): %d already complete, %d to run", len(paths), len(rows), len(todo))
+    if todo:
+        cluster = None
+        if scheduler:
+            client = Client(scheduler)
+        else:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   memory_limit=memory_limit, dashboard_address=None, host="127.0.0.1")
+            client = Client(cluster)
+        try:
+            futures = {client.submit(run_case, path, names[path], str(output), model_path, options, model_id,
+                                     input_hash, pure=False, key=f"medanomaly-{names[path]}-{time.time_ns()}"): path
+                       for path, input_hash in todo}
+            for n, future in enumerate(as_completed(futures), start=1):
+                try:
+                    row = future.result()
+                except Exception as exc:  # a worker died (out of memory, killed): record and go on
+                    path = futures[future]
+                    row = {"case": names[path], "input": path, "status": "failed",
+                           "error": f"worker lost: {type(exc).__name__}: {exc}", "seconds": ""}
+                rows.append(row)
+                write_summary(rows, output)  # the curation view stays current while the batch runs
+                if progress is not None:
+                    progress("batch", n / len(todo))
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    write_summary(rows, output)
+    return rows

@@ -1,0 +1,131 @@
+"""`medanomaly batch`: a real Dask scheduler and workers on loopback, the ranked summary, failures recorded,
+re-runs that skip completed cases, and recovery after kill -9."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import SimpleITK as sitk
+from conftest import ROOT
+
+from medanomaly.batch import batch, find_inputs
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
+
+
+def read_summary(folder):
+    with open(folder / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def repository(small_ct, tmp_path_factory):
+    """A small 'repository': two normal scans, one with a dense mass, one corrupt file, in nested folders."""
+    from test_outputs import insert_nodule
+
+    root = tmp_path_factory.mktemp("repo")
+    (root / "site_a").mkdir()
+    (root / "site_b" / "deep").mkdir(parents=True)
+    sitk.WriteImage(small_ct[:, :, :16], str(root / "site_a" / "normal1.nii.gz"))
+    sitk.WriteImage(small_ct[:, :, 8:24], str(root / "site_b" / "normal2.nrrd"))
+    lesion, _ = insert_nodule(small_ct, radius_mm=10.0, hu=1000.0)
+    sitk.WriteImage(lesion, str(root / "site_b" / "deep" / "mass.nii.gz"))
+    (root / "site_a" / "broken.nii.gz").write_bytes(b"not an image")
+    return root
+
+
+def test_find_inputs_folders_globs_and_manifest(repository, tmp_path):
+    found = find_inputs([str(repository)])
+    assert [os.path.basename(p) for p in found] == ["broken.nii.gz", "normal1.nii.gz", "normal2.nrrd", "mass.nii.gz"]
+    assert len(find_inputs([str(repository / "**" / "*.nii.gz")])) == 3
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"path\n{repository / 'site_a' / 'normal1.nii.gz'}\n")
+    assert find_inputs([str(manifest)]) == [str(repository / "site_a" / "normal1.nii.gz")]
+
+
+def test_local_workers_rank_record_failures_and_skip_on_rerun(repository, default_model, tmp_path):
+    out = tmp_path / "out"
+    rows = batch([str(repository)], out, model=str(default_model), workers=2, memory_limit="2GB",
+                 sensitivity=0.9, overview=False)
+    assert sorted(r["status"] for r in rows) == ["failed", "ok", "ok", "ok"]
+    summary = read_summary(out)
+    assert [r["rank"] for r in summary] == ["1", "2", "3", "4"]
+    assert summary[0]["case"] == "mass", "the scan with a dense mass ranks first"
+    assert summary[-1]["case"] == "broken" and summary[-1]["status"] == "failed"
+    assert "not a readable image" in summary[-1]["error"]
+    scores = [float(r["volume_score"]) for r in summary[:3]]
+    assert scores == sorted(scores, reverse=True)
+    for case in ("normal1", "normal2", "mass"):
+        assert (out / case / "heatmap.nrrd").is_file()
+    again = batch([str(repository)], out, model=str(default_model), workers=1, sensitivity=0.9, overview=False)
+    assert sorted(r["status"] for r in again) == ["failed", "skipped", "skipped", "skipped"]
+
+
+def test_existing_dask_cluster_on_loopback(repository, default_model, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                  "--port", str(port), "--no-dashboard"], env=ENV, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    workers = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                                 "--no-dashboard", "--memory-limit", "2GB"], env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for _ in range(2)]
+    try:
+        from dask.distributed import Client
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with Client(address, timeout=5) as client:
+                    if len(client.scheduler_info()["workers"]) == 2:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the scheduler and two workers did not come up"
+            time.sleep(0.5)
+        rows = batch([str(repository / "site_b")], tmp_path / "out", model=str(default_model),
+                     scheduler=address, overview=False)
+        assert sorted(r["status"] for r in rows) == ["ok", "ok"]
+    finally:
+        for process in workers + [scheduler]:
+            process.terminate()
+        for process in workers + [scheduler]:
+            process.wait(30)
+
+
+def test_kill_9_loses_no_completed_case_and_recomputes_none(small_ct, default_model, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(6):
+        sitk.WriteImage(small_ct[:, :, i:i + 12], str(inputs / f"scan{i}.nii.gz"))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "medanomaly.cli", "-q", "batch", str(inputs), "-o", str(out), "--workers", "1",
+           "--model", str(default_model), "--no-overview"]
+    process = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not ((out / "summary.csv").exists() and len(read_summary(out)) >= 2):
+        assert process.poll() is None, "the batch ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    assert 2 <= len(finished) < 6
+    for case in finished:  # every case folder present is complete
+        assert (out / case / "findings.json").is_file() and (out / case / "anomalies.seg.nrrd").is_file()
+    rows = batch([str(inputs)], out, model=str(default_model), workers=1, overview=False)
+    skipped = {r["case"] for r in rows if r["status"] == "skipped"}
+    recomputed = {r["case"] for r in rows if r["status"] == "ok"}
+    assert skipped == finished, "no completed case is lost or recomputed"
+    assert recomputed == {f"scan{i}" for i in range(6)} - finished
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and "partial" in p.name]
