@@ -235,7 +235,8 @@ def _cmd_train(args) -> int:
                    progress=progress, **overrides)
     if bar is not None:
         bar.close()
-    print(f"wrote {bundle.model_id} to {bundle.path}")
+    if bundle is not None:  # under torchrun only rank 0 writes the bundle
+        print(f"wrote {bundle.model_id} to {bundle.path}")
     return 0
 
 

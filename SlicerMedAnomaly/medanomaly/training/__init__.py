@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__
 from ..bundle import CARD_FORMAT, CARD_NAME, ModelBundle, replace_dir, sha256_of, staging_dir
@@ -195,25 +197,88 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
         step, losses = load_checkpoint(checkpoint_dir, model, optimizer, generator)
         log.info("resumed from %s at step %d", checkpoint_dir, step)
     model.to(device).train()
+    rank, world = distributed_rank_and_size()
+    if world > 1:  # each rank draws its own batches; DDP averages the gradients
+        generator.manual_seed(config.seed + 1000 * rank)
+        runner = DistributedDataParallel(LossModule(trainer, model),
+                                         find_unused_parameters=getattr(trainer, "UNUSED_PARAMETERS", False))
+    else:
+        runner = LossModule(trainer, model)
     while step < config.steps:
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * scheduler(step)
         images, regions = buffer.batch(config.batch_size, generator)
-        loss, parts = trainer.loss(model, images.to(device), regions.to(device), generator, step=step, config=config)
+        loss, parts = runner(images.to(device), regions.to(device), generator, step, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if world > 1:
+            sync_non_trainable(model)
         step += 1
         if step % 50 == 0 or step == config.steps:
             losses.append({"step": step, **{k: round(float(v), 6) for k, v in parts.items()}})
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        if rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
             save_checkpoint(checkpoint_dir, model, optimizer, step, losses, config, generator)
-        if progress is not None:
+        if progress is not None and rank == 0:
             progress(step, config.steps, parts)
     model.eval()
-    return _finish_bundle(output, detector, card, trainer, buffer, calibration_data, config, device,
-                          time.perf_counter() - t0, losses, trainer.training_report(detector, buffer),
-                          checkpoint_dir)
+    report = trainer.training_report(detector, buffer)
+    if world > 1:
+        report["distributed"] = {"world_size": world, "backend": dist.get_backend(),
+                                 "max_parameter_divergence": parameter_divergence(model)}
+        if rank != 0:  # rank 0 calibrates and writes the bundle
+            dist.barrier()
+            return None
+    bundle = _finish_bundle(output, detector, card, trainer, buffer, calibration_data, config, device,
+                            time.perf_counter() - t0, losses, report, checkpoint_dir)
+    if world > 1:
+        dist.barrier()
+    return bundle
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed training (torchrun): DistributedDataParallel over a module whose forward is the trainer's loss
+
+
+class LossModule(torch.nn.Module):
+    """DDP synchronises gradients through a module's forward; this forward computes the trainer's loss."""
+
+    def __init__(self, trainer, model: torch.nn.Module):
+        super().__init__()
+        self.trainer = trainer
+        self.model = model
+
+    def forward(self, images, regions, generator, step, config):
+        return self.trainer.loss(self.model, images, regions, generator, step=step, config=config)
+
+
+def distributed_rank_and_size() -> tuple[int, int]:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1): gloo on CPU, NCCL on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+@torch.no_grad()
+def sync_non_trainable(model: torch.nn.Module) -> None:
+    """Parameters updated outside the optimizer (EMA codebooks, dead-code restarts) follow rank 0."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            dist.broadcast(p.data, src=0)
+    for b in model.buffers():
+        dist.broadcast(b.data, src=0)
+
+
+@torch.no_grad()
+def parameter_divergence(model: torch.nn.Module) -> float:
+    """Largest absolute difference of any parameter between this rank and rank 0, over all ranks."""
+    flat = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    diff = (flat - reference).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
 
 
 def _finish_bundle(output, detector, card, trainer, buffer, calibration_data, config, device, train_seconds,
