@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--output", default=str(ROOT / "runs" / "ablations"))
-    ap.add_argument("--steps", type=int, default=3000, help="stage-2 steps (the flagship's stage 2 has 3000)")
+    ap.add_argument("--steps", type=int, default=1500, help="stage-2 steps of each variant (the flagship had 3000)")
     ap.add_argument("--only", default=None)
     args = ap.parse_args()
     out = Path(args.output)
@@ -34,14 +34,19 @@ def main() -> None:
     recipe.pop("method")
     recipe.pop("description")
     recipe["steps"] = args.steps
-    variants = {"vqvae-fs-random-tokens": {"salient": False}, "vqvae-fs-no-residual-weight": {"residual_weighting": False}}
+    # stage 2 retrained from the flagship's stage-1 VQ-VAE and its decoder from corrupted features; the token
+    # classifier starts fresh in every variant
+    variants = {"vqvae-fs-random-tokens": {"salient": 0.0},
+                "vqvae-fs-mixed-tokens": {"salient": 0.5},
+                "vqvae-fs-mixed-no-residual-weight": {"salient": 0.5, "residual_weighting": False}}
     for name, overrides in variants.items():
         if args.only and args.only != name:
             continue
         arch = {**flagship.card["architecture"], **overrides, "stage1_fraction": 0.0}
-        train("vqvae-fs", data, out / name, name=name, init_from=flagship.path, architecture=arch,
-              description=f"ablation of chest-ct-vqvae-fs: {overrides}", **recipe)
-        print(f"trained {name}")
+        train("vqvae-fs", data, out / name, name=name, init_from=flagship.path,
+              init_prefixes=("vqvae.", "decoder_corrupted."), architecture=arch,
+              description=f"variant of chest-ct-vqvae-fs: {overrides}", **recipe)
+        print(f"trained {name}", flush=True)
     if not args.only or args.only == "vqvae-fs-classifier-only":
         target = out / "vqvae-fs-classifier-only"
         shutil.rmtree(target, ignore_errors=True)

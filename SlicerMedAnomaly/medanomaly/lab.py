@@ -213,4 +213,12 @@ def markdown_breakdown(results: list[dict]) -> str:
             cells.append("-" if k is None else f"{k['sensitivity_at_2fp']:.2f} / {k['voxel_ap']:.3f} / "
                                                f"{k['localization_rate']:.2f}")
         rows.append(f"| {kind} | {n} | " + " | ".join(cells) + " |")
+    sizes = list(dict.fromkeys(size for r in results for size in r["per_size"]))
+    rows += ["", "| lesion size (equivalent diameter, mm) | n | " + " | ".join(
+        f"{r['model']['name']} sens@2FP" for r in results) + " |", "|" + "---|" * (len(results) + 2)]
+    for size in sizes:
+        n = next(r["per_size"][size]["lesions"] for r in results if size in r["per_size"])
+        cells = [f"{r['per_size'][size]['sensitivity_at_2fp']:.2f}" if size in r["per_size"] else "-"
+                 for r in results]
+        rows.append(f"| {size} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -16,7 +16,7 @@ STAGE_DEFAULTS = {
     "stage1_fraction": 0.5,  # share of the steps spent on the VQ-VAE
     "corrupt_fraction": 0.1,  # p: share of tokens corrupted
     "neighbours": 20,  # k nearest codebook entries per salient token
-    "salient": True,  # False: random tokens (ablation)
+    "salient": 1.0,  # chance that a batch corrupts the most salient tokens rather than random ones (0: ablation)
     "residual_weighting": True,  # False: plain CE on corrupted tokens (ablation)
     "blob_probability": 0.5,  # chance that a slice's corruption is grown into contiguous blobs
 }
@@ -48,8 +48,9 @@ def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch
     with torch.no_grad():
         encodings, quantized, codes = detector.encode(x)
         blob = bool(torch.rand(1, generator=generator) < arch["blob_probability"])
+        salient = bool(torch.rand(1, generator=generator) < float(arch["salient"]))
         corrupted, mask = synthesize(encodings, quantized, codes, detector.codebook, generator,
-                                     fraction=arch["corrupt_fraction"], k=arch["neighbours"], salient=arch["salient"],
+                                     fraction=arch["corrupt_fraction"], k=arch["neighbours"], salient=salient,
                                      blob=blob)
     reconstruction = vqvae.decode(quantized)  # decoder 1 keeps learning normal reconstruction
     repaired = detector.decoder_corrupted(corrupted)
