@@ -75,6 +75,17 @@ def test_froc_by_hand():
     assert sized.false_positive_scores == []
 
 
+def test_froc_sprawling_candidate_claims_no_lesion():
+    heat = np.zeros((3, 20, 20), np.float32)
+    lesions = np.zeros((3, 20, 20), np.uint8)
+    lesions[1, 2:4, 2:4] = 1
+    heat[:, :, :] = 0.6  # one candidate covering everything, peak far from the lesion
+    heat[0, 15, 15] = 0.9
+    froc = FROC()
+    froc.add_case(heat, lesions, base_threshold=0.5, min_voxels=1)
+    assert froc.sensitivity_at(100.0) == 0.0 and froc.false_positive_scores == [pytest.approx(0.9)]
+
+
 def test_localization_by_hand():
     heat = np.zeros((2, 64, 64), np.float32)
     lesion = np.zeros((2, 64, 64), bool)

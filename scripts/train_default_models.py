@@ -50,18 +50,49 @@ RECIPES = {
 }
 
 
+# Bundles derived from a trained one without retraining: same weights, other card settings, recalibrated on the
+# same held-out slabs (for example scoring only inside the lungs).
+DERIVED = {
+    "chest-ct-vqvae-fs-lung": ("chest-ct-vqvae-fs", {"input": {"region": "lung"}},
+                               "The flagship scoring inside the lungs only (lung mask from HU and connectivity)."),
+    "chest-ct-vqvae-recon-lung": ("chest-ct-vqvae-recon", {"input": {"region": "lung"}},
+                                  "The reconstruction baseline scoring inside the lungs only."),
+}
+
+
+def derive(name: str, out: Path) -> None:
+    import json
+    import shutil
+
+    from medanomaly.bundle import CARD_NAME
+    from medanomaly.training import recalibrate
+
+    base, overrides, description = DERIVED[name]
+    shutil.rmtree(out / name, ignore_errors=True)
+    shutil.copytree(out / base, out / name)
+    card = json.loads((out / name / CARD_NAME).read_text())
+    card["name"], card["description"] = name, description
+    for key, value in overrides.items():
+        card[key] = {**card[key], **value} if isinstance(value, dict) else value
+    card["derived_from"] = base
+    (out / name / CARD_NAME).write_text(json.dumps(card, indent=2))
+    data = [str(p) for p in RECIPES[base]["data"]]
+    recalibrate(out / name, data=data)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", default=None)
     ap.add_argument("--steps", type=int, default=None, help="override every recipe's steps (for a quick check)")
     ap.add_argument("--output", default=str(MODELS))
+    ap.add_argument("--derived-only", action="store_true", help="only re-derive the DERIVED bundles")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     entries = {e["name"]: e for e in read_catalog(out)}
     for name, recipe in RECIPES.items():
-        if args.only and name != args.only:
+        if (args.only and name != args.only) or args.derived_only:
             continue
         recipe = dict(recipe)
         default = recipe.pop("default", False)
@@ -72,6 +103,12 @@ def main() -> None:
         bundle = train(method, data, out / name, name=name, **recipe)
         print(f"{name}: trained in {time.perf_counter() - t0:.0f} s -> {bundle.path}")
         entries[name] = catalog_entry(ModelBundle.load(out / name), name, default=default)
+    for name in DERIVED:
+        if args.only and name != args.only:
+            continue
+        derive(name, out)
+        print(f"{name}: derived from {DERIVED[name][0]} and recalibrated")
+        entries[name] = catalog_entry(ModelBundle.load(out / name), name)
     write_catalog(out, list(entries.values()))
 
 

@@ -105,8 +105,10 @@ class PooledVoxelCurve:
 
 @dataclass
 class FROC:
-    """Lesion-level FROC from scored candidates: a lesion is found at threshold t when a candidate component with
-    peak score >= t overlaps it; any candidate overlapping no lesion is a false positive."""
+    """Lesion-level FROC from scored candidates (components of the heatmap above a low base threshold, scored by
+    their peak). A candidate hits a lesion when its peak voxel lies in the lesion or at least a quarter of the
+    candidate lies in it, so one sprawling candidate cannot claim every lesion; a candidate that hits no lesion is a
+    false positive."""
 
     n_volumes: int = 0
     lesions: list[dict] = field(default_factory=list)  # {"case", "label", "best": best overlapping score, ...}
@@ -127,9 +129,16 @@ class FROC:
             hits_any = np.zeros(n + 1, bool)
             if lesion_labels is not None:
                 lab = lesion_labels.ravel()[idx]
-                pairs = np.unique(np.stack([comp[lab > 0], lab[lab > 0]], 1), axis=0) if (lab > 0).any() else []
-                for c, lesion in pairs:
-                    if valid[c]:
+                values = heatmap.ravel()[idx]
+                order = np.lexsort((values, comp))  # within each component, its peak voxel comes last
+                last = np.r_[np.nonzero(np.diff(comp[order]))[0], order.size - 1]
+                peak_label = np.zeros(n + 1, np.int64)
+                peak_label[comp[order[last]]] = lab[order[last]]
+                inside = lab > 0
+                pairs, overlap = (np.unique(np.stack([comp[inside], lab[inside]], 1), axis=0, return_counts=True)
+                                  if inside.any() else ([], []))
+                for (c, lesion), count in zip(pairs, overlap):
+                    if valid[c] and (peak_label[c] == lesion or count >= 0.25 * sizes[c]):
                         hits_any[c] = True
                         best[int(lesion)] = max(best.get(int(lesion), -1.0), float(peak[c]))
             fp = np.nonzero(valid & ~hits_any)[0]
