@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--volumes", type=int, default=20)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--lab-cases", default=str(ROOT / "runs" / "lab-cases"))
+    ap.add_argument("--skip-lab", action="store_true")
     args = ap.parse_args()
     image = sitk.ReadImage(str(DEMO))
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,11 +90,11 @@ def main() -> None:
               f"(bound 2048 MB per worker)")
 
         lab = Path(args.lab_cases)
-        if (lab / "cases.json").exists():
+        if (lab / "cases.json").exists() and not args.skip_lab:
             manifest = json.loads((lab / "cases.json").read_text())
             listing = tmp / "lab.csv"
             listing.write_text("path\n" + "\n".join(str(lab / c["volume"]) for c in manifest["cases"]) + "\n")
-            for model in ("chest-ct-vqvae-fs", "chest-ct-vqvae-recon"):
+            for model in ("chest-ct-vqvae-fs-random-tokens", "chest-ct-vqvae-recon"):
                 out = tmp / f"lab-{model}"
                 run_batch(listing, out, 2, extra=("--model", model))
                 normal = {c["volume"].split(".")[0]: c["normal"] for c in manifest["cases"]}

@@ -115,6 +115,10 @@ def run_case(path: str, case: str, output: str, model: str | None, options: dict
     from .errors import MedAnomalyError
     from .volumes import read_volume
 
+    if options.get("threads"):  # share the cores between the workers instead of oversubscribing them
+        import torch
+
+        torch.set_num_threads(int(options["threads"]))
     t0 = time.perf_counter()
     row = {"case": case, "input": path, "status": "ok", "error": ""}
     try:
@@ -187,6 +191,7 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
         if scheduler:
             client = Client(scheduler)
         else:
+            options.setdefault("threads", max(1, (os.cpu_count() or 1) // max(1, workers)))
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    memory_limit=memory_limit, dashboard_address=None, host="127.0.0.1")
             client = Client(cluster)

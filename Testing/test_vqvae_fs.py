@@ -1,0 +1,61 @@
+"""The flagship's pieces: vectorized saliency equals the per-token loop, feature synthesis, residual weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from medanomaly.detectors.vqvae_fs import residual_weight, synthesize, token_saliency
+
+
+def naive_saliency(x: np.ndarray, k: int = 8) -> np.ndarray:
+    """The published recipe with a Python loop: PCA to k components, spectral entropy, remove each token in turn."""
+    tokens = x.reshape(x.shape[0], -1).T  # [n, C]
+    centred = tokens - tokens.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    y = centred @ vt[:k].T
+
+    def entropy(samples):
+        c = samples - samples.mean(0)
+        lam = np.clip(np.linalg.eigvalsh(c.T @ c), 1e-12, None)
+        p = lam / lam.sum()
+        return -(p * np.log(p)).sum()
+
+    full = entropy(y)
+    change = np.array([abs(entropy(np.delete(y, t, axis=0)) - full) for t in range(len(y))])
+    variance = tokens.var(axis=1, ddof=1)
+    norm = lambda v: (v - v.min()) / (v.max() - v.min())  # noqa: E731
+    return 0.5 * norm(change) + norm(variance)
+
+
+def test_vectorized_saliency_matches_the_loop():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 16, 6, 6)).astype(np.float64)
+    fast = token_saliency(torch.from_numpy(x)).numpy()
+    for b in range(2):
+        np.testing.assert_allclose(fast[b].ravel(), naive_saliency(x[b]), atol=1e-4)
+
+
+def test_synthesis_corrupts_the_chosen_share_with_codebook_entries():
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(64, 8, generator=g)
+    codes = torch.randint(0, 64, (3, 16, 16), generator=g)
+    quantized = codebook[codes].permute(0, 3, 1, 2)
+    encodings = quantized + 0.01 * torch.randn(quantized.shape, generator=g)
+    for salient in (True, False):
+        out, mask = synthesize(encodings, quantized, codes, codebook, g, fraction=0.1, k=5, salient=salient)
+        assert 0 < mask.sum(dim=(1, 2)).max() <= 26
+        assert torch.equal(out[~mask[:, None].expand_as(out)], quantized[~mask[:, None].expand_as(quantized)])
+        changed = out.permute(0, 2, 3, 1)[mask]  # every corrupted token holds a codebook vector
+        assert (changed[:, None, :] == codebook[None]).all(-1).any(-1).all()
+    _, blob = synthesize(encodings, quantized, codes, codebook, g, fraction=0.02, k=5, blob=True)
+    _, single = synthesize(encodings, quantized, codes, codebook, torch.Generator().manual_seed(0), fraction=0.02, k=5)
+    assert blob.sum() >= single.sum()
+
+
+def test_residual_weight_is_low_where_the_decoder_repairs():
+    residual = torch.zeros(1, 1, 64, 64)
+    residual[..., 8:16, 8:16] = 1.0  # one token the decoder could not repair
+    weight = residual_weight(residual, token_stride=8)
+    assert weight.shape == (1, 8, 8) and float(weight.max()) == 1.0
+    assert float(weight[0, 1, 1]) > float(weight[0, 6, 6]) == 0.0
