@@ -4,7 +4,6 @@ are never replaced; torch comes from the PyTorch extension, which picks the righ
 from __future__ import annotations
 
 import importlib.util
-import os
 
 # Packages Slicer already ships: never reinstalled, whatever requirements.txt says
 SLICER_OWNED = {"numpy", "simpleitk", "vtk", "torch"}
@@ -57,7 +56,3 @@ def ensure_dependencies(slicer, requirements_path: str, confirm) -> bool:
             slicer.util.pip_install(" ".join(needed))
     return True
 
-
-def core_path(module_dir: str) -> str:
-    """Folder that holds the `medanomaly` package inside the installed module."""
-    return os.path.abspath(module_dir)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .bundle import resolve_model, sha256_of
 from .errors import InputError
+from .training.data import content_hash
 from .volumes import VOLUME_SUFFIXES, case_name_for
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,6 @@ def find_inputs(inputs: list[str]) -> list[str]:
     if not unique:
         raise InputError("no CT volumes found in the inputs; give folders, globs or a CSV manifest")
     return unique
-
-
-def content_hash(path: str) -> str:
-    from .training.data import content_hash as hash_of
-
-    return hash_of(path)
 
 
 def model_hash(model: str | None) -> str:
