@@ -82,7 +82,9 @@ def content_hash(path) -> str:
 
 
 class SliceBuffer:
-    """Training slices held in memory up to `max_slices`; beyond that, volumes are re-read in turn (streaming)."""
+    """Training slices held in memory, at most `max_slices` of them: volumes are read one at a time, and once the
+    total passes the bound a uniform random subset is kept (so memory stays bounded, but slices beyond the bound
+    are dropped, not streamed again in later passes)."""
 
     def __init__(self, paths: Sequence[str], spec: InputSpec, *, split: bool, max_slices: int = 4096,
                  seed: int = 0, block: int = 20, every: int = 3, margin: int = 3):
@@ -99,7 +101,7 @@ class SliceBuffer:
                 self.heldout.append((source.slices, source.heldout_z))
             images.append(source.slices.windowed(spec)[source.train_z])
             regions.append(torch.from_numpy(source.slices.body[source.train_z]))
-            if sum(len(i) for i in images) > max_slices:  # keep a random subset; later passes re-read others
+            if sum(len(i) for i in images) > max_slices:  # keep a uniform random subset
                 images, regions = self._subsample(images, regions)
         if not images or sum(len(i) for i in images) == 0:
             raise ValueError("no training slices with body found in the given data")
