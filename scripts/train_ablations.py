@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 from medanomaly.bundle import CARD_NAME, resolve_model
-from medanomaly.training import recalibrate, train
-from train_default_models import RECIPES
+from medanomaly.training import recalibrate
+from train_default_models import RECIPES, train_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,23 +29,18 @@ def main() -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     flagship = resolve_model("chest-ct-vqvae-fs")
-    recipe = dict(RECIPES["chest-ct-vqvae-fs"])
-    data = [str(p) for p in recipe.pop("data")]
-    recipe.pop("method")
-    recipe.pop("description")
-    recipe["steps"] = args.steps
-    # stage 2 retrained from the flagship's stage-1 VQ-VAE and its decoder from corrupted features; the token
-    # classifier starts fresh in every variant
+    # every variant is the shipped random-token recipe (stage 2 on the flagship's stage-1 VQ-VAE and decoder 2, a
+    # fresh token classifier) with other corruption settings
+    base = RECIPES["chest-ct-vqvae-fs-random-tokens"]
     variants = {"vqvae-fs-random-tokens": {"salient": 0.0},
                 "vqvae-fs-mixed-tokens": {"salient": 0.5},
                 "vqvae-fs-mixed-no-residual-weight": {"salient": 0.5, "residual_weighting": False}}
     for name, overrides in variants.items():
         if args.only and args.only != name:
             continue
-        arch = {**flagship.card["architecture"], **overrides, "stage1_fraction": 0.0}
-        train("vqvae-fs", data, out / name, name=name, init_from=flagship.path,
-              init_prefixes=("vqvae.", "decoder_corrupted."), architecture=arch,
-              description=f"variant of chest-ct-vqvae-fs: {overrides}", **recipe)
+        train_recipe(name, base, out / name, models=flagship.path.parent, steps=args.steps,
+                     architecture_overrides={**base["architecture_overrides"], **overrides},
+                     description=f"variant of chest-ct-vqvae-fs: {overrides}")
         print(f"trained {name}", flush=True)
     if not args.only or args.only == "vqvae-fs-classifier-only":
         target = out / "vqvae-fs-classifier-only"
@@ -55,7 +50,7 @@ def main() -> None:
         card["name"] = "vqvae-fs-classifier-only"
         card["architecture"]["use_residual"] = False
         (target / CARD_NAME).write_text(json.dumps(card, indent=2))
-        recalibrate(target, data=data)
+        recalibrate(target, data=[str(p) for p in base["data"]])
         print("recalibrated vqvae-fs-classifier-only")
 
 

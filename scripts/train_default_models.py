@@ -17,22 +17,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_CT = ROOT.parent / "shared" / "data" / "ct"
 MODELS = ROOT / "models"
 
+CHEST_DATA = [SHARED_CT / "chest_ct_01.nii.gz"]
+CHEST_INPUT = {"size": 128, "spacing_mm": 3.5, "window_hu": [-1000.0, 500.0], "region": "body", "smoothing_mm": 3.0,
+               "body_region": "chest"}
+
 RECIPES = {
     "chest-ct-vqvae-recon": dict(
         method="vqvae-recon",
-        data=[SHARED_CT / "chest_ct_01.nii.gz"],
+        data=CHEST_DATA,
         steps=4000, batch_size=16, learning_rate=2e-3, seed=0,
-        input={"size": 128, "spacing_mm": 3.5, "window_hu": [-1000.0, 500.0], "region": "body",
-               "smoothing_mm": 3.0, "body_region": "chest"},
+        input=CHEST_INPUT,
         description="Reconstruction-error baseline: MONAI VQVAE trained on normal chest CT slices "
                     "(chest_ct_01, slab split with held-out slabs for calibration). Score = |x - reconstruction|.",
     ),
     "chest-ct-vqvae-fs": dict(
         method="vqvae-fs",
-        data=[SHARED_CT / "chest_ct_01.nii.gz"],
+        data=CHEST_DATA,
         steps=6000, batch_size=16, learning_rate=1e-3, seed=0,
-        input={"size": 128, "spacing_mm": 3.5, "window_hu": [-1000.0, 500.0], "region": "body",
-               "smoothing_mm": 3.0, "body_region": "chest"},
+        input=CHEST_INPUT,
         description="Flagship: VQ-VAE feature-space anomaly synthesis with a transformer token classifier and a "
                     "decoder from corrupted features (residual-weighted loss), trained on normal chest CT slices "
                     "(chest_ct_01, slab split with held-out slabs for calibration).",
@@ -41,10 +43,9 @@ RECIPES = {
     # token corruption, which the lab measured best (salient corruption teaches the classifier where edges are)
     "chest-ct-vqvae-fs-random-tokens": dict(
         method="vqvae-fs",
-        data=[SHARED_CT / "chest_ct_01.nii.gz"],
+        data=CHEST_DATA,
         steps=1500, batch_size=16, learning_rate=1e-3, seed=0,
-        input={"size": 128, "spacing_mm": 3.5, "window_hu": [-1000.0, 500.0], "region": "body",
-               "smoothing_mm": 3.0, "body_region": "chest"},
+        input=CHEST_INPUT,
         init_from="chest-ct-vqvae-fs", init_prefixes=("vqvae.", "decoder_corrupted."),
         architecture_overrides={"salient": 0.0, "stage1_fraction": 0.0},
         description="VQ-VAE feature-space anomaly synthesis with a transformer token classifier; corrupted tokens "
@@ -54,14 +55,26 @@ RECIPES = {
     ),
     "chest-ct-hu-outlier": dict(
         method="hu-outlier",
-        data=[SHARED_CT / "chest_ct_01.nii.gz"],
+        data=CHEST_DATA,
         steps=0, seed=0,
-        input={"size": 128, "spacing_mm": 3.5, "window_hu": [-1024.0, 3071.0], "region": "body",
-               "smoothing_mm": 3.0, "body_region": "chest"},
+        input={**CHEST_INPUT, "window_hu": [-1024.0, 3071.0]},  # linear HU, nothing clipped
         description="Non-learned baseline: deviation of each pixel's local mean HU from the median/MAD of its tissue "
                     "class (from the wider context) on normal chest slices (chest_ct_01, slab split).",
     ),
 }
+
+
+def train_recipe(name: str, recipe: dict, output: Path, models: Path = MODELS, **overrides) -> ModelBundle:
+    """Train one recipe; `init_from` names a bundle in `models` whose weights start a second stage, and
+    `architecture_overrides` change that bundle's architecture."""
+    recipe = {k: v for k, v in {**recipe, **overrides}.items() if k != "default"}
+    method, data = recipe.pop("method"), [str(p) for p in recipe.pop("data")]
+    if "init_from" in recipe:
+        base = models / recipe.pop("init_from")
+        recipe["architecture"] = {**ModelBundle.load(base).card["architecture"],
+                                  **recipe.pop("architecture_overrides")}
+        recipe["init_from"] = base
+    return train(method, data, output, name=name, **recipe)
 
 
 def main() -> None:
@@ -77,20 +90,11 @@ def main() -> None:
     for name, recipe in RECIPES.items():
         if args.only and name != args.only:
             continue
-        recipe = dict(recipe)
-        default = recipe.pop("default", False)
-        method, data = recipe.pop("method"), [str(p) for p in recipe.pop("data")]
-        if args.steps:
-            recipe["steps"] = args.steps
-        if "init_from" in recipe:  # a second stage on top of another shipped bundle
-            base = out / recipe.pop("init_from")
-            recipe["architecture"] = {**ModelBundle.load(base).card["architecture"],
-                                      **recipe.pop("architecture_overrides")}
-            recipe["init_from"] = base
+        overrides = {"steps": args.steps} if args.steps else {}
         t0 = time.perf_counter()
-        bundle = train(method, data, out / name, name=name, **recipe)
+        bundle = train_recipe(name, recipe, out / name, models=out, **overrides)
         print(f"{name}: trained in {time.perf_counter() - t0:.0f} s -> {bundle.path}")
-        entries[name] = catalog_entry(ModelBundle.load(out / name), name, default=default)
+        entries[name] = catalog_entry(bundle, name, default=recipe.get("default", False))
     write_catalog(out, list(entries.values()))
 
 

@@ -168,10 +168,10 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
                 write_image(result.reconstruction, image, staging.path / "reconstruction.nrrd")
             if overview:
                 reorientation = Reorientation.for_image(image)
-                shape = reorientation.to_canonical(volume.hu).shape
-                centres = [(f["id"], reorientation.canonical_index(f["centroid_ijk"][::-1], shape))
+                hu_canonical = reorientation.to_canonical(volume.hu)
+                centres = [(f["id"], reorientation.canonical_index(f["centroid_ijk"][::-1], hu_canonical.shape))
                            for f in result.findings]
-                write_overview(staging.path / "overview.png", reorientation.to_canonical(volume.hu),
+                write_overview(staging.path / "overview.png", hu_canonical,
                                reorientation.to_canonical(result.heatmap), reorientation.canonical_spacing,
                                result.threshold, centres,
                                title=f"{volume.case_name}: volume score {result.volume_score:.3f}, "

@@ -114,6 +114,7 @@ def evaluate(cases_dir: str | Path, model: str | Detector | None = None, *, devi
     localization: dict[str, list[bool]] = {}
     for n, case in enumerate(manifest["cases"]):
         volume = read_volume(cases_dir / case["volume"])
+        r = Reorientation.for_image(volume.image)
         t0 = time.perf_counter()
         result = detect_volume(volume, detector, device=device)
         seconds.append(time.perf_counter() - t0)
@@ -132,13 +133,11 @@ def evaluate(cases_dir: str | Path, model: str | Detector | None = None, *, devi
                 curve.add(result.heatmap, labels == lesion["label"])
                 found = bool(np.any(result.labels[labels == lesion["label"]]))
                 default_hits.append({"kind": lesion["kind"], "size": _size_bin(lesion), "found": found})
-            r = Reorientation.for_image(volume.image)
             heat_c, truth_c = r.to_canonical(result.heatmap), r.to_canonical(truth)
             rows = np.nonzero(truth_c.any(axis=(1, 2)))[0]
             hits = localization_hits(heat_c[rows], truth_c[rows])
             kind = case["lesions"][0]["kind"]
             localization.setdefault(kind, []).extend(bool(h) for h in hits)
-        r = Reorientation.for_image(volume.image)
         extent_cm = volume.hu.shape[r.axes[0]] * r.canonical_spacing[0] / 10.0
         base = calibration.threshold_for(10.0, extent_cm)
         min_voxels = max(1, int(np.ceil(calibration.min_size_mm3 / volume.voxel_volume_mm3)))
