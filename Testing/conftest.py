@@ -84,7 +84,7 @@ def reoriented(image: sitk.Image, kind: str):
     (exact), or, for "oblique", resampled onto a rotated grid. Returns (image, array permutation, flips); the
     permutation is None for the oblique grid."""
     arr = sitk.GetArrayFromImage(image)  # k, j, i
-    spacing, origin = np.array(image.GetSpacing()), np.array(image.GetOrigin())
+    spacing = np.array(image.GetSpacing())
     d = np.array(image.GetDirection()).reshape(3, 3)
     if kind == "oblique":
         rot = sitk.Euler3DTransform()

@@ -70,3 +70,56 @@ def test_weight_file_outside_bundle_refused(default_model, tmp_path):
     (copy / "model_card.json").write_text(json.dumps(card))
     with pytest.raises(ModelError, match="missing"):
         ModelBundle.load(copy).verify()
+
+
+def _serve(folder):
+    """A real HTTP server on loopback serving `folder` (no network beyond this machine)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_download_checks_sha256_and_imports(default_model, tmp_path, capsys):
+    import hashlib
+    import tarfile
+
+    from medanomaly.bundle import download_model
+    from medanomaly.cli import main
+
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.make_archive(str(site / "model"), "zip", default_model.parent, default_model.name)
+    with tarfile.open(site / "model.tar.gz", "w:gz") as t:
+        t.add(default_model, arcname="bundle")
+    with tarfile.open(site / "evil.tar.gz", "w:gz") as t:
+        t.add(default_model / "model_card.json", arcname="../escape/model_card.json")
+    sha = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in site.iterdir()}
+    server, base = _serve(site)
+    try:
+        cache = tmp_path / "cache"
+        bundle = download_model(f"{base}/model.zip", sha["model.zip"], cache)
+        assert bundle.path == cache / default_model.name and (cache / "catalog.json").is_file()
+        bundle.verify()
+        assert download_model(f"{base}/model.tar.gz", sha["model.tar.gz"], tmp_path / "cache2").name == bundle.name
+        with pytest.raises(ModelError, match="does not match"):
+            download_model(f"{base}/model.zip", "0" * 64, tmp_path / "cache3")
+        assert not any((tmp_path / "cache3").iterdir())  # nothing half-written
+        with pytest.raises(ModelError, match="outside its folder"):
+            download_model(f"{base}/evil.tar.gz", sha["evil.tar.gz"], tmp_path / "cache4")
+        assert not (tmp_path / "escape").exists()
+        with pytest.raises(ModelError, match="download failed"):
+            download_model(f"{base}/missing.zip", "0" * 64, tmp_path / "cache5")
+        with pytest.raises(ModelError, match="64-hex"):
+            download_model(f"{base}/model.zip", "abc", tmp_path / "cache5")
+        # the command line: one clear line, exit 2, no traceback
+        assert main(["models", "download", f"{base}/model.zip", "--sha256", "1" * 64]) == 2
+        err = capsys.readouterr().err
+        assert "does not match" in err and "Traceback" not in err
+    finally:
+        server.shutdown()

@@ -29,6 +29,24 @@ def test_every_resource_is_listed_in_cmake():
     assert on_disk == cmake_list("MODULE_PYTHON_RESOURCES")
 
 
+def test_shipped_models_are_installed_where_the_core_looks():
+    """CMake copies models/ to <module>/Resources/models (build tree and install), the place that
+    repository_models_dir() searches in an installed extension, and every catalog entry is a folder there."""
+    import json
+
+    text = (MODULE / "CMakeLists.txt").read_text()
+    source = re.search(r"set\(MODULE_MODELS_DIR (\S+)\)", text).group(1).replace("${CMAKE_CURRENT_SOURCE_DIR}", str(MODULE))
+    assert (ROOT / "models").resolve() == __import__("pathlib").Path(source).resolve()
+    assert "Resources/models" in re.search(r"install\(DIRECTORY \$\{MODULE_MODELS_DIR\}/(.*?)\)", text, re.S).group(1)
+    assert "${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/Resources/models" in text
+    from medanomaly import bundle
+
+    core = (MODULE / "medanomaly" / "bundle.py").read_text()
+    assert '"Resources" / "models"' in core and bundle.CATALOG_NAME == "catalog.json"
+    for entry in json.loads((ROOT / "models" / "catalog.json").read_text())["models"]:
+        assert (ROOT / "models" / entry["path"] / "model_card.json").is_file()
+
+
 def test_root_cmake_names_the_extension():
     text = (ROOT / "CMakeLists.txt").read_text()
     assert "project(MedAnomaly)" in text

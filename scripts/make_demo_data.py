@@ -7,7 +7,6 @@ Provenance and licence: Testing/Data/README.md.
 import argparse
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,6 +4,10 @@
 - no residual weighting of the corrupted-token loss (likewise);
 - the classifier map alone instead of map x residual (same weights, recalibrated).
 
+And of the deep kNN detector (same SimSiam weights, memory rebuilt and recalibrated, no gradient steps):
+
+- without the in-plane position appended to patch features, and with 4x its weight.
+
     python scripts/train_ablations.py [--output runs/ablations] [--steps 3000]
     python scripts/benchmark_lab.py --models chest-ct-vqvae-fs runs/ablations/*
 """
@@ -42,6 +46,16 @@ def main() -> None:
                      architecture_overrides={**base["architecture_overrides"], **overrides},
                      description=f"variant of chest-ct-vqvae-fs: {overrides}")
         print(f"trained {name}", flush=True)
+    knn_base = {**RECIPES["chest-ct-deep-knn"], "init_from": "chest-ct-deep-knn",
+                "init_prefixes": ("backbone.", "adaptor.", "predictor.")}
+    knn_models = resolve_model("chest-ct-deep-knn").path.parent
+    for name, overrides in {"deep-knn-no-position": {"position_weight": 0.0},
+                            "deep-knn-position-2": {"position_weight": 2.0}}.items():
+        if args.only and args.only != name:
+            continue
+        train_recipe(name, knn_base, out / name, models=knn_models, steps=0, architecture_overrides=overrides,
+                     description=f"variant of chest-ct-deep-knn: {overrides} (same weights, memory rebuilt)")
+        print(f"built {name}", flush=True)
     if not args.only or args.only == "vqvae-fs-classifier-only":
         target = out / "vqvae-fs-classifier-only"
         shutil.rmtree(target, ignore_errors=True)

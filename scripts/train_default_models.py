@@ -53,6 +53,38 @@ RECIPES = {
                     "(chest_ct_01, slab split with held-out slabs for calibration).",
         default=True,
     ),
+    "chest-ct-deep-knn": dict(
+        method="deep-knn",
+        data=CHEST_DATA,
+        steps=1500, batch_size=32, learning_rate=1e-3, seed=0,
+        input=CHEST_INPUT,
+        description="Deep kNN: a ResNet backbone and adaptor trained self-supervised (SimSiam) on normal chest CT "
+                    "slices, a coreset memory of normal patch and slice features; score = distance to the k nearest "
+                    "normal features, geometric mean over test-time shifts (chest_ct_01, slab split with held-out "
+                    "slabs for calibration).",
+    ),
+    # StyleGAN2 at the model grid's 128^2 with narrow layers (CPU budget); the generator first, then the encoder on
+    # it (the shipped bundle). GPU recipe for full resolution: see README "StyleGAN2 on a GPU".
+    "chest-ct-stylegan2-generator": dict(
+        method="stylegan2",
+        data=CHEST_DATA,
+        steps=3000, batch_size=16, learning_rate=2e-3, seed=0,
+        input=CHEST_INPUT,
+        architecture={"channel_base": 1024, "channel_max": 64, "d_channel_max": 64, "encoder_channel_max": 64},
+        description="StyleGAN2 generator and discriminator trained on normal chest CT slices (chest_ct_01, slab "
+                    "split); inversion starts from the mean latent. The shipped model is chest-ct-stylegan2.",
+    ),
+    "chest-ct-stylegan2": dict(
+        method="stylegan2-encoder",
+        data=CHEST_DATA,
+        steps=1200, batch_size=16, learning_rate=1e-3, seed=0,
+        input=CHEST_INPUT,
+        init_from="chest-ct-stylegan2-generator", init_prefixes=("generator.",), architecture_overrides={},
+        description="StyleGAN2 reconstruction: W+ starts at the encoder's estimate and is refined by Adam on MSE + "
+                    "SSIM; score = per-patch 1-D Wasserstein distance between slice and reconstruction; "
+                    "pseudo-healthy reconstruction; trained on normal chest CT slices (chest_ct_01, slab split with "
+                    "held-out slabs for calibration).",
+    ),
     "chest-ct-hu-outlier": dict(
         method="hu-outlier",
         data=CHEST_DATA,
@@ -72,7 +104,7 @@ def train_recipe(name: str, recipe: dict, output: Path, models: Path = MODELS, *
     if "init_from" in recipe:
         base = models / recipe.pop("init_from")
         recipe["architecture"] = {**ModelBundle.load(base).card["architecture"],
-                                  **recipe.pop("architecture_overrides")}
+                                  **recipe.pop("architecture_overrides", {})}
         recipe["init_from"] = base
     return train(method, data, output, name=name, **recipe)
 

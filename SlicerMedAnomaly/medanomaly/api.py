@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .bundle import ModelBundle, resolve_model
+from .bundle import ModelBundle
 from .calibration import Calibration, sensitivity_to_fp_per_volume
-from .detectors import Detector, build_detector
+from .detectors import Detector
+from .ensemble import Ensemble, calibration_of, load_scorer
 from .engine import CancelCheck, ProgressCallback, pick_device, score_slices, to_native
 from .errors import InputError, OutputError
 from .findings import find_findings
@@ -88,22 +89,21 @@ class Stopwatch:
         self.t = now
 
 
-def detect_volume(volume: CTVolume, model: ModelBundle | Detector | str | None = None, *, device: str = "auto",
-                  sensitivity: float | None = None, fp_rate: float | None = None,
+def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | str | None" = None, *,
+                  device: str = "auto", sensitivity: float | None = None, fp_rate: float | None = None,
                   min_size_mm3: float | None = None, memory_budget_mb: float = 1024.0,
                   progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> DetectionResult:
     """Detect anomalies in one volume, in memory: heatmap, findings and scores on the input grid.
 
     Args:
+        model: a catalog name, bundle folder, `ensemble:NAME1,NAME2` / `ensemble-max:...`, or a loaded model.
         sensitivity: 0..1; sets the target false-positive findings per normal volume (0.5 -> 0.32).
         fp_rate: that target directly (overrides sensitivity); default: the model card's.
         min_size_mm3: smallest finding kept; default: the model card's.
     """
     watch = Stopwatch()
-    detector = model if isinstance(model, Detector) else build_detector(
-        model if isinstance(model, ModelBundle) else resolve_model(model))
-    card = detector.card
-    calibration = Calibration.from_card(card["calibration"])
+    scorer = load_scorer(model)
+    members = scorer.members if isinstance(scorer, Ensemble) else [scorer]
     torch_device = pick_device(device)
     watch.lap("load_model")
     notify = progress or (lambda stage, fraction: None)
@@ -111,26 +111,26 @@ def detect_volume(volume: CTVolume, model: ModelBundle | Detector | str | None =
     notify("preprocess", 0.0)
     reorientation = Reorientation.for_image(volume.image)
     hu_canonical = reorientation.to_canonical(volume.hu)
-    slices = prepare_slices(hu_canonical, reorientation.canonical_spacing, detector.spec)
     watch.lap("preprocess")
-
-    scores, recon, engine_timings = score_slices(detector, slices, device=torch_device,
-                                                 memory_budget_mb=memory_budget_mb, progress=notify, cancel=cancel)
-    watch.lap("network_and_smoothing")
-
-    notify("postprocess", 0.0)
-    probability = calibration.voxel_probability(scores) * slices.region
-    volume_score = calibration.volume_score(scores, slices.region, slices.spacing_mm)
-    heatmap = np.ascontiguousarray(reorientation.to_input(to_native(probability, slices)))
-    np.clip(heatmap, 0.0, 1.0, out=heatmap)
-    reconstruction = None
-    if recon is not None:
-        lo, hi = detector.spec.window_hu
-        delta = (recon * (hi - lo) + lo) - slices.hu.clamp(lo, hi).numpy()
-        delta *= slices.body
-        native_delta = reorientation.to_input(to_native(delta, slices))
-        reconstruction = np.clip(volume.hu + np.rint(native_delta), -32768, 32767).astype(np.int16)
-    watch.lap("postprocess")
+    heatmaps, volume_scores, reconstruction, network_s, batch_size = [], [], None, 0.0, 0
+    for index, detector in enumerate(members):
+        member_notify = (lambda stage, fraction, i=index: notify(stage, (i + fraction) / len(members)))
+        heatmap, member_score, recon, engine = _score_member(detector, volume, reorientation, hu_canonical,
+                                                              torch_device, memory_budget_mb, member_notify, cancel,
+                                                              watch, want_reconstruction=reconstruction is None)
+        heatmaps.append(heatmap)
+        volume_scores.append(member_score)
+        reconstruction = reconstruction if reconstruction is not None else recon
+        network_s += engine.network_s
+        batch_size = batch_size or engine.batch_size
+    if isinstance(scorer, Ensemble):
+        heatmap = scorer.combine_arrays(heatmaps)
+        volume_score = float(scorer.combine_arrays([np.array([v]) for v in volume_scores])[0])
+    else:
+        heatmap, volume_score = heatmaps[0], volume_scores[0]
+    del heatmaps
+    calibration = calibration_of(scorer)
+    card = scorer.card
 
     extent_cm = hu_canonical.shape[0] * reorientation.canonical_spacing[0] / 10.0
     target_fp = fp_rate if fp_rate is not None else (
@@ -142,17 +142,49 @@ def detect_volume(volume: CTVolume, model: ModelBundle | Detector | str | None =
     notify("postprocess", 1.0)
 
     timings = dict(watch.laps)
-    timings["network"] = engine_timings.network_s
-    timings["pipeline"] = sum(watch.laps.values()) - engine_timings.network_s
+    timings["network"] = network_s
+    timings["pipeline"] = sum(watch.laps.values()) - network_s
+    first = members[0]
+    settings = {"device": str(torch_device), "batch_size": batch_size,
+                "target_fp_per_volume": target_fp, "sensitivity": sensitivity, "min_size_mm3": min_size,
+                "window_hu": list(first.spec.window_hu), "model_spacing_mm": first.spec.spacing_mm,
+                "model_size": first.spec.size, "region": first.spec.region}
+    model_info = {"name": card["name"], "version": card["version"], "method": card["method"]}
+    if isinstance(scorer, Ensemble):
+        settings["ensemble"] = {"combine": scorer.combine, "member_volume_scores": volume_scores}
+        model_info["members"] = card["members"]
     return DetectionResult(
         volume=volume, heatmap=heatmap, labels=labels, findings=findings, volume_score=volume_score,
         threshold=threshold, reconstruction=reconstruction, timings=timings, dropped_findings=dropped,
-        model={"name": card["name"], "version": card["version"], "method": card["method"]},
-        settings={"device": str(torch_device), "batch_size": engine_timings.batch_size,
-                  "target_fp_per_volume": target_fp, "sensitivity": sensitivity, "min_size_mm3": min_size,
-                  "window_hu": list(detector.spec.window_hu), "model_spacing_mm": detector.spec.spacing_mm,
-                  "model_size": detector.spec.size, "region": detector.spec.region},
+        model=model_info, settings=settings,
     )
+
+
+def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorientation, hu_canonical: np.ndarray,
+                  device: torch.device, memory_budget_mb: float, notify, cancel, watch: "Stopwatch", *,
+                  want_reconstruction: bool):
+    """One detector over the volume: its calibrated heatmap and volume score on the input grid, and its
+    pseudo-healthy reconstruction (HU on the input grid) when it makes one."""
+    calibration = Calibration.from_card(detector.card["calibration"])
+    slices = prepare_slices(hu_canonical, reorientation.canonical_spacing, detector.spec)
+    watch.lap("preprocess")
+    scores, recon, engine = score_slices(detector, slices, device=device, memory_budget_mb=memory_budget_mb,
+                                         progress=notify, cancel=cancel)
+    watch.lap("network_and_smoothing")
+    notify("postprocess", 0.0)
+    probability = calibration.voxel_probability(scores) * slices.region
+    volume_score = calibration.volume_score(scores, slices.region, slices.spacing_mm, engine.slice_scores)
+    heatmap = np.ascontiguousarray(reorientation.to_input(to_native(probability, slices)))
+    np.clip(heatmap, 0.0, 1.0, out=heatmap)
+    reconstruction = None
+    if recon is not None and want_reconstruction:
+        lo, hi = detector.spec.window_hu
+        delta = (recon * (hi - lo) + lo) - slices.hu.clamp(lo, hi).numpy()
+        delta *= slices.body
+        native_delta = reorientation.to_input(to_native(delta, slices))
+        reconstruction = np.clip(volume.hu + np.rint(native_delta), -32768, 32767).astype(np.int16)
+    watch.lap("postprocess")
+    return heatmap, volume_score, reconstruction, engine
 
 
 def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = False, overview: bool = True) -> Path:
@@ -210,7 +242,7 @@ def detect(inputs: str | Path | Iterable[str | Path], output: str | Path | None 
     if min_size_mm3 is not None and min_size_mm3 < 0:
         raise InputError(f"--min-size-mm3 {min_size_mm3}: must not be negative")
     pick_device(device)
-    detector = build_detector(resolve_model(model))
+    detector = load_scorer(model)
     if output is not None:
         _check_writable(Path(output))
     results = []

@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .bundle import resolve_model, sha256_of
+from .ensemble import model_identity, resolved_spec
 from .errors import InputError
 from .training.data import content_hash
 from .volumes import VOLUME_SUFFIXES, case_name_for
@@ -69,12 +69,6 @@ def find_inputs(inputs: list[str]) -> list[str]:
     if not unique:
         raise InputError("no CT volumes found in the inputs; give folders, globs or a CSV manifest")
     return unique
-
-
-def model_hash(model: str | None) -> str:
-    bundle = resolve_model(model)
-    digest = hashlib.sha256(json.dumps(bundle.card, sort_keys=True).encode())
-    return digest.hexdigest()
 
 
 def unique_case_names(paths: list[str]) -> dict[str, str]:
@@ -168,8 +162,8 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
     for stale in output.glob(".*.partial.*"):  # staging folders of a run that was killed
         shutil.rmtree(stale, ignore_errors=True)
     paths = find_inputs(inputs)
-    model_path = str(resolve_model(model).path)
-    model_id = model_hash(model)
+    model_path = resolved_spec(model)
+    model_id = model_identity(model)
     names = unique_case_names(paths)
     rows, todo = [], []
     for path in paths:

@@ -230,6 +230,83 @@ def import_model(source: str | os.PathLike, destination: Path | None = None) -> 
     return imported
 
 
+def download_model(url: str, sha256: str, destination: Path | None = None, *, timeout_s: float = 60.0,
+                   progress=None) -> ModelBundle:
+    """Download a bundle archive (.zip, .tar.gz/.tgz or .tar) from `url` only because the user asked, check the
+    archive against the SHA-256 they give (published with the model), unpack it safely and import the bundle into
+    the user cache (or `destination`), where every Slicer and Python version finds it.
+
+    Nothing is written into the catalog unless every check passes; partial downloads are removed.
+    """
+    import tarfile
+    import urllib.error
+    import urllib.request
+    import zipfile
+
+    sha256 = (sha256 or "").strip().lower()
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ModelError("--sha256: give the 64-hex-digit SHA-256 published with the model archive")
+    name = url.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    if not name.endswith((".zip", ".tar.gz", ".tgz", ".tar")):
+        raise ModelError(f"{url}: not a model archive; give a .zip, .tar.gz or .tar of a bundle folder")
+    folder = destination or user_models_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".download.partial.", dir=folder))
+    try:
+        archive = work / name
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response, open(archive, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0)
+                done = 0
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    if progress is not None and total:
+                        progress("download", done / total)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ModelError(f"{url}: download failed ({reason}); check the address or download it yourself "
+                             "and use `medanomaly models import`") from None
+        if digest.hexdigest() != sha256:
+            raise ModelError(f"{url}: SHA-256 {digest.hexdigest()[:12]}... does not match the one given "
+                             f"({sha256[:12]}...); the file is corrupt or not the published model")
+        unpacked = work / "unpacked"
+        unpacked.mkdir()
+        try:
+            if name.endswith(".zip"):
+                with zipfile.ZipFile(archive) as z:
+                    members = z.namelist()
+                    _refuse_unsafe_members(members, url)
+                    z.extractall(unpacked)
+            else:
+                with tarfile.open(archive) as t:
+                    members = t.getmembers()
+                    _refuse_unsafe_members([m.name for m in members], url)
+                    if any(not (m.isfile() or m.isdir()) for m in members):
+                        raise ModelError(f"{url}: archive holds links or devices; a model archive holds files only")
+                    if hasattr(tarfile, "data_filter"):  # Python >= 3.12 (and patched 3.8+): refuse anything odd
+                        t.extractall(unpacked, filter="data")
+                    else:
+                        t.extractall(unpacked)
+        except (zipfile.BadZipFile, tarfile.TarError) as exc:
+            raise ModelError(f"{url}: not a readable archive ({exc})") from None
+        cards = sorted(unpacked.rglob(CARD_NAME))
+        if len(cards) != 1:
+            raise ModelError(f"{url}: the archive holds {len(cards)} model cards; it must hold one bundle folder")
+        return import_model(cards[0].parent, folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _refuse_unsafe_members(names: list[str], url: str) -> None:
+    for member in names:
+        parts = Path(member).parts
+        if Path(member).is_absolute() or ".." in parts:
+            raise ModelError(f"{url}: archive member {member!r} would be written outside its folder; refused")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)

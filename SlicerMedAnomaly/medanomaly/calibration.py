@@ -7,6 +7,9 @@
   target of false positives per normal volume (or `sensitivity`) becomes a threshold for the volume at hand.
 - Volume score: the probability that a normal volume of this length has no finding as strong as this volume's
   strongest, exp(-fp_rate(t*) * length), from the same curve (Poisson model of false findings).
+- Slice scores (methods with an image-level score): an empirical CDF of normal slices' scores; the volume score is
+  then the probability that none of a normal volume's slices scores as high as this volume's highest,
+  exp(-n_slices * P(normal slice > max)), which neighbouring slices' correlation makes conservative.
 """
 
 from __future__ import annotations
@@ -27,6 +30,45 @@ def sensitivity_to_fp_per_volume(sensitivity: float) -> float:
     if not 0.0 <= sensitivity <= 1.0:
         raise ValueError("sensitivity must lie in [0, 1]")
     return float(10.0 ** (3.0 * sensitivity - 2.0))
+
+
+def fit_quantiles(values: np.ndarray, levels: np.ndarray = VOXEL_LEVELS,
+                  tail_from: float = 0.99) -> tuple[np.ndarray, float]:
+    """Quantiles of normal reference scores at `levels` (made strictly increasing, so that interpolation is a
+    function) and the scale of the exponential tail: the mean excess over the `tail_from` quantile."""
+    values = np.asarray(values, np.float64).ravel()
+    quantiles = np.quantile(values, levels)
+    quantiles = np.maximum.accumulate(quantiles) + np.arange(quantiles.size) * 1e-9
+    start = float(np.quantile(values, tail_from))
+    tail_scale = float(np.mean(values[values > start] - start)) if np.any(values > start) else 1e-6
+    return quantiles, tail_scale
+
+
+def tail_log_exceedance(scores, quantiles: np.ndarray, levels: np.ndarray, tail_scale: float) -> np.ndarray:
+    """log(1 - CDF) of raw scores under the empirical CDF given by (quantiles, levels), exact far into the tail:
+    above the highest quantile the exceedance decays exponentially with the fitted scale (peaks over threshold)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    top = min(float(levels[-1]), TAIL_LEVEL)
+    out = np.empty_like(scores)
+    above = scores > quantiles[-1]
+    out[above] = np.log1p(-top) - (scores[above] - quantiles[-1]) / max(tail_scale, 1e-12)
+    p = np.minimum(np.interp(scores[~above], quantiles, levels), top)
+    out[~above] = np.log(np.maximum(1.0 - p, 1e-300))
+    return out
+
+
+def threshold_for_rate(fp_rate, fp_per_volume: float, extent_cm: float) -> float:
+    """The lowest probability threshold t with fp_rate(t) * extent_cm <= fp_per_volume, for a non-increasing
+    false-findings-per-cm curve fp_rate (bisection on log10(1 - t), t from 0 to 1 - 1e-14)."""
+    allowed = fp_per_volume / max(extent_cm, 1e-6)
+    lo, hi = -14.0, 0.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if fp_rate(1.0 - 10.0**mid) > allowed:
+            hi = mid
+        else:
+            lo = mid
+    return float(1.0 - 10.0**lo)
 
 
 def count_components(mask: np.ndarray, min_voxels: int) -> int:
@@ -64,6 +106,8 @@ class Calibration:
     voxel_tail_scale: float  # mean excess of normal scores over their 99th percentile (exponential tail)
     default_fp_per_volume: float = 0.32
     min_size_mm3: float = 65.0
+    slice_quantiles: np.ndarray | None = None  # raw slice score at each of voxel_levels on normal slices
+    slice_tail_scale: float = 1e-6
 
     @classmethod
     def from_card(cls, cal: dict) -> "Calibration":
@@ -74,28 +118,23 @@ class Calibration:
                    fp_tail_slope=float(cal["fp_tail_slope"]),
                    voxel_tail_scale=float(cal["voxel_tail_scale"]),
                    default_fp_per_volume=float(cal["default_fp_per_volume"]),
-                   min_size_mm3=float(cal["min_size_mm3"]))
+                   min_size_mm3=float(cal["min_size_mm3"]),
+                   slice_quantiles=(np.asarray(cal["slice_quantiles"], np.float64) if cal.get("slice_quantiles")
+                                    else None),
+                   slice_tail_scale=float(cal.get("slice_tail_scale", 1e-6)))
 
     def to_card(self, **extra) -> dict:
         return {"voxel_quantiles": self.voxel_quantiles.tolist(), "voxel_levels": self.voxel_levels.tolist(),
                 "fp_thresholds": self.fp_thresholds.tolist(), "fp_per_cm": self.fp_per_cm.tolist(),
                 "fp_tail_slope": self.fp_tail_slope, "voxel_tail_scale": self.voxel_tail_scale,
                 "default_fp_per_volume": self.default_fp_per_volume,
-                "min_size_mm3": self.min_size_mm3, **extra}
+                "min_size_mm3": self.min_size_mm3,
+                **({"slice_quantiles": self.slice_quantiles.tolist(), "slice_tail_scale": self.slice_tail_scale}
+                   if self.slice_quantiles is not None else {}), **extra}
 
     def log_exceedance(self, scores) -> np.ndarray:
-        """log(1 - probability) of raw scores, exact far into the tail: above the highest reference quantile the
-        exceedance decays exponentially with the tail's fitted scale (peaks over threshold)."""
-        scores = np.asarray(scores, dtype=np.float64)
-        q = self.voxel_quantiles
-        out = np.log1p(-np.minimum(np.interp(scores, q, self.voxel_levels), TAIL_LEVEL))
-        above = scores > q[-1]
-        if np.any(above):
-            out[above] = np.log1p(-TAIL_LEVEL) - (scores[above] - q[-1]) / max(self.voxel_tail_scale, 1e-12)
-        inside = scores <= q[-1]
-        p = np.interp(scores[inside], q, self.voxel_levels)
-        out[inside] = np.log(np.maximum(1.0 - p, 1e-300))
-        return out
+        """log(1 - probability) of raw voxel scores (see tail_log_exceedance)."""
+        return tail_log_exceedance(scores, self.voxel_quantiles, self.voxel_levels, self.voxel_tail_scale)
 
     def voxel_probability(self, scores, dtype=np.float32) -> np.ndarray:
         """Raw (smoothed) scores -> calibrated probability in [0, 1]."""
@@ -117,18 +156,18 @@ class Calibration:
 
     def threshold_for(self, fp_per_volume: float, extent_cm: float) -> float:
         """The probability threshold at which a normal volume of this length expects `fp_per_volume` findings."""
-        allowed = fp_per_volume / max(extent_cm, 1e-6)
-        lo, hi = -14.0, 0.0  # bisection on log10(1 - t): t from 1 - 1e-14 to 0
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            if self.fp_rate(1.0 - 10.0**mid) > allowed:
-                hi = mid
-            else:
-                lo = mid
-        return float(1.0 - 10.0**lo)
+        return threshold_for_rate(self.fp_rate, fp_per_volume, extent_cm)
 
-    def volume_score(self, scores: np.ndarray, region: np.ndarray, spacing_mm) -> float:
-        """P(a normal volume of this length has no finding as strong as this one's strongest), in [0, 1]."""
+    def volume_score(self, scores: np.ndarray, region: np.ndarray, spacing_mm,
+                     slice_scores: np.ndarray | None = None) -> float:
+        """P(a normal volume of this length has no finding as strong as this one's strongest), in [0, 1]; from the
+        slice scores when the model calibrated them (P(no normal slice of as many scores as high))."""
+        if slice_scores is not None and self.slice_quantiles is not None:
+            counted = np.asarray(slice_scores)[region.reshape(region.shape[0], -1).any(1)]
+            if counted.size:
+                log_exc = tail_log_exceedance(np.array([counted.max()]), self.slice_quantiles, self.voxel_levels,
+                                              self.slice_tail_scale)[0]
+                return float(np.exp(-counted.size * np.exp(log_exc)))
         min_voxels = max(1, int(np.ceil(self.min_size_mm3 / float(np.prod(spacing_mm)))))
         floor = float(np.interp(self.fp_thresholds[0], self.voxel_levels, self.voxel_quantiles))
         level = strongest_component_level(scores, region, min_voxels, floor)
@@ -138,19 +177,19 @@ class Calibration:
 
     @classmethod
     def fit(cls, references: list[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]],
-            min_size_mm3: float = 65.0, default_fp_per_volume: float = 0.32) -> "Calibration":
-        """references: (smoothed raw scores [Z, H, W], region [Z, H, W], spacing mm) of held-out normal slabs."""
+            min_size_mm3: float = 65.0, default_fp_per_volume: float = 0.32,
+            slice_scores: np.ndarray | None = None) -> "Calibration":
+        """references: (smoothed raw scores [Z, H, W], region [Z, H, W], spacing mm) of held-out normal slabs;
+        slice_scores: image-level scores of the same slabs' slices with body, for methods that make them."""
         pooled = np.concatenate([s[r].ravel() for s, r, _ in references])
         if pooled.size < 1000:
             raise ValueError("calibration needs at least 1000 reference voxels of normal CT")
-        quantiles = np.quantile(pooled, VOXEL_LEVELS)
-        # strictly increasing, so that interpolation is a function
-        quantiles = np.maximum.accumulate(quantiles) + np.arange(quantiles.size) * 1e-9
-        q99 = float(np.quantile(pooled, 0.99))
-        tail_scale = float(np.mean(pooled[pooled > q99] - q99)) if np.any(pooled > q99) else 1e-6
+        quantiles, tail_scale = fit_quantiles(pooled)
         cal = cls(voxel_quantiles=quantiles, voxel_levels=VOXEL_LEVELS.copy(), fp_thresholds=FP_THRESHOLDS.copy(),
                   fp_per_cm=np.zeros_like(FP_THRESHOLDS), fp_tail_slope=1.0, voxel_tail_scale=tail_scale,
                   default_fp_per_volume=default_fp_per_volume, min_size_mm3=min_size_mm3)
+        if slice_scores is not None and len(slice_scores) >= 10:  # a tail from fewer normal slices means nothing
+            cal.slice_quantiles, cal.slice_tail_scale = fit_quantiles(slice_scores, tail_from=0.8)
         extent_cm, counts = 0.0, np.zeros_like(FP_THRESHOLDS)
         for scores, region, spacing in references:
             prob = cal.voxel_probability(scores, dtype=np.float64) * region

@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("detect", help="detect anomalies in CT volumes and write Slicer-ready results")
     d.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA files or DICOM folders")
     d.add_argument("-o", "--output", default="medanomaly-out", help="output folder; results go to OUT/<case>/")
-    d.add_argument("--model", default=None, help="model name from the catalog or a bundle folder (default: catalog default)")
+    d.add_argument("--model", default=None, help="model name from the catalog, a bundle folder, or ensemble:NAME1,NAME2 "
+                   "(mean of calibrated maps) / ensemble-max:NAME1,NAME2 (default: catalog default)")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto: CUDA when present)")
     d.add_argument("--sensitivity", type=float, default=None,
                    help="0..1: higher finds more, with more false positives (0.5 = 0.32 false findings per normal volume)")
@@ -47,11 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     imp = msub.add_parser("import", help="verify a bundle folder and copy it into the user model cache")
     imp.add_argument("path")
+    dl = msub.add_parser("download", help="download a bundle archive (only when you ask), check its SHA-256 and "
+                                          "import it into the user model cache")
+    dl.add_argument("url", help="address of a .zip/.tar.gz of a bundle folder")
+    dl.add_argument("--sha256", required=True, help="the SHA-256 of the archive, published with the model")
 
     sub.add_parser("info", help="versions, devices and model folders")
 
     t = sub.add_parser("train", help="train a model bundle on normal CT volumes")
-    t.add_argument("--method", required=True, help="vqvae-recon")
+    t.add_argument("--method", required=True,
+                   help="vqvae-recon, vqvae-fs, hu-outlier, deep-knn, stylegan2, stylegan2-encoder")
+    t.add_argument("--init-from", default=None,
+                   help="start from another bundle's weights (stylegan2-encoder: the stylegan2 bundle)")
     t.add_argument("--data", nargs="+", required=True, help="normal CT volumes (files or DICOM folders)")
     t.add_argument("-o", "--output", required=True, help="bundle folder to write")
     t.add_argument("--calibration-data", nargs="*", default=[], help="held-out normal volumes for calibration")
@@ -83,6 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--mood", action="store_true")
     b.add_argument("--allow-non-hu", action="store_true")
     b.add_argument("--no-overview", action="store_true")
+
+    x = sub.add_parser("explain", help="latent direction between flagged and unflagged slices, with counterfactuals "
+                                       "(stylegan2 models)")
+    x.add_argument("input", help="a CT volume (file or DICOM folder)")
+    x.add_argument("-o", "--output", required=True, help="folder for explain.json, counterfactuals.png and volumes")
+    x.add_argument("--model", required=True, help="a stylegan2 model (catalog name or bundle folder)")
+    x.add_argument("--labels", default=None,
+                   help="label volume on the CT's grid: slices with any label form group 1 (default: flagged slices)")
+    x.add_argument("--slices", default=None, help="comma-separated canonical slice indices to render (default: top 3)")
+    x.add_argument("--lambdas", default=None, help="comma-separated steps along the direction (default -3,-1.5,0,1.5,3)")
+    x.add_argument("--steps", type=int, default=None, help="inversion steps (default: the model card's)")
+    x.add_argument("--device", default="cpu")
 
     e = sub.add_parser("evaluate", help="score a model on the anomaly lab's cases (metrics as JSON and Markdown)")
     e.add_argument("--cases", required=True, help="folder with cases.json (see scripts/benchmark_lab.py)")
@@ -154,7 +174,7 @@ def _cmd_detect(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    from .bundle import import_model, list_models, resolve_model
+    from .bundle import download_model, import_model, list_models, resolve_model
 
     if args.models_command == "list":
         models = list_models()
@@ -169,6 +189,13 @@ def _cmd_models(args) -> int:
         card["calibration"] = {k: v for k, v in bundle.card["calibration"].items()
                                if not isinstance(v, list)}
         print(json.dumps(dict(card, path=str(bundle.path)), indent=2))
+    elif args.models_command == "download":
+        printer = ProgressPrinter(args.quiet, False)
+        try:
+            bundle = download_model(args.url, args.sha256, progress=printer)
+        finally:
+            printer.close()
+        print(f"downloaded, verified and imported {bundle.model_id} into {bundle.path}")
     else:
         bundle = import_model(args.path)
         print(f"imported {bundle.model_id} into {bundle.path}")
@@ -231,6 +258,14 @@ def _cmd_train(args) -> int:
             bar.set_postfix({k: f"{float(v):.4f}" for k, v in parts.items()})
             last[0] = time.perf_counter()
 
+    if args.init_from:
+        overrides["init_from"] = args.init_from
+        if args.method == "stylegan2-encoder":
+            overrides["init_prefixes"] = ("generator.",)
+            if not args.architecture_json:  # the generator's architecture comes with its weights
+                from .bundle import resolve_model
+
+                overrides["architecture"] = resolve_model(args.init_from).card["architecture"]
     bundle = train(args.method, args.data, args.output, calibration_data=args.calibration_data, resume=args.resume,
                    progress=progress, **overrides)
     if bar is not None:
@@ -285,7 +320,26 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"batch": _cmd_batch, "evaluate": _cmd_evaluate, "detect": _cmd_detect, "models": _cmd_models, "info": _cmd_info, "train": _cmd_train,
+def _cmd_explain(args) -> int:
+    from .explain import DEFAULT_LAMBDAS, explain
+    from .errors import InputError
+
+    def numbers(text, kind):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise InputError(f"{text!r}: give comma-separated numbers") from None
+
+    summary = explain(args.input, args.output, model=args.model, labels=args.labels,
+                      slices=numbers(args.slices, int) if args.slices else None,
+                      lambdas=tuple(numbers(args.lambdas, float)) if args.lambdas else DEFAULT_LAMBDAS,
+                      steps=args.steps, device=args.device)
+    print(f"direction from {summary['slices_flagged']} flagged vs {summary['slices_unflagged']} other slices: "
+          f"cross-validated AUC {summary['cv_auc']:.3f} -> {args.output}")
+    return 0
+
+
+COMMANDS = {"explain": _cmd_explain, "batch": _cmd_batch, "evaluate": _cmd_evaluate, "detect": _cmd_detect, "models": _cmd_models, "info": _cmd_info, "train": _cmd_train,
             "calibrate": _cmd_calibrate}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ class EngineTimings:
     batches: int = 0
     batch_size: int = 0
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)
+    slice_scores: np.ndarray | None = None  # [Z] image-level scores, from detectors that make them
 
 
 def run_detector(detector: Detector, slices: ModelSlices, *, device: torch.device,
@@ -85,6 +85,10 @@ def run_detector(detector: Detector, slices: ModelSlices, *, device: torch.devic
         timings.network_s += time.perf_counter() - t0
         timings.batches += 1
         scores[start:stop] = out.score[:, 0].float().cpu().numpy()
+        if out.slice_score is not None:
+            if timings.slice_scores is None:
+                timings.slice_scores = np.zeros(z, np.float32)
+            timings.slice_scores[start:stop] = out.slice_score.float().cpu().numpy()
         if out.reconstruction is not None:
             if recon is None:
                 recon = np.zeros(image.shape, np.float32)

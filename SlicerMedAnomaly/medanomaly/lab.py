@@ -14,9 +14,9 @@ import SimpleITK as sitk
 
 from . import __version__
 from .api import detect_volume, peak_rss_mb
-from .bundle import resolve_model, sha256_of
-from .calibration import Calibration
-from .detectors import Detector, build_detector
+from .bundle import sha256_of
+from .detectors import Detector
+from .ensemble import Ensemble, calibration_of, load_scorer
 from .errors import InputError
 from .metrics import FROC, PooledVoxelCurve, average_precision, localization_hits, roc_auc
 from .orientation import Reorientation
@@ -97,7 +97,7 @@ def _size_bin(lesion: dict) -> str:
     return "?"
 
 
-def evaluate(cases_dir: str | Path, model: str | Detector | None = None, *, device: str = "cpu",
+def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = None, *, device: str = "cpu",
              progress=None) -> dict:
     """Run a detector over the lab's cases and compute every metric; returns a JSON-able dict."""
     cases_dir = Path(cases_dir)
@@ -105,8 +105,8 @@ def evaluate(cases_dir: str | Path, model: str | Detector | None = None, *, devi
     if not manifest_path.is_file():
         raise InputError(f"{cases_dir}: no {MANIFEST}; build cases with scripts/benchmark_lab.py first")
     manifest = json.loads(manifest_path.read_text())
-    detector = model if isinstance(model, Detector) else build_detector(resolve_model(model))
-    calibration = Calibration.from_card(detector.card["calibration"])
+    detector = load_scorer(model)
+    calibration = calibration_of(detector)
     pooled, normal_curve = PooledVoxelCurve(), PooledVoxelCurve()
     kind_curves: dict[str, PooledVoxelCurve] = {}
     froc = FROC()

@@ -13,6 +13,8 @@ METHOD_MODULES = {
     "vqvae-recon": "medanomaly.detectors.vqvae_recon",
     "hu-outlier": "medanomaly.detectors.hu_outlier",
     "vqvae-fs": "medanomaly.detectors.vqvae_fs",
+    "deep-knn": "medanomaly.detectors.deep_knn",
+    "stylegan2": "medanomaly.detectors.stylegan2",
 }
 _REGISTRY: dict[str, type[Detector]] = {}
 

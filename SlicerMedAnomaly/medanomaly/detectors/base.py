@@ -14,11 +14,12 @@ from ..preprocess import InputSpec
 
 @dataclass
 class DetectorOutput:
-    """Per-pixel raw anomaly scores (higher is more abnormal) and, if the method makes one, a pseudo-healthy
-    reconstruction in the same [0, 1] window as the input."""
+    """Per-pixel raw anomaly scores (higher is more abnormal) and, if the method makes them, a pseudo-healthy
+    reconstruction in the same [0, 1] window as the input and an image-level score per slice."""
 
     score: torch.Tensor  # [B, 1, H, W], >= 0
     reconstruction: torch.Tensor | None = None  # [B, 1, H, W] or None
+    slice_score: torch.Tensor | None = None  # [B] or None (higher is more abnormal)
 
 
 class Detector(nn.Module):

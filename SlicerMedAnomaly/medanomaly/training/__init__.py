@@ -33,7 +33,9 @@ from .data import SliceBuffer, contiguous_runs
 log = logging.getLogger(__name__)
 
 TRAINER_MODULES = {"vqvae-recon": "medanomaly.training.vqvae_recon", "hu-outlier": "medanomaly.training.hu_outlier",
-                   "vqvae-fs": "medanomaly.training.vqvae_fs"}
+                   "vqvae-fs": "medanomaly.training.vqvae_fs", "deep-knn": "medanomaly.training.deep_knn",
+                   "stylegan2": "medanomaly.training.stylegan2",
+                   "stylegan2-encoder": "medanomaly.training.stylegan2_encoder"}
 WEIGHTS_NAME = "weights.safetensors"
 
 
@@ -71,7 +73,7 @@ def trainer_for(method: str):
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    losses: list[dict], config: TrainConfig, generator: torch.Generator) -> None:
+                    losses: list[dict], config: TrainConfig, generator: torch.Generator, seconds: float = 0.0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     state = optimizer.state_dict()
@@ -81,7 +83,8 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     tensors["rng.generator"] = generator.get_state()
     tmp = folder / f".checkpoint.tmp{os.getpid()}"
     save_file(tensors, str(tmp))
-    meta = {"step": step, "losses": losses, "param_groups": state["param_groups"], "config": config.__dict__}
+    meta = {"step": step, "losses": losses, "param_groups": state["param_groups"], "config": config.__dict__,
+            "seconds": seconds}
     tmp_meta = folder / f".checkpoint.json.tmp{os.getpid()}"
     tmp_meta.write_text(json.dumps(meta))
     os.replace(tmp, folder / "checkpoint.safetensors")
@@ -89,7 +92,8 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator) -> tuple[int, list[dict]]:
+                    generator: torch.Generator) -> tuple[int, list[dict], float]:
+    """Restore a checkpoint; returns the step, the loss log and the training seconds spent before it."""
     meta = json.loads((folder / "checkpoint.json").read_text())
     tensors = load_file(str(folder / "checkpoint.safetensors"))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -100,7 +104,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
             state["state"].setdefault(int(index), {})[name] = value
     optimizer.load_state_dict(state)
     generator.set_state(tensors["rng.generator"])
-    return int(meta["step"]), meta["losses"]
+    return int(meta["step"]), meta["losses"], float(meta.get("seconds", 0.0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,20 +114,23 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
 def calibrate(detector: Detector, buffer: SliceBuffer, calibration_paths: Sequence[str], config: TrainConfig,
               device: torch.device) -> tuple[Calibration, dict]:
     """Fit the calibration on held-out normal slices: separate volumes if given, else the held-out slabs."""
-    references = []
+    references, slice_scores = [], []
     sources = buffer.heldout if buffer is not None else []
     if calibration_paths:
         from .data import load_sources
 
         sources = [(s.slices, s.train_z) for s in load_sources(calibration_paths, detector.spec, split=False)]
     for slices, z in sources:
-        smoothed, _, _ = score_slices(detector, slices, device=device)
+        smoothed, _, engine = score_slices(detector, slices, device=device)
         for run in contiguous_runs(z):
             references.append((smoothed[run], slices.region[run], slices.spacing_mm))
+        if engine.slice_scores is not None:
+            slice_scores.append(engine.slice_scores[z])
     if not references:
         raise InputError("no held-out normal slices for calibration; give --calibration-data or more slices")
     calibration = Calibration.fit(references, min_size_mm3=config.min_size_mm3,
-                                  default_fp_per_volume=config.default_fp_per_volume)
+                                  default_fp_per_volume=config.default_fp_per_volume,
+                                  slice_scores=np.concatenate(slice_scores) if slice_scores else None)
     summary = {"reference_slabs": len(references), "reference_slices": int(sum(r[0].shape[0] for r in references)),
                "reference_voxels": int(sum(r[1].sum() for r in references)),
                "source": "held-out volumes" if calibration_paths else "held-out slabs of the training volumes"}
@@ -172,10 +179,11 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
                          every=config.split_every, margin=config.split_margin)
     log.info("training on %d slices from %d volume(s)", len(buffer), len(buffer.records))
 
-    card = {"card_format": CARD_FORMAT, "name": config.name, "version": config.version, "method": method,
+    card_method = getattr(trainer, "CARD_METHOD", method)  # a trainer may train one part of another method's model
+    card = {"card_format": CARD_FORMAT, "name": config.name, "version": config.version, "method": card_method,
             "min_software_version": __version__, "description": config.description, "input": spec.to_card(),
             "architecture": trainer.architecture(config.architecture)}
-    detector = detector_class(method)(dict(card, calibration={}, weights={}, training={}))
+    detector = detector_class(card_method)(dict(card, calibration={}, weights={}, training={}))
     if hasattr(trainer, "fit"):  # statistics, not gradient steps
         detector.to(device)
         report = trainer.fit(detector, buffer)
@@ -189,12 +197,14 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
                  len(missing.missing_keys))
         card["training_init"] = {"bundle": Path(init_from).name, "prefixes": list(init_prefixes)}
     model = trainer.trainable(detector)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizer = (trainer.optimizer(model, config) if hasattr(trainer, "optimizer")
+                 else torch.optim.Adam(model.parameters(), lr=config.learning_rate))
     scheduler = lambda step: 0.5 * (1 + np.cos(np.pi * min(step, config.steps) / config.steps))  # noqa: E731
     generator = torch.Generator().manual_seed(config.seed)
     step, losses = 0, []
     if resume and (checkpoint_dir / "checkpoint.json").is_file():
-        step, losses = load_checkpoint(checkpoint_dir, model, optimizer, generator)
+        step, losses, seconds_before = load_checkpoint(checkpoint_dir, model, optimizer, generator)
+        t0 -= seconds_before  # the card reports the whole run's time
         log.info("resumed from %s at step %d", checkpoint_dir, step)
     model.to(device).train()
     rank, world = distributed_rank_and_size()
@@ -206,7 +216,7 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
         runner = LossModule(trainer, model)
     while step < config.steps:
         for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * scheduler(step)
+            group["lr"] = group.get("base_lr", config.learning_rate) * scheduler(step)
         images, regions = buffer.batch(config.batch_size, generator)
         loss, parts = runner(images.to(device), regions.to(device), generator, step, config)
         optimizer.zero_grad(set_to_none=True)
@@ -218,11 +228,17 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
         if step % 50 == 0 or step == config.steps:
             losses.append({"step": step, **{k: round(float(v), 6) for k, v in parts.items()}})
         if rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
-            save_checkpoint(checkpoint_dir, model, optimizer, step, losses, config, generator)
+            save_checkpoint(checkpoint_dir, model, optimizer, step, losses, config, generator,
+                            seconds=time.perf_counter() - t0)
         if progress is not None and rank == 0:
             progress(step, config.steps, parts)
     model.eval()
-    report = trainer.training_report(detector, buffer)
+    if hasattr(trainer, "finalize"):  # after the gradient steps, for example a memory of normal features
+        report = trainer.finalize(detector, buffer, config)
+        card["architecture"].update(report.pop("architecture", {}))
+        report.update(trainer.training_report(detector, buffer))
+    else:
+        report = trainer.training_report(detector, buffer)
     if world > 1:
         report["distributed"] = {"world_size": world, "backend": dist.get_backend(),
                                  "max_parameter_divergence": parameter_divergence(model)}

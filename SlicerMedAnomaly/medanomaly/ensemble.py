@@ -1,0 +1,106 @@
+"""Ensembles of model bundles: `--model ensemble:NAME1,NAME2,...` (mean) or `ensemble-max:NAME1,NAME2,...`.
+
+Each member scores the volume on its own grid and calibrates its own map; the ensemble combines the members'
+calibrated voxel probabilities and volume scores by their mean or their maximum.
+
+Thresholds: a voxel where the mean (or the maximum) of the members' probabilities reaches t has at least one member
+at t or more, so a false finding of the ensemble at t is a false finding of some member at t. The expected false
+findings per cm of normal CT are therefore at most the sum of the members' calibrated rates (a union bound), and the
+ensemble's threshold for a target rate is where that sum meets it: conservative, and needing no new calibration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import ModelBundle, resolve_model
+from .calibration import Calibration, threshold_for_rate
+from .detectors import Detector, build_detector
+from .errors import InputError
+
+PREFIXES = {"ensemble:": "mean", "ensemble-mean:": "mean", "ensemble-max:": "max"}
+
+
+def parse_spec(model: str | None) -> tuple[str, list[str]] | None:
+    """'ensemble-max:A,B' -> ('max', ['A', 'B']); None for a single model."""
+    if not isinstance(model, str):
+        return None
+    for prefix, combine in PREFIXES.items():
+        if model.startswith(prefix):
+            names = [n.strip() for n in model[len(prefix):].split(",") if n.strip()]
+            if len(names) < 2:
+                raise InputError(f"--model {model}: an ensemble needs at least two models, as {prefix}NAME1,NAME2")
+            return combine, names
+    return None
+
+
+class EnsembleCalibration:
+    """What the pipeline asks of a calibration, for an ensemble: thresholds by the union bound over members."""
+
+    def __init__(self, members: list[Calibration]):
+        self.members = members
+        self.min_size_mm3 = min(c.min_size_mm3 for c in members)
+        self.default_fp_per_volume = float(np.mean([c.default_fp_per_volume for c in members]))
+
+    def fp_rate(self, threshold: float) -> float:
+        return float(sum(c.fp_rate(threshold) for c in self.members))
+
+    def threshold_for(self, fp_per_volume: float, extent_cm: float) -> float:
+        return threshold_for_rate(self.fp_rate, fp_per_volume, extent_cm)
+
+
+@dataclass
+class Ensemble:
+    members: list[Detector]
+    combine: str = "mean"
+
+    def __post_init__(self):
+        if self.combine not in ("mean", "max"):
+            raise InputError(f"ensemble combine {self.combine!r}: use mean or max")
+        names = [m.card["name"] for m in self.members]
+        self.card = {"name": f"ensemble-{self.combine}({','.join(names)})", "version": "-",
+                     "method": "ensemble", "members": [{k: m.card[k] for k in ("name", "version", "method")}
+                                                       for m in self.members]}
+        self.calibration = EnsembleCalibration([Calibration.from_card(m.card["calibration"]) for m in self.members])
+
+    def combine_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
+        stacked = np.stack(arrays)
+        return (stacked.max(0) if self.combine == "max" else stacked.mean(0)).astype(arrays[0].dtype)
+
+
+def load_scorer(model: "str | Path | ModelBundle | Detector | Ensemble | None") -> "Detector | Ensemble":
+    """A detector, or an ensemble of detectors, from a catalog name, bundle folder, ensemble spec or object."""
+    if isinstance(model, (Detector, Ensemble)):
+        return model
+    if isinstance(model, ModelBundle):
+        return build_detector(model)
+    spec = parse_spec(str(model)) if model is not None else None
+    if spec is None:
+        return build_detector(resolve_model(model))
+    combine, names = spec
+    return Ensemble([build_detector(resolve_model(n)) for n in names], combine)
+
+
+def calibration_of(scorer: "Detector | Ensemble") -> "Calibration | EnsembleCalibration":
+    return scorer.calibration if isinstance(scorer, Ensemble) else Calibration.from_card(scorer.card["calibration"])
+
+
+def resolved_spec(model: str | None) -> str:
+    """The model argument with every name resolved to its bundle folder (what batch workers receive)."""
+    spec = parse_spec(model)
+    if spec is None:
+        return str(resolve_model(model).path)
+    combine, names = spec
+    return f"ensemble-{combine}:" + ",".join(str(resolve_model(n).path) for n in names)
+
+
+def model_identity(model: str | None) -> str:
+    """SHA-256 over the model cards (and the combination rule): changes whenever a result could."""
+    spec = parse_spec(model)
+    cards = resolve_model(model).card if spec is None else [spec[0]] + [resolve_model(n).card for n in spec[1]]
+    return hashlib.sha256(json.dumps(cards, sort_keys=True).encode()).hexdigest()

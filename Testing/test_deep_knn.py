@@ -1,0 +1,193 @@
+"""Deep kNN: nearest-neighbour distances against brute force, the coreset's covering radius, SimSiam learning, user
+backbone weights, and the whole train -> bundle -> detect path on the shipped real CT."""
+
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import DEMO_CT
+from medanomaly.errors import InputError
+from medanomaly.neighbours import greedy_coreset, knn_distance
+
+
+def brute_knn(queries, memory, k):
+    d = torch.cdist(queries.double(), memory.double())
+    return torch.sort(d, dim=1).values[:, :k].mean(1)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_knn_matches_brute_force(k):
+    g = torch.Generator().manual_seed(k)
+    queries, memory = torch.randn(503, 33, generator=g), torch.randn(211, 33, generator=g)
+    got = knn_distance(queries, memory, k, chunk=64, backend="torch")
+    torch.testing.assert_close(got.double(), brute_knn(queries, memory, k), rtol=1e-4, atol=1e-4)
+
+
+def test_knn_exact_match_is_zero_and_k_is_capped():
+    memory = torch.randn(5, 8)
+    assert torch.allclose(knn_distance(memory, memory, 1, backend="torch"), torch.zeros(5), atol=1e-3)
+    # k larger than the memory: the mean over all rows
+    q = torch.randn(3, 8)
+    torch.testing.assert_close(knn_distance(q, memory, 50, backend="torch").double(), brute_knn(q, memory, 5),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_knn_faiss_agrees_with_torch():
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(1)
+    queries, memory = torch.randn(300, 16, generator=g), torch.randn(400, 16, generator=g)
+    torch.testing.assert_close(knn_distance(queries, memory, 3, backend="faiss"),
+                               knn_distance(queries, memory, 3, backend="torch"), rtol=1e-3, atol=1e-3)
+
+
+def test_coreset_covering_radius_is_exact_and_shrinks():
+    g = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(300, 6, generator=g), torch.randn(40, 6, generator=g) * 0.2 + 6])
+    radii = []
+    for size in (5, 20, 80):
+        chosen, radius = greedy_coreset(points, size, seed=0, projection_dim=None)
+        assert len(set(chosen.tolist())) == size
+        nearest = torch.cdist(points, points[chosen]).min(1).values
+        assert radius == pytest.approx(float(nearest.max()), rel=1e-5)  # every point lies within the radius
+        radii.append(radius)
+    assert radii[0] > radii[1] > radii[2]
+    # the far cluster is covered by a chosen point: greedy k-center reaches outliers first
+    assert (points[greedy_coreset(points, 5, seed=0, projection_dim=None)[0]][:, 0] > 3).any()
+    # greedy k-center is a 2-approximation: no other set of the same size has a radius below half of it
+    random_radius = torch.cdist(points, points[torch.randperm(340, generator=g)[:20]]).min(1).values.max()
+    assert radii[1] <= 2 * float(random_radius)
+    chosen, radius = greedy_coreset(points, 1000)
+    assert len(chosen) == len(points) and radius == 0.0
+
+
+def tiny_card(**arch):
+    from medanomaly.preprocess import InputSpec
+    from medanomaly.training.deep_knn import architecture
+
+    return {"name": "tiny", "version": "0", "method": "deep-knn",
+            "input": {**InputSpec().to_card(), "size": 64},
+            "architecture": architecture({"layers": [1, 1, 1, 1], "block_inplanes": [8, 16, 32, 64],
+                                          "feature_layers": [1, 2],
+                                          "adaptor_dim": 16, "predictor_dim": 8, **arch})}
+
+
+def synthetic_slices(n, seed):
+    """Ellipses of soft tissue with darker 'lungs': a stand-in for normal slices."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    images = []
+    for _ in range(n):
+        a, b = 0.7 + 0.2 * torch.rand(1, generator=g), 0.5 + 0.2 * torch.rand(1, generator=g)
+        body = (xx / a) ** 2 + (yy / b) ** 2 < 1
+        lungs = (((xx.abs() - 0.35) / 0.22) ** 2 + (yy / 0.35) ** 2) < 1
+        img = 0.1 + 0.5 * body - 0.4 * (body & lungs) + 0.02 * torch.randn(64, 64, generator=g)
+        images.append(img.clamp(0, 1))
+    images = torch.stack(images)[:, None]
+    return images, images > 0.2
+
+
+def test_simsiam_loss_decreases_on_a_tiny_set():
+    from medanomaly.detectors.deep_knn import DeepKNNDetector
+    from medanomaly.training import deep_knn as trainer
+
+    torch.manual_seed(0)
+    detector = DeepKNNDetector(tiny_card())
+    model = trainer.trainable(detector).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    images, regions = synthetic_slices(16, 0)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(40):
+        loss, parts = trainer.loss(model, images, regions, g)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert -1.0 <= min(losses) and max(losses) <= 1.0  # a negative cosine similarity
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
+
+
+def test_detector_scores_a_foreign_blob_above_normal_tissue():
+    from medanomaly.detectors.deep_knn import DeepKNNDetector
+    from medanomaly.training import TrainConfig, deep_knn as trainer
+
+    class Slices:  # the two fields finalize reads from a training buffer
+        def __init__(self, images, regions):
+            self.images, self.regions = images, regions
+
+        def __len__(self):
+            return len(self.images)
+
+    torch.manual_seed(0)
+    detector = DeepKNNDetector(tiny_card(memory_max_patches=500))
+    images, regions = synthetic_slices(12, 1)
+    report = trainer.finalize(detector, Slices(images, regions), TrainConfig(seed=0))
+    assert report["architecture"]["memory_patches"] == 500
+    assert detector.memory_images.shape == (12 * len(detector.arch["tta_shifts"]), 16)
+    test, region = synthetic_slices(1, 2)
+    test, region = test.repeat(2, 1, 1, 1), region.repeat(2, 1, 1, 1)
+    test[1, 0, 28:36, 10:18] = 1.0  # a bright foreign body in the left lung of the same slice
+    with torch.inference_mode():
+        out = detector.eval().score(test, region)
+    assert out.score.shape == test.shape and out.slice_score.shape == (2,)
+    assert torch.all(out.score[~region] == 0) and torch.all(out.score >= 0)
+    blob = out.score[1, 0, 28:36, 10:18].mean()
+    assert blob > 1.5 * out.score[0, 0, 28:36, 10:18].mean()  # the same place without the blob
+    assert out.slice_score[1] > out.slice_score[0]
+
+
+def test_user_backbone_weights(tmp_path):
+    """A torchvision-named ResNet state dict (RGB first convolution) loads, is summed to one channel and frozen;
+    files that do not fit, or are not weights-only, are refused with a clear message."""
+    from monai.networks.nets import ResNet
+
+    from medanomaly.detectors.deep_knn import DeepKNNDetector
+    from medanomaly.training import deep_knn as trainer
+
+    rgb = ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[8, 16, 32, 64], spatial_dims=2,
+                 n_input_channels=3, num_classes=10, bias_downsample=False, conv1_t_size=7, conv1_t_stride=2)
+    state = {k: v.clone() for k, v in rgb.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "r.safetensors"))
+    torch.save(state, tmp_path / "r.pth")
+    for name in ("r.safetensors", "r.pth"):
+        detector = DeepKNNDetector(tiny_card(backbone_weights=str(tmp_path / name)))
+        trainer.trainable(detector)
+        torch.testing.assert_close(detector.backbone.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+        torch.testing.assert_close(detector.backbone.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
+        assert not any(p.requires_grad for p in detector.backbone.parameters())
+        assert all(p.requires_grad for p in detector.adaptor.parameters())
+    with pytest.raises(InputError, match="shape"):
+        trainer.trainable(DeepKNNDetector(tiny_card(block_inplanes=[16, 32, 64, 128],
+                                                    backbone_weights=str(tmp_path / "r.safetensors"))))
+
+    torch.save({"conv1.weight": datetime.date(2020, 1, 1)}, tmp_path / "evil.pth")  # an object weights-only refuses
+    with pytest.raises(InputError, match="weights-only"):
+        trainer.read_backbone_weights(tmp_path / "evil.pth")
+
+
+def test_train_bundle_detect_end_to_end(tmp_path):
+    """Train a few steps on the shipped real CT, write the bundle, load it back by its card and detect."""
+    from medanomaly.api import detect_volume
+    from medanomaly.bundle import ModelBundle
+    from medanomaly.training import train
+    from medanomaly.volumes import read_volume
+
+    bundle = train("deep-knn", [str(DEMO_CT)], tmp_path / "knn", steps=4, batch_size=4, checkpoint_every=2,
+                   input={"size": 64, "spacing_mm": 7.0, "window_hu": [-1000.0, 500.0], "region": "body",
+                          "smoothing_mm": 6.0},
+                   architecture={"block_inplanes": [8, 16, 32, 64], "adaptor_dim": 16,
+                                 "predictor_dim": 8, "memory_max_patches": 300})
+    card = ModelBundle.load(bundle.path).card
+    assert card["architecture"]["memory_patches"] == 300
+    assert card["training"]["memory"]["patch_candidates"] > 300
+    assert len(card["calibration"]["slice_quantiles"]) == len(card["calibration"]["voxel_levels"])
+    volume = read_volume(DEMO_CT)
+    result = detect_volume(volume, bundle.path, device="cpu")
+    assert result.heatmap.shape == volume.hu.shape
+    assert 0.0 <= result.heatmap.min() and result.heatmap.max() <= 1.0
+    assert 0.0 <= result.volume_score <= 1.0
