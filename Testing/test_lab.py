@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import ROOT
 
-from medanomaly.lab import build_cases, evaluate, markdown_breakdown, markdown_table, slab
+from medanomaly.bundle import ModelBundle, resolve_model
+from medanomaly.errors import InputError
+from medanomaly.lab import build_cases, evaluate, markdown_breakdown, markdown_table, record_in_card, slab
 from medanomaly.synth import LESION_KINDS, LUNG_KINDS, LesionInserter, insert_lesions
 
 
@@ -119,6 +122,16 @@ def test_evaluate_runs_every_metric_and_prints_tables(demo_image, tmp_path):
         results.append(r)
     table = markdown_table(results)
     assert "chest-ct-vqvae-recon" in table and "chest-ct-hu-outlier" in table
+    # the numbers go into a copy of the bundle's card; weights and checksums are untouched
+    copy = tmp_path / "hu-outlier-copy"
+    shutil.copytree(resolve_model("chest-ct-hu-outlier").path, copy)
+    record_in_card(copy, results[1])
+    card = ModelBundle.load(copy).card
+    assert card["evaluation"]["lab"]["voxel_ap"] == results[1]["voxel_ap"]
+    assert card["evaluation"]["lab"]["cases_manifest_sha256"] == results[1]["provenance"]["manifest_sha256"]
+    ModelBundle.load(copy).verify()
+    with pytest.raises(InputError):
+        record_in_card(copy, results[0])  # another model's numbers
     assert "needle" in markdown_breakdown(results)
     json.dumps(results)
 

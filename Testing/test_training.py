@@ -92,3 +92,32 @@ def test_train_unknown_method(training_volume, tmp_path, capsys):
     code = main(["train", "--method", "nope", "--data", str(training_volume), "-o", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "no trainer" in err
+
+
+def test_slice_buffer_streams_every_slice_with_bounded_memory(demo_image, tmp_path):
+    """More training slices than the bound: the reservoir never grows, each refresh re-reads one volume, and over
+    enough batches every slice of every volume is served; held-out slabs are read again, not kept."""
+    import torch
+
+    from medanomaly.preprocess import InputSpec
+    from medanomaly.training.data import SliceBuffer
+
+    paths = []
+    for i, (z0, z1) in enumerate([(0, 30), (30, 60)]):
+        paths.append(tmp_path / f"part{i}.nrrd")
+        sitk.WriteImage(sitk.Shrink(demo_image[:, :, z0:z1], [4, 4, 1]), str(paths[-1]))
+    spec = InputSpec.from_card({**InputSpec().to_card(), "size": 32, "spacing_mm": 14.0})
+    buffer = SliceBuffer([str(p) for p in paths], spec, split=False, max_slices=8, refresh_every=1, seed=0)
+    total = sum(buffer.counts)
+    assert buffer.streaming and total > 20 and len(buffer) == 8
+    seen = {tuple(o) for o in buffer.origins.tolist()}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        images, regions = buffer.batch(4, g)
+        assert images.shape == (4, 1, 32, 32) and len(buffer) == 8  # bounded
+        seen |= {tuple(o) for o in buffer.origins.tolist()}
+    assert len(seen) == total  # every training slice of both volumes was held at some point
+    assert {v for v, _ in seen} == {0, 1}
+    split = SliceBuffer([str(paths[0])], spec, split=True, block=5, every=3, margin=1)
+    held = list(split.heldout())
+    assert len(held) == 1 and held[0][1].size > 0 and split.heldout_paths == [str(paths[0])]

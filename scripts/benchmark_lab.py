@@ -13,8 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from medanomaly.bundle import list_models
-from medanomaly.lab import build_cases, evaluate, markdown_breakdown, markdown_table
+from medanomaly.bundle import list_models, resolve_model
+from medanomaly.ensemble import parse_spec
+from medanomaly.lab import build_cases, evaluate, markdown_breakdown, markdown_table, record_in_card
 from medanomaly.training.data import contiguous_runs, slab_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=None,
                     help="catalog names or bundle folders (default: every model in the catalogs)")
     ap.add_argument("--json", default=str(ROOT / "scripts" / "results" / "lab_benchmark.json"))
+    ap.add_argument("--write-cards", action="store_true",
+                    help="write each bundle's headline numbers into its model card (evaluation.lab)")
     args = ap.parse_args()
     cases = Path(args.cases)
     if args.rebuild or not (cases / "cases.json").exists():
@@ -52,6 +55,8 @@ def main() -> None:
     for name in names:
         print(f"evaluating {name} ...", file=sys.stderr, flush=True)
         results.append(evaluate(cases, name))
+        if args.write_cards and parse_spec(name) is None:
+            record_in_card(resolve_model(name).path, results[-1])
     print(markdown_table(results))
     print()
     print(markdown_breakdown(results))

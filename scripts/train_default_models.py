@@ -68,7 +68,7 @@ RECIPES = {
     "chest-ct-stylegan2-generator": dict(
         method="stylegan2",
         data=CHEST_DATA,
-        steps=3000, batch_size=16, learning_rate=2e-3, seed=0,
+        steps=2000, batch_size=16, learning_rate=2e-3, seed=0,
         input=CHEST_INPUT,
         architecture={"channel_base": 1024, "channel_max": 64, "d_channel_max": 64, "encoder_channel_max": 64},
         description="StyleGAN2 generator and discriminator trained on normal chest CT slices (chest_ct_01, slab "
@@ -77,7 +77,7 @@ RECIPES = {
     "chest-ct-stylegan2": dict(
         method="stylegan2-encoder",
         data=CHEST_DATA,
-        steps=1200, batch_size=16, learning_rate=1e-3, seed=0,
+        steps=800, batch_size=16, learning_rate=1e-3, seed=0,
         input=CHEST_INPUT,
         init_from="chest-ct-stylegan2-generator", init_prefixes=("generator.",), architecture_overrides={},
         description="StyleGAN2 reconstruction: W+ starts at the encoder's estimate and is refined by Adam on MSE + "

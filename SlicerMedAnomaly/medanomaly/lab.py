@@ -185,6 +185,31 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
     }
 
 
+HEADLINE = ("cases", "normal_cases", "anomalous_cases", "volume_auroc", "volume_ap", "voxel_ap", "voxel_auroc",
+            "dice_best", "froc", "localization_rate", "fp_findings_per_normal_volume", "sensitivity_at_default",
+            "seconds_per_volume_median")
+
+
+def record_in_card(bundle_path: str | Path, result: dict) -> None:
+    """Write the lab's headline numbers for this bundle into its model card (`evaluation.lab`), atomically. The
+    weights and their checksums are untouched."""
+    from .bundle import CARD_NAME, ModelBundle, atomic_write_text
+
+    bundle = ModelBundle.load(bundle_path)
+    if bundle.card["name"] != result["model"]["name"]:
+        raise InputError(f"{bundle_path}: card is {bundle.card['name']!r}, results are for {result['model']['name']!r}")
+    lab = {k: result[k] for k in HEADLINE}
+    lab["per_kind"] = {kind: {k: v for k, v in row.items() if k in ("lesions", "sensitivity_at_2fp", "voxel_ap",
+                                                                      "localization_rate")}
+                       for kind, row in result["per_kind"].items()}
+    lab["cases_manifest_sha256"] = result["provenance"]["manifest_sha256"]
+    lab["medanomaly_version"] = __version__
+    lab["date"] = time.strftime("%Y-%m-%d")
+    card = dict(bundle.card, evaluation={**bundle.card.get("evaluation", {}), "lab": lab})
+    atomic_write_text(bundle.path / CARD_NAME, json.dumps(card, indent=2, default=float) + "\n")
+    ModelBundle.load(bundle.path).verify()
+
+
 def markdown_table(results: list[dict]) -> str:
     """One row per detector: the lab's headline numbers."""
     header = ["detector", "method", "volume AUROC", "volume AP", "voxel AP", "voxel AUROC", "Dice (best)",

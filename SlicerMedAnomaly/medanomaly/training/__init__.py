@@ -115,7 +115,7 @@ def calibrate(detector: Detector, buffer: SliceBuffer, calibration_paths: Sequen
               device: torch.device) -> tuple[Calibration, dict]:
     """Fit the calibration on held-out normal slices: separate volumes if given, else the held-out slabs."""
     references, slice_scores = [], []
-    sources = buffer.heldout if buffer is not None else []
+    sources = buffer.heldout() if buffer is not None else []
     if calibration_paths:
         from .data import load_sources
 

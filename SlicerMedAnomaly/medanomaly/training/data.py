@@ -82,43 +82,78 @@ def content_hash(path) -> str:
 
 
 class SliceBuffer:
-    """Training slices held in memory, at most `max_slices` of them: volumes are read one at a time, and once the
-    total passes the bound a uniform random subset is kept (so memory stays bounded, but slices beyond the bound
-    are dropped, not streamed again in later passes)."""
+    """Training slices streamed from many volumes with bounded memory.
+
+    Volumes are read one at a time. At most `max_slices` slices are held (a uniform random reservoir over everything
+    read); when the data hold more, the buffer streams: every `refresh_every` batches it re-reads the next volume
+    (round robin) and swaps that volume's share of the reservoir (max_slices * its slices / all slices) for freshly
+    drawn slices of it, so that over a run every slice of every volume is seen while memory stays at one reservoir
+    plus one volume. Held-out slabs are not kept: `heldout()` re-reads them when calibration asks.
+    """
 
     def __init__(self, paths: Sequence[str], spec: InputSpec, *, split: bool, max_slices: int = 4096,
-                 seed: int = 0, block: int = 20, every: int = 3, margin: int = 3):
+                 seed: int = 0, block: int = 20, every: int = 3, margin: int = 3, refresh_every: int = 50):
         self.paths, self.spec, self.split, self.max_slices = list(paths), spec, split, max_slices
+        self.split_args = {"block": block, "every": every, "margin": margin}
+        self.refresh_every, self.batches_served, self.next_volume = refresh_every, 0, 0
         self.rng = np.random.default_rng(seed)
         self.records: list[dict] = []
-        self.heldout: list[tuple[ModelSlices, np.ndarray]] = []
-        images, regions = [], []
-        for source in load_sources(self.paths, spec, split=split, block=block, every=every, margin=margin):
+        self.heldout_paths: list[str] = []
+        self.counts: list[int] = []  # training slices per volume
+        images, regions, origins = [], [], []
+        for v, source in enumerate(load_sources(self.paths, spec, split=split, **self.split_args)):
             self.records.append({"file": Path(source.path).name, "sha256": source.sha256,
                                  "train_slices": int(source.train_z.size),
                                  "heldout_slices": int(source.heldout_z.size)})
+            self.counts.append(int(source.train_z.size))
             if source.heldout_z.size:
-                self.heldout.append((source.slices, source.heldout_z))
+                self.heldout_paths.append(source.path)
             images.append(source.slices.windowed(spec)[source.train_z])
             regions.append(torch.from_numpy(source.slices.body[source.train_z]))
+            origins.append(torch.stack([torch.full((source.train_z.size,), v), torch.from_numpy(source.train_z)], 1))
             if sum(len(i) for i in images) > max_slices:  # keep a uniform random subset
-                images, regions = self._subsample(images, regions)
+                keep = torch.from_numpy(self.rng.choice(sum(len(i) for i in images), max_slices, replace=False))
+                images, regions, origins = ([torch.cat(images)[keep]], [torch.cat(regions)[keep]],
+                                            [torch.cat(origins)[keep]])
         if not images or sum(len(i) for i in images) == 0:
             raise ValueError("no training slices with body found in the given data")
         self.images = torch.cat(images)[:, None]
         self.regions = torch.cat(regions)[:, None]
-
-    def _subsample(self, images, regions):
-        x, r = torch.cat(images), torch.cat(regions)
-        keep = torch.from_numpy(self.rng.choice(len(x), self.max_slices, replace=False))
-        return [x[keep]], [r[keep]]
+        self.origins = torch.cat(origins)  # [N, 2]: volume index and slice index of every held slice
+        self.streaming = sum(self.counts) > max_slices
+        if self.streaming:
+            log.info("streaming: %d of %d training slices held, refreshed every %d batches", max_slices,
+                     sum(self.counts), refresh_every)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.streaming and self.batches_served and self.batches_served % self.refresh_every == 0:
+            self.refresh()
+        self.batches_served += 1
         idx = torch.randint(len(self.images), (size,), generator=generator)
         return self.images[idx], self.regions[idx]
+
+    def refresh(self) -> None:
+        """Re-read the next volume and swap its share of the reservoir for fresh slices of it."""
+        v = self.next_volume
+        self.next_volume = (v + 1) % len(self.paths)
+        share = max(1, round(self.max_slices * self.counts[v] / sum(self.counts)))
+        source = next(load_sources([self.paths[v]], self.spec, split=self.split, **self.split_args))
+        if source.train_z.size == 0:
+            return
+        z = self.rng.choice(source.train_z, min(share, source.train_z.size), replace=False)
+        slots = torch.from_numpy(self.rng.choice(len(self.images), z.size, replace=False))
+        self.images[slots, 0] = source.slices.windowed(self.spec)[z]
+        self.regions[slots, 0] = torch.from_numpy(source.slices.body[z])
+        self.origins[slots] = torch.stack([torch.full((z.size,), v), torch.from_numpy(z)], 1)
+
+    def heldout(self) -> Iterator[tuple[ModelSlices, np.ndarray]]:
+        """(slices, held-out slice indices) of every volume with held-out slabs, read again one at a time."""
+        for source in load_sources(self.heldout_paths, self.spec, split=True, **self.split_args):
+            if source.heldout_z.size:
+                yield source.slices, source.heldout_z
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, max_rotation_deg: float = 7.0,
