@@ -15,7 +15,8 @@ from pathlib import Path
 
 from medanomaly.bundle import list_models, resolve_model
 from medanomaly.ensemble import parse_spec
-from medanomaly.lab import build_cases, evaluate, markdown_breakdown, markdown_table, record_in_card
+from medanomaly.lab import (build_cases, evaluate, markdown_breakdown, markdown_table, pooled_localization,
+                            record_in_card)
 from medanomaly.training.data import contiguous_runs, slab_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,10 @@ def main() -> None:
     print(markdown_table(results))
     print()
     print(markdown_breakdown(results))
+    print()
+    for r in results:
+        print(f"{r['model']['name']}: localization on needle and fluid (effusion) slices "
+              f"{pooled_localization(r):.2f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
 

@@ -4,9 +4,12 @@
 - no residual weighting of the corrupted-token loss (likewise);
 - the classifier map alone instead of map x residual (same weights, recalibrated).
 
+And of StyleGAN2: the same bundle scored by per-patch MSE instead of the Wasserstein distance (recalibrated).
+
 And of the deep kNN detector (same SimSiam weights, memory rebuilt and recalibrated, no gradient steps):
 
-- without the in-plane position appended to patch features, and with 4x its weight.
+- patch features after the adaptor (the SimSiam projector) instead of the backbone's; and with them, without the
+  in-plane position appended to patch features, and with 4x its weight.
 
     python scripts/train_ablations.py [--output runs/ablations] [--steps 3000]
     python scripts/benchmark_lab.py --models chest-ct-vqvae-fs runs/ablations/*
@@ -24,11 +27,24 @@ from train_default_models import RECIPES, train_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def copy_with(source: Path, target: Path, name: str, architecture: dict) -> None:
+    """A copy of a bundle under another name with some detection-time architecture settings changed (the weights and
+    their checksums stay; recalibrate afterwards)."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    card = json.loads((target / CARD_NAME).read_text())
+    card["name"] = name
+    card["architecture"].update(architecture)
+    (target / CARD_NAME).write_text(json.dumps(card, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--output", default=str(ROOT / "runs" / "ablations"))
     ap.add_argument("--steps", type=int, default=1500, help="stage-2 steps of each variant (the flagship had 3000)")
     ap.add_argument("--only", default=None)
+    ap.add_argument("--knn-models", default=str(ROOT / "runs" / "knn-models"),
+                    help="folder holding chest-ct-deep-knn-simsiam (train_default_models.py --output writes it)")
     args = ap.parse_args()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,24 +62,23 @@ def main() -> None:
                      architecture_overrides={**base["architecture_overrides"], **overrides},
                      description=f"variant of chest-ct-vqvae-fs: {overrides}")
         print(f"trained {name}", flush=True)
-    knn_base = {**RECIPES["chest-ct-deep-knn"], "init_from": "chest-ct-deep-knn",
-                "init_prefixes": ("backbone.", "adaptor.", "predictor.")}
-    knn_models = resolve_model("chest-ct-deep-knn").path.parent
-    for name, overrides in {"deep-knn-no-position": {"position_weight": 0.0},
-                            "deep-knn-position-2": {"position_weight": 2.0}}.items():
+    knn_base = RECIPES["chest-ct-deep-knn"]  # the SimSiam stage's weights, memory rebuilt, no gradient steps
+    knn_models = Path(args.knn_models)
+    for name, overrides in {"deep-knn-adaptor-features": {"patch_features": "adaptor"},
+                            "deep-knn-adaptor-no-position": {"patch_features": "adaptor", "position_weight": 0.0},
+                            "deep-knn-adaptor-position-2": {"patch_features": "adaptor", "position_weight": 2.0}}.items():
         if args.only and args.only != name:
             continue
-        train_recipe(name, knn_base, out / name, models=knn_models, steps=0, architecture_overrides=overrides,
+        train_recipe(name, knn_base, out / name, models=knn_models, architecture_overrides=overrides,
                      description=f"variant of chest-ct-deep-knn: {overrides} (same weights, memory rebuilt)")
         print(f"built {name}", flush=True)
+    if not args.only or args.only == "stylegan2-mse":  # the same StyleGAN2 bundle scored by patch MSE
+        copy_with(resolve_model("chest-ct-stylegan2").path, out / "stylegan2-mse", "stylegan2-mse", {"score": "mse"})
+        recalibrate(out / "stylegan2-mse", data=[str(p) for p in base["data"]])
+        print("recalibrated stylegan2-mse")
     if not args.only or args.only == "vqvae-fs-classifier-only":
         target = out / "vqvae-fs-classifier-only"
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(flagship.path, target)
-        card = json.loads((target / CARD_NAME).read_text())
-        card["name"] = "vqvae-fs-classifier-only"
-        card["architecture"]["use_residual"] = False
-        (target / CARD_NAME).write_text(json.dumps(card, indent=2))
+        copy_with(flagship.path, target, "vqvae-fs-classifier-only", {"use_residual": False})
         recalibrate(target, data=[str(p) for p in base["data"]])
         print("recalibrated vqvae-fs-classifier-only")
 

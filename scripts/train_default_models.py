@@ -53,15 +53,28 @@ RECIPES = {
                     "(chest_ct_01, slab split with held-out slabs for calibration).",
         default=True,
     ),
-    "chest-ct-deep-knn": dict(
+    # deep kNN in two steps: SimSiam training of backbone, adaptor and predictor (an intermediate bundle, not listed),
+    # then the shipped memory of the backbone's patch features (the lab measured them better than the adaptor's)
+    "chest-ct-deep-knn-simsiam": dict(
         method="deep-knn",
         data=CHEST_DATA,
         steps=1500, batch_size=32, learning_rate=1e-3, seed=0,
         input=CHEST_INPUT,
-        description="Deep kNN: a ResNet backbone and adaptor trained self-supervised (SimSiam) on normal chest CT "
-                    "slices, a coreset memory of normal patch and slice features; score = distance to the k nearest "
-                    "normal features, geometric mean over test-time shifts (chest_ct_01, slab split with held-out "
-                    "slabs for calibration).",
+        description="Deep kNN, SimSiam stage: ResNet backbone, adaptor and predictor trained self-supervised on "
+                    "normal chest CT slices (chest_ct_01, slab split); memory of adaptor patch features.",
+        intermediate=True,
+    ),
+    "chest-ct-deep-knn": dict(
+        method="deep-knn",
+        data=CHEST_DATA,
+        steps=0, batch_size=32, learning_rate=1e-3, seed=0,
+        input=CHEST_INPUT,
+        init_from="chest-ct-deep-knn-simsiam", init_prefixes=("backbone.", "adaptor.", "predictor."),
+        architecture_overrides={"patch_features": "backbone"},
+        description="Deep kNN: a ResNet backbone trained self-supervised (SimSiam) on normal chest CT slices, a "
+                    "coreset memory of its normal patch features (with in-plane position) and of slice features; "
+                    "score = distance to the k nearest normal features, geometric mean over test-time shifts "
+                    "(chest_ct_01, slab split with held-out slabs for calibration).",
     ),
     # StyleGAN2 at the model grid's 128^2 with narrow layers (CPU budget); the generator first, then the encoder on
     # it (the shipped bundle). GPU recipe for full resolution: see README "StyleGAN2 on a GPU".
@@ -99,7 +112,7 @@ RECIPES = {
 def train_recipe(name: str, recipe: dict, output: Path, models: Path = MODELS, **overrides) -> ModelBundle:
     """Train one recipe; `init_from` names a bundle in `models` whose weights start a second stage, and
     `architecture_overrides` change that bundle's architecture."""
-    recipe = {k: v for k, v in {**recipe, **overrides}.items() if k != "default"}
+    recipe = {k: v for k, v in {**recipe, **overrides}.items() if k not in ("default", "intermediate")}
     method, data = recipe.pop("method"), [str(p) for p in recipe.pop("data")]
     if "init_from" in recipe:
         base = models / recipe.pop("init_from")
@@ -126,7 +139,8 @@ def main() -> None:
         t0 = time.perf_counter()
         bundle = train_recipe(name, recipe, out / name, models=out, **overrides)
         print(f"{name}: trained in {time.perf_counter() - t0:.0f} s -> {bundle.path}")
-        entries[name] = catalog_entry(bundle, name, default=recipe.get("default", False))
+        if not recipe.get("intermediate"):  # a stage that the next recipe starts from, not a model to use
+            entries[name] = catalog_entry(bundle, name, default=recipe.get("default", False))
     write_catalog(out, list(entries.values()))
 
 

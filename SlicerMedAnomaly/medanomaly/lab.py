@@ -160,6 +160,7 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
             "sensitivity_at_default": float(np.mean(hits)) if hits else float("nan"),
             "voxel_ap": kind_curves[kind].average_precision(),
             "localization_rate": float(np.mean(localization[kind])) if localization.get(kind) else float("nan"),
+            "localization_slices": len(localization.get(kind, [])),
         }
     sizes = sorted({h["size"] for h in default_hits}, key=lambda s: float(s.strip(">=").split("-")[0]))
     per_size = {size: {"lesions": sum(h["size"] == size for h in default_hits),
@@ -190,6 +191,13 @@ HEADLINE = ("cases", "normal_cases", "anomalous_cases", "volume_auroc", "volume_
             "seconds_per_volume_median")
 
 
+def pooled_localization(result: dict, kinds: tuple[str, ...] = ("needle", "effusion")) -> float:
+    """The localization rate over all lesion slices of the given kinds (the StyleGAN2 study's needles and fluid)."""
+    rows = [result["per_kind"][k] for k in kinds if k in result["per_kind"]]
+    slices = sum(r.get("localization_slices", 0) for r in rows)
+    return float(sum(r["localization_rate"] * r.get("localization_slices", 0) for r in rows) / slices) if slices else float("nan")
+
+
 def record_in_card(bundle_path: str | Path, result: dict) -> None:
     """Write the lab's headline numbers for this bundle into its model card (`evaluation.lab`), atomically. The
     weights and their checksums are untouched."""
@@ -200,8 +208,9 @@ def record_in_card(bundle_path: str | Path, result: dict) -> None:
         raise InputError(f"{bundle_path}: card is {bundle.card['name']!r}, results are for {result['model']['name']!r}")
     lab = {k: result[k] for k in HEADLINE}
     lab["per_kind"] = {kind: {k: v for k, v in row.items() if k in ("lesions", "sensitivity_at_2fp", "voxel_ap",
-                                                                      "localization_rate")}
+                                                                      "localization_rate", "localization_slices")}
                        for kind, row in result["per_kind"].items()}
+    lab["localization_rate_needle_and_fluid"] = pooled_localization(result)
     lab["cases_manifest_sha256"] = result["provenance"]["manifest_sha256"]
     lab["medanomaly_version"] = __version__
     lab["date"] = time.strftime("%Y-%m-%d")

@@ -33,6 +33,7 @@ DEFAULT_ARCHITECTURE = {
     "adaptor_dim": 128,  # width of the adaptor (SimSiam projector) output
     "predictor_dim": 64,  # bottleneck of the SimSiam predictor
     "position_weight": 0.5,  # scale of the in-plane position appended to each patch feature (0: none)
+    "patch_features": "adaptor",  # memory space of patches: "adaptor" (SimSiam projector) or "backbone" (its input)
     "k": 3,  # neighbours for the patch distance
     "k_image": 3,  # neighbours for the slice score
     "tta_shifts": [[0, 0], [2, 2]],  # in-plane shifts (pixels) for test-time augmentation
@@ -83,7 +84,8 @@ class DeepKNNDetector(Detector):
         self.adaptor = Adaptor(sum(widths), arch["adaptor_dim"])
         self.predictor = predictor(arch["adaptor_dim"], arch["predictor_dim"])
         extra = 2 if arch["position_weight"] > 0 else 0
-        self.register_buffer("memory_patches", torch.zeros(arch["memory_patches"], arch["adaptor_dim"] + extra))
+        patch_dim = sum(widths) if arch["patch_features"] == "backbone" else arch["adaptor_dim"]
+        self.register_buffer("memory_patches", torch.zeros(arch["memory_patches"], patch_dim + extra))
         self.register_buffer("memory_images", torch.zeros(arch["memory_images"], arch["adaptor_dim"]))
 
     @classmethod
@@ -114,9 +116,11 @@ class DeepKNNDetector(Detector):
         return F.avg_pool2d(torch.cat(maps, 1), pool, stride=1, padding=pool // 2, count_include_pad=False)
 
     def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adaptor output per patch [B, A, h, w] and its global mean per slice [B, A] (the SimSiam projection)."""
-        z = self.adaptor(self.backbone_patches(image))
-        return z, z.mean(dim=(2, 3))
+        """Patch features [B, C, h, w] (the adaptor's output, or with patch_features="backbone" its input) and the
+        adaptor output's global mean per slice [B, A] (the SimSiam projection)."""
+        backbone = self.backbone_patches(image)
+        z = self.adaptor(backbone)
+        return (backbone if self.arch["patch_features"] == "backbone" else z), z.mean(dim=(2, 3))
 
     def positions(self, h: int, w: int, shift: tuple[int, int], device) -> torch.Tensor:
         """In-plane position of each patch centre in the unshifted slice, in [-1, 1], times the position weight."""
