@@ -27,6 +27,28 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark_lab import SHARED_CT, chest_heldout_slabs  # noqa: E402
 
 
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = summary["curves"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    ax.plot(curves["mean_latent"], label=f"from the mean latent ({summary['mean_latent_steps']} steps)")
+    ax.plot(curves["encoder"], label=f"from E(x) ({summary['encoder_steps']} steps)")
+    ax.axhline(summary["mean_latent_final_mse"], color="gray", ls="--", lw=0.8, label="mean-latent final MSE")
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlim(0, len(curves["mean_latent"]))
+    ax.set_yscale("log")
+    ax.set_xlabel("Adam step")
+    ax.set_ylabel("reconstruction MSE")
+    ax.set_title(f"GAN inversion, {len(summary['slices'])} held-out chest slices")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="chest-ct-stylegan2")
@@ -34,7 +56,12 @@ def main() -> None:
     ap.add_argument("--mean-steps", type=int, default=500)
     ap.add_argument("--encoder-steps", type=int, default=50)
     ap.add_argument("--output", default=str(ROOT / "scripts" / "results" / "inversion"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     args = ap.parse_args()
+    out = Path(args.output)
+    if args.plot_only:
+        plot(json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".png"))
+        return
     torch.manual_seed(0)
     detector = build_detector(resolve_model(args.model)).eval()
     volume = read_volume(SHARED_CT / "chest_ct_01.nii.gz")
@@ -68,26 +95,9 @@ def main() -> None:
         "encoder_steps": args.encoder_steps, "encoder_steps_to_reach_mean_latent_final": reached,
         "target_met": reached is not None and reached <= 50, "seconds": seconds, "curves": curves,
     }
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    ax.plot(curves["mean_latent"], label=f"from the mean latent ({args.mean_steps} steps)")
-    ax.plot(curves["encoder"], label=f"from E(x) ({args.encoder_steps} steps)")
-    ax.axhline(goal, color="gray", ls="--", lw=0.8, label="mean-latent final MSE")
-    ax.set_xscale("symlog", linthresh=10)
-    ax.set_yscale("log")
-    ax.set_xlabel("Adam step")
-    ax.set_ylabel("reconstruction MSE")
-    ax.set_title(f"GAN inversion, {len(chosen)} held-out chest slices")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"))
+    plot(summary, out.with_suffix(".png"))
     print(f"encoder reaches the mean-latent {args.mean_steps}-step MSE after {reached} steps -> {out}.json/.png")
 
 

@@ -86,6 +86,7 @@ RECIPES = {
         architecture={"channel_base": 1024, "channel_max": 64, "d_channel_max": 64, "encoder_channel_max": 64},
         description="StyleGAN2 generator and discriminator trained on normal chest CT slices (chest_ct_01, slab "
                     "split); inversion starts from the mean latent. The shipped model is chest-ct-stylegan2.",
+        intermediate=True,
     ),
     "chest-ct-stylegan2": dict(
         method="stylegan2-encoder",

@@ -116,9 +116,9 @@ def explain(input_path: str | Path, output: str | Path, *, model: str | None = N
         idx = z_indices[start:start + batch_size]
         x = image[idx, None].to(torch_device)
         ws, recon = detector.invert(x, steps)
-        patches = detector.patch_scores(x, recon)
+        region = torch.from_numpy(prepared.region[idx, None]).to(torch_device)
         latents.append(ws.mean(1).cpu().numpy())
-        slice_scores.append(patches.flatten(1).max(1).values.cpu().numpy())
+        slice_scores.append(detector.slice_score(detector.patch_scores(x, recon), region).cpu().numpy())
         log.info("inverted %d/%d slices", min(start + batch_size, z_indices.size), z_indices.size)
     latents, slice_scores = np.concatenate(latents), np.concatenate(slice_scores)
     if labels is not None:

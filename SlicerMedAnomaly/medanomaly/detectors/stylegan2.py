@@ -402,7 +402,10 @@ class StyleGAN2Detector(Detector):
         size, stride = int(self.arch["patch_size"]), int(self.arch["patch_stride"])
         patches = self.patch_scores(image, reconstruction)
         pixel = patches_to_pixels(patches, tuple(image.shape[-2:]), size, stride) * region
-        # slice score: the highest-scoring window at least half inside the body
+        return DetectorOutput(score=pixel, reconstruction=reconstruction, slice_score=self.slice_score(patches, region))
+
+    def slice_score(self, patches: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """The highest-scoring window at least half inside the region: [B, nH, nW] -> [B]."""
+        size, stride = int(self.arch["patch_size"]), int(self.arch["patch_stride"])
         inside = F.avg_pool2d(region.float(), size, stride=stride)[:, 0] >= 0.5
-        slice_score = torch.where(inside, patches, torch.zeros_like(patches)).flatten(1).max(1).values
-        return DetectorOutput(score=pixel, reconstruction=reconstruction, slice_score=slice_score)
+        return torch.where(inside, patches, torch.zeros_like(patches)).flatten(1).max(1).values
