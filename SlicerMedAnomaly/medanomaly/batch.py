@@ -11,6 +11,7 @@ processes or an existing Dask distributed cluster.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import hashlib
 import json
@@ -97,6 +98,14 @@ def completed(case_dir: Path, input_hash: str, model_id: str) -> dict | None:
     return None
 
 
+@functools.lru_cache(maxsize=2)
+def worker_scorer(model: str | None):
+    """The model, loaded (and its checksums verified) once per worker process rather than once per case."""
+    from .ensemble import load_scorer
+
+    return load_scorer(model)
+
+
 def run_case(path: str, case: str, output: str, model: str | None, options: dict, model_id: str,
              input_hash: str) -> dict:
     """One case in a worker: detect, record the hashes in findings.json, return the summary row."""
@@ -113,7 +122,7 @@ def run_case(path: str, case: str, output: str, model: str | None, options: dict
     try:
         volume = read_volume(path, allow_non_hu=options.get("allow_non_hu", False))
         volume.case_name = case
-        result = detect_volume(volume, model, device=options.get("device", "cpu"),
+        result = detect_volume(volume, worker_scorer(model), device=options.get("device", "cpu"),
                                sensitivity=options.get("sensitivity"), fp_rate=options.get("fp_rate"),
                                min_size_mm3=options.get("min_size_mm3"))
         result.extra["batch"] = {"input_sha256": input_hash, "model_hash": model_id}
