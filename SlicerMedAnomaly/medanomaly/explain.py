@@ -4,7 +4,8 @@
 Slices of a volume are inverted into the StyleGAN2 generator's latent space (encoder start, then Adam). Given two
 labels per slice (the detector's flagged vs unflagged slices, or the user's label volume), a logistic regression in
 W (the mean of the W+ rows) gives a direction alpha; its cross-validated AUC says how well the latent separates the
-groups. G(w + lambda * alpha) for chosen slices shows how a slice would have to change to move between the groups.
+groups. G(w+ + lambda * alpha) for chosen slices (every row of the slice's fitted W+ moved along alpha, so lambda = 0
+is its reconstruction) shows how a slice would have to change to move between the groups.
 """
 
 from __future__ import annotations
@@ -117,10 +118,11 @@ def explain(input_path: str | Path, output: str | Path, *, model: str | None = N
         x = image[idx, None].to(torch_device)
         ws, recon = detector.invert(x, steps)
         region = torch.from_numpy(prepared.region[idx, None]).to(torch_device)
-        latents.append(ws.mean(1).cpu().numpy())
+        latents.append(ws.cpu().numpy())  # W+ per slice; the regression runs on W (the mean of its rows)
         slice_scores.append(detector.slice_score(detector.patch_scores(x, recon), region).cpu().numpy())
         log.info("inverted %d/%d slices", min(start + batch_size, z_indices.size), z_indices.size)
-    latents, slice_scores = np.concatenate(latents), np.concatenate(slice_scores)
+    latents_plus, slice_scores = np.concatenate(latents), np.concatenate(slice_scores)
+    latents = latents_plus.mean(1)
     if labels is not None:
         label_image = sitk.ReadImage(str(labels))
         if label_image.GetSize() != volume.image.GetSize():
@@ -150,9 +152,11 @@ def explain(input_path: str | Path, output: str | Path, *, model: str | None = N
     g = detector.generator
     with torch.no_grad():
         for zi in chosen:
-            w = torch.as_tensor(latents[int(np.nonzero(z_indices == zi)[0][0])], device=torch_device)
-            ws = (w[None] + torch.tensor(lambdas, device=torch_device)[:, None] * direction.scale * alpha[None])
-            frames = ((g(ws[:, None].expand(-1, g.num_ws, -1)) + 1) / 2).clamp(0, 1)[:, 0]
+            # every row of the slice's own W+ moves along alpha, so lambda = 0 is its reconstruction
+            w_plus = torch.as_tensor(latents_plus[int(np.nonzero(z_indices == zi)[0][0])], device=torch_device)
+            steps_ = torch.tensor(lambdas, device=torch_device, dtype=torch.float32)[:, None, None]
+            ws = w_plus[None] + steps_ * direction.scale * alpha[None, None]
+            frames = ((g(ws) + 1) / 2).clamp(0, 1)[:, 0]
             strips[zi] = frames.cpu().numpy()
     summary = {"input": str(input_path), "model": {k: detector.card[k] for k in ("name", "version", "method")},
                "labels": source, "slices_flagged": int(groups.sum()), "slices_unflagged": int((~groups).sum()),
@@ -190,7 +194,7 @@ def _write_outputs(output: Path, summary: dict, direction: Direction, strips: di
             volume = sitk.GetImageFromArray(frames.astype(np.float32))  # [lambda, y, x]
             volume.SetSpacing((spacing_mm, spacing_mm, 1.0))
             sitk.WriteImage(volume, str(staging / f"counterfactual_slice{zi:03d}.nrrd"), useCompression=True)
-        fig.suptitle(f"G(w + lambda * alpha), CV AUC {direction.cv_auc:.2f}")
+        fig.suptitle(f"G(W+ + lambda * alpha) of each slice's inversion, CV AUC {direction.cv_auc:.2f}")
         fig.tight_layout()
         fig.savefig(staging / "counterfactuals.png")
         plt.close(fig)
