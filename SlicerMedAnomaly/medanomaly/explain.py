@@ -154,8 +154,8 @@ def explain(input_path: str | Path, output: str | Path, *, model: str | None = N
         for zi in chosen:
             # every row of the slice's own W+ moves along alpha, so lambda = 0 is its reconstruction
             w_plus = torch.as_tensor(latents_plus[int(np.nonzero(z_indices == zi)[0][0])], device=torch_device)
-            steps_ = torch.tensor(lambdas, device=torch_device, dtype=torch.float32)[:, None, None]
-            ws = w_plus[None] + steps_ * direction.scale * alpha[None, None]
+            lam = torch.tensor(lambdas, device=torch_device, dtype=torch.float32)[:, None, None]
+            ws = w_plus[None] + lam * direction.scale * alpha[None, None]
             frames = ((g(ws) + 1) / 2).clamp(0, 1)[:, 0]
             strips[zi] = frames.cpu().numpy()
     summary = {"input": str(input_path), "model": {k: detector.card[k] for k in ("name", "version", "method")},
