@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from .api import detect_volume, peak_rss_mb
-from .bundle import sha256_of
+from .bundle import CARD_NAME, ModelBundle, atomic_write_text, sha256_of
 from .detectors import Detector
 from .ensemble import Ensemble, calibration_of, load_scorer
 from .errors import InputError
@@ -201,8 +201,6 @@ def pooled_localization(result: dict, kinds: tuple[str, ...] = ("needle", "effus
 def record_in_card(bundle_path: str | Path, result: dict) -> None:
     """Write the lab's headline numbers for this bundle into its model card (`evaluation.lab`), atomically. The
     weights and their checksums are untouched."""
-    from .bundle import CARD_NAME, ModelBundle, atomic_write_text
-
     bundle = ModelBundle.load(bundle_path)
     if bundle.card["name"] != result["model"]["name"]:
         raise InputError(f"{bundle_path}: card is {bundle.card['name']!r}, results are for {result['model']['name']!r}")

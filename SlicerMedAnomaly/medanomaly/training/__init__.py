@@ -119,7 +119,7 @@ def calibrate(detector: Detector, buffer: SliceBuffer, calibration_paths: Sequen
     if calibration_paths:
         from .data import load_sources
 
-        sources = [(s.slices, s.train_z) for s in load_sources(calibration_paths, detector.spec, split=False)]
+        sources = ((s.slices, s.train_z) for s in load_sources(calibration_paths, detector.spec, split=False))
     for slices, z in sources:
         smoothed, _, engine = score_slices(detector, slices, device=device)
         for run in contiguous_runs(z):
