@@ -17,7 +17,6 @@ import torch
 
 from medanomaly.detectors import build_detector
 from medanomaly.bundle import resolve_model
-from medanomaly.detectors.stylegan2 import Inversion
 from medanomaly.orientation import Reorientation
 from medanomaly.preprocess import prepare_slices
 from medanomaly.volumes import read_volume
@@ -72,7 +71,7 @@ def main() -> None:
     x01 = slices.windowed(detector.spec)[chosen, None]
     target = x01 * 2 - 1
     g = detector.generator
-    inversion = Inversion(g, detector.arch)
+    inversion = detector.inversion
     curves, seconds = {}, {}
     with torch.no_grad():
         ws_enc = detector.encode(x01)

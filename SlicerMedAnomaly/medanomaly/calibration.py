@@ -136,6 +136,12 @@ class Calibration:
         """log(1 - probability) of raw voxel scores (see tail_log_exceedance)."""
         return tail_log_exceedance(scores, self.voxel_quantiles, self.voxel_levels, self.voxel_tail_scale)
 
+    def slice_log_exceedance(self, slice_scores) -> np.ndarray:
+        """log(1 - probability) of raw slice scores under the normal slices' CDF (needs slice calibration)."""
+        if self.slice_quantiles is None:
+            raise ValueError("this calibration has no slice scores")
+        return tail_log_exceedance(slice_scores, self.slice_quantiles, self.voxel_levels, self.slice_tail_scale)
+
     def voxel_probability(self, scores, dtype=np.float32) -> np.ndarray:
         """Raw (smoothed) scores -> calibrated probability in [0, 1]."""
         return (-np.expm1(self.log_exceedance(scores))).astype(dtype)
@@ -165,8 +171,7 @@ class Calibration:
         if slice_scores is not None and self.slice_quantiles is not None:
             counted = np.asarray(slice_scores)[region.reshape(region.shape[0], -1).any(1)]
             if counted.size:
-                log_exc = tail_log_exceedance(np.array([counted.max()]), self.slice_quantiles, self.voxel_levels,
-                                              self.slice_tail_scale)[0]
+                log_exc = self.slice_log_exceedance(np.array([counted.max()]))[0]
                 return float(np.exp(-counted.size * np.exp(log_exc)))
         min_voxels = max(1, int(np.ceil(self.min_size_mm3 / float(np.prod(spacing_mm)))))
         floor = float(np.interp(self.fp_thresholds[0], self.voxel_levels, self.voxel_quantiles))

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import save_file
 
-from .calibration import Calibration, tail_log_exceedance
+from .calibration import Calibration
 from .ensemble import load_scorer
 from .errors import InputError
 from .metrics import roc_auc
@@ -135,7 +135,7 @@ def explain(input_path: str | Path, output: str | Path, *, model: str | None = N
         cal = Calibration.from_card(detector.card["calibration"])
         if cal.slice_quantiles is None:
             raise InputError("this model's calibration has no slice scores; pass --labels")
-        p = -np.expm1(tail_log_exceedance(slice_scores, cal.slice_quantiles, cal.voxel_levels, cal.slice_tail_scale))
+        p = -np.expm1(cal.slice_log_exceedance(slice_scores))
         groups = p >= 0.99
         source = "detector: slice score above the 99th percentile of normal slices"
     direction = latent_direction(latents, groups)

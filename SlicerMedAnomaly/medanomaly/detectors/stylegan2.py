@@ -376,6 +376,7 @@ class StyleGAN2Detector(Detector):
             raise ValueError(f"generator resolution {arch['resolution']} differs from the input size {self.spec.size}")
         self.generator = build_generator(arch)
         self.encoder = build_encoder(arch, self.generator.num_ws)
+        self.inversion = Inversion(self.generator, arch)  # no parameters of its own
 
     def encode(self, image01: torch.Tensor) -> torch.Tensor:
         """E(x): W+ [B, num_ws, w_dim] for slices in [0, 1]."""
@@ -383,7 +384,7 @@ class StyleGAN2Detector(Detector):
 
     def invert(self, image01: torch.Tensor, steps: int | None = None, record: list | None = None):
         """Fitted W+ and the reconstruction in [0, 1] of slices in [0, 1]."""
-        ws, noises = Inversion(self.generator, self.arch).run(image01 * 2 - 1, self.encode(image01), steps, record)
+        ws, noises = self.inversion.run(image01 * 2 - 1, self.encode(image01), steps, record)
         reconstruction = self.generator(ws, noise_mode="const" if noises is None else "none", noises=noises)
         return ws, ((reconstruction + 1) / 2).clamp(0, 1)
 

@@ -46,14 +46,14 @@ def contiguous_runs(indices: np.ndarray) -> list[np.ndarray]:
 @dataclass
 class SourceVolume:
     path: str
-    sha256: str
+    sha256: str | None  # of the file's content, when asked for (it costs a full read)
     slices: ModelSlices
     train_z: np.ndarray
     heldout_z: np.ndarray
 
 
 def load_sources(paths: Sequence[str], spec: InputSpec, *, split: bool, block: int = 20, every: int = 3,
-                 margin: int = 3) -> Iterator[SourceVolume]:
+                 margin: int = 3, with_hash: bool = False) -> Iterator[SourceVolume]:
     """One volume at a time on the model grid; `split` applies the slab split, otherwise all slices train."""
     for path in paths:
         volume = read_volume(path)
@@ -66,7 +66,7 @@ def load_sources(paths: Sequence[str], spec: InputSpec, *, split: bool, block: i
             train_z, held_z = slab_split(n, block, every, margin)
         else:
             train_z, held_z = np.arange(n), np.arange(0)
-        yield SourceVolume(path=str(path), sha256=content_hash(path),
+        yield SourceVolume(path=str(path), sha256=content_hash(path) if with_hash else None,
                            slices=slices, train_z=train_z[has_body[train_z]], heldout_z=held_z[has_body[held_z]])
 
 
@@ -101,7 +101,7 @@ class SliceBuffer:
         self.heldout_paths: list[str] = []
         self.counts: list[int] = []  # training slices per volume
         images, regions, origins = [], [], []
-        for v, source in enumerate(load_sources(self.paths, spec, split=split, **self.split_args)):
+        for v, source in enumerate(load_sources(self.paths, spec, split=split, with_hash=True, **self.split_args)):
             self.records.append({"file": Path(source.path).name, "sha256": source.sha256,
                                  "train_slices": int(source.train_z.size),
                                  "heldout_slices": int(source.heldout_z.size)})

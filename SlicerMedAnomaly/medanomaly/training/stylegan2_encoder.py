@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..detectors.stylegan2 import DEFAULT_ARCHITECTURE, Inversion
+from ..detectors.stylegan2 import DEFAULT_ARCHITECTURE
 from .data import SliceBuffer, augment
 
 CARD_METHOD = "stylegan2"
@@ -65,7 +65,7 @@ def loss(model: EncoderTraining, images: torch.Tensor, regions: torch.Tensor, ge
     predicted = detector.encode(x01)
     output = g(predicted, noise_mode="const")
     target = x01 * 2 - 1
-    distance = Inversion(g, arch).distance(output, target).mean()
+    distance = detector.inversion.distance(output, target).mean()
     pull = (predicted - g.w_avg).pow(2).sum(dim=(1, 2)).mean()
     total = distance + arch["encoder_latent_weight"] * pull
     with torch.no_grad():
