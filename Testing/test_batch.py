@@ -129,3 +129,12 @@ def test_kill_9_loses_no_completed_case_and_recomputes_none(small_ct, default_mo
     assert skipped == finished, "no completed case is lost or recomputed"
     assert recomputed == {f"scan{i}" for i in range(6)} - finished
     assert not [p for p in out.iterdir() if p.name.startswith(".") and "partial" in p.name]
+
+
+def test_bad_threads_per_worker_is_one_line_and_writes_nothing(repository, tmp_path):
+    out = tmp_path / "never"
+    run = subprocess.run([sys.executable, "-m", "medanomaly.cli", "batch", str(repository), "-o", str(out),
+                          "--threads-per-worker", "0"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "--threads-per-worker 0" in run.stderr
+    assert "Traceback" not in run.stderr and not out.exists()

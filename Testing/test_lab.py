@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import ROOT
 
 from medanomaly.bundle import ModelBundle, resolve_model
@@ -148,3 +149,49 @@ def test_evaluate_command_line(demo_image, tmp_path, capsys):
     assert "| chest-ct-hu-outlier |" in capsys.readouterr().out
     assert json.loads(out.read_text())["model"]["name"] == "chest-ct-hu-outlier"
     assert (ROOT / "scripts" / "benchmark_lab.py").is_file()
+    # one group only: nothing outside it to calibrate on, so auto keeps the card and cross says what to do
+    assert json.loads(out.read_text())["calibration"] == "model card"
+    assert main(["evaluate", "--cases", str(tmp_path / "cases"), "--model", "chest-ct-hu-outlier",
+                 "--calibration", "cross"]) == 2
+    assert "--calibration card" in capsys.readouterr().err
+
+
+def test_cross_calibration_uses_only_the_other_groups_normal_cases(demo_image, tmp_path):
+    from medanomaly.calibration import Calibration
+    from medanomaly.engine import score_slices
+    from medanomaly.ensemble import Ensemble, load_scorer
+    from medanomaly.lab import cross_calibrated
+    from medanomaly.orientation import Reorientation
+    from medanomaly.preprocess import prepare_slices
+    from medanomaly.volumes import read_volume
+
+    source = tmp_path / "source.nii.gz"
+    sitk.WriteImage(sitk.Shrink(demo_image, [2, 2, 1]), str(source))
+    manifest = build_cases(source, [(4, 20), (34, 54)], ["mood_intensity"], tmp_path / "cases", seed=3, name="demo")
+    cases = manifest["cases"]
+    scorer = load_scorer("chest-ct-hu-outlier")
+    own = json.dumps(scorer.card["calibration"])
+    by_group = cross_calibrated(scorer, tmp_path / "cases", cases)
+    normals = {c["group"]: c for c in cases if c["normal"]}
+    assert set(by_group) == set(normals) and len(normals) == 2
+    for group, recalibrated in by_group.items():
+        other = next(c for g, c in normals.items() if g != group)
+        volume = read_volume(tmp_path / "cases" / other["volume"])
+        r = Reorientation.for_image(volume.image)
+        slices = prepare_slices(r.to_canonical(volume.hu), r.canonical_spacing, scorer.spec)
+        smoothed, _, _ = score_slices(scorer, slices, device=torch.device("cpu"))
+        expected = Calibration.fit([(smoothed, slices.region, slices.spacing_mm)])
+        cal = recalibrated.card["calibration"]
+        assert np.allclose(cal["voxel_quantiles"], expected.voxel_quantiles)
+        assert cal["reference_slices"] == volume.hu.shape[0] and group in cal["source"]
+        assert recalibrated.state_dict().keys() == scorer.state_dict().keys()  # the same network, shared
+    assert json.dumps(scorer.card["calibration"]) == own  # the loaded model is left as it was
+    ensemble = cross_calibrated(Ensemble([scorer, load_scorer("chest-ct-vqvae-recon")], "max"), tmp_path / "cases",
+                                cases)
+    for group, recalibrated in ensemble.items():
+        assert isinstance(recalibrated, Ensemble) and recalibrated.combine == "max"
+        assert recalibrated.members[0].card["calibration"] == by_group[group].card["calibration"]
+    result = evaluate(tmp_path / "cases", scorer, calibration="cross")
+    assert result["calibration"].startswith("cross-group")
+    assert [c["case"] for c in result["case_scores"]] == [c["case"] for c in cases]
+    assert evaluate(tmp_path / "cases", scorer, calibration="card")["calibration"] == "model card"

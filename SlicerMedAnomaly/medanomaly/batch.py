@@ -164,6 +164,8 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
     """Run `detect` over many inputs on a Dask cluster (local processes by default); returns the summary rows."""
     from dask.distributed import Client, LocalCluster, as_completed
 
+    if options.get("threads") is not None and int(options["threads"]) < 1:
+        raise InputError(f"--threads-per-worker {options['threads']}: give 1 or more torch threads per worker")
     for name in ("distributed", "tornado"):  # their INFO lines would drown the progress bar
         logging.getLogger(name).setLevel(logging.WARNING)
     output = Path(output)

@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=None)
     b.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
     b.add_argument("--memory-limit", default="3GB", help="memory bound of each local worker (Dask syntax)")
+    b.add_argument("--threads-per-worker", type=int, default=None,
+                   help="torch threads in each worker (default: local CPU cores / workers; on a cluster, torch's own)")
     b.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--sensitivity", type=float, default=None)
@@ -108,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--cases", required=True, help="folder with cases.json (see scripts/benchmark_lab.py)")
     e.add_argument("--model", default=None, help="model name or bundle folder (default: catalog default)")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--calibration", choices=("auto", "cross", "card"), default="auto",
+                   help="cross: score each case group with the model recalibrated on the other groups' normal cases "
+                        "(out of sample); card: the model card's calibration; auto (default): cross when possible")
     e.add_argument("--json", default=None, help="write the metrics here")
     e.add_argument("--markdown", default=None, help="write the tables here")
     return p
@@ -292,7 +297,8 @@ def _cmd_batch(args) -> int:
         rows = batch(args.inputs, args.output, model=args.model, workers=args.workers,
                      memory_limit=args.memory_limit, scheduler=args.scheduler, progress=printer, device=args.device,
                      sensitivity=args.sensitivity, min_size_mm3=args.min_size_mm3, mood=args.mood,
-                     allow_non_hu=args.allow_non_hu, overview=not args.no_overview)
+                     allow_non_hu=args.allow_non_hu, overview=not args.no_overview,
+                     **({"threads": args.threads_per_worker} if args.threads_per_worker is not None else {}))
     finally:
         printer.close()
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
@@ -308,7 +314,8 @@ def _cmd_evaluate(args) -> int:
 
     printer = ProgressPrinter(args.quiet, False)
     try:
-        result = evaluate(args.cases, args.model, device=args.device, progress=printer)
+        result = evaluate(args.cases, args.model, device=args.device, progress=printer,
+                          calibration=args.calibration)
     finally:
         printer.close()
     tables = markdown_table([result]) + "\n\n" + markdown_breakdown([result])

@@ -3,6 +3,7 @@ and score any detector on them the way published work does (`medanomaly evaluate
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import statistics
@@ -14,12 +15,15 @@ import SimpleITK as sitk
 
 from . import __version__
 from .api import detect_volume, peak_rss_mb
+from .calibration import Calibration
 from .bundle import CARD_NAME, ModelBundle, atomic_write_text, sha256_of
 from .detectors import Detector
+from .engine import pick_device, score_slices
 from .ensemble import Ensemble, calibration_of, load_scorer
 from .errors import InputError
 from .metrics import FROC, PooledVoxelCurve, average_precision, localization_hits, roc_auc
 from .orientation import Reorientation
+from .preprocess import prepare_slices
 from .synth import LesionInserter
 from .volumes import read_volume
 
@@ -97,31 +101,96 @@ def _size_bin(lesion: dict) -> str:
     return "?"
 
 
+CALIBRATION_MODES = ("auto", "cross", "card")
+
+
+def recalibrated(detector: Detector, references: list, slice_scores: list, source: str) -> Detector:
+    """A copy of `detector` (sharing its weights) whose card carries a calibration fitted on `references`
+    ((smoothed raw scores, region, spacing) of normal CT) instead of its own."""
+    own = Calibration.from_card(detector.card["calibration"])
+    fitted = Calibration.fit(references, min_size_mm3=own.min_size_mm3,
+                             default_fp_per_volume=own.default_fp_per_volume,
+                             slice_scores=np.concatenate(slice_scores) if slice_scores else None)
+    clone = copy.copy(detector)
+    clone.card = dict(detector.card, calibration=fitted.to_card(
+        reference_slabs=len(references), reference_slices=int(sum(r[0].shape[0] for r in references)),
+        reference_voxels=int(sum(r[1].sum() for r in references)), source=source))
+    return clone
+
+
+def cross_calibrated(scorer: Detector | Ensemble, cases_dir: Path, cases: list[dict], device: str = "cpu"
+                     ) -> dict[str, Detector | Ensemble]:
+    """For each case group, the scorer recalibrated on the normal cases of the *other* groups, so that no case is
+    scored against a calibration that saw it (or its untouched base). Members of an ensemble are recalibrated one
+    by one. Raises InputError when a group has no normal case outside it."""
+    groups = sorted({c["group"] for c in cases})
+    members = scorer.members if isinstance(scorer, Ensemble) else [scorer]
+    torch_device = pick_device(device)
+    refs: dict[int, dict[str, list]] = {i: {} for i in range(len(members))}
+    for case in (c for c in cases if c["normal"]):
+        volume = read_volume(cases_dir / case["volume"])
+        r = Reorientation.for_image(volume.image)
+        hu = r.to_canonical(volume.hu)
+        for i, member in enumerate(members):
+            slices = prepare_slices(hu, r.canonical_spacing, member.spec)
+            smoothed, _, engine = score_slices(member, slices, device=torch_device)
+            refs[i].setdefault(case["group"], []).append(
+                ((smoothed, slices.region, slices.spacing_mm), engine.slice_scores))
+    out = {}
+    for group in groups:
+        recal = []
+        for i, member in enumerate(members):
+            others = [ref for g, found in refs[i].items() if g != group for ref in found]
+            if not others:
+                raise InputError(f"lab group {group!r} has no normal case in another group to calibrate on; "
+                                 "use --calibration card")
+            recal.append(recalibrated(member, [o[0] for o in others], [o[1] for o in others if o[1] is not None],
+                                      source=f"lab normal cases outside group {group!r}"))
+        out[group] = Ensemble(recal, scorer.combine) if isinstance(scorer, Ensemble) else recal[0]
+    return out
+
+
 def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = None, *, device: str = "cpu",
-             progress=None) -> dict:
-    """Run a detector over the lab's cases and compute every metric; returns a JSON-able dict."""
+             progress=None, calibration: str = "auto") -> dict:
+    """Run a detector over the lab's cases and compute every metric; returns a JSON-able dict.
+
+    calibration: "cross" scores each case group with the model recalibrated on the other groups' normal cases
+    (out of sample: the shipped models were calibrated on the held-out slabs the lab's normal cases come from);
+    "card" uses the model card's own calibration; "auto" is "cross" when every group has normal cases outside it.
+    """
+    if calibration not in CALIBRATION_MODES:
+        raise InputError(f"calibration {calibration!r}: use one of {', '.join(CALIBRATION_MODES)}")
     cases_dir = Path(cases_dir)
     manifest_path = cases_dir / MANIFEST
     if not manifest_path.is_file():
         raise InputError(f"{cases_dir}: no {MANIFEST}; build cases with scripts/benchmark_lab.py first")
     manifest = json.loads(manifest_path.read_text())
     detector = load_scorer(model)
-    calibration = calibration_of(detector)
+    groups = {c["group"] for c in manifest["cases"]}
+    normal_groups = {c["group"] for c in manifest["cases"] if c["normal"]}
+    if calibration == "auto":
+        calibration = "cross" if all(normal_groups - {g} for g in groups) else "card"
+    scorers = (cross_calibrated(detector, cases_dir, manifest["cases"], device) if calibration == "cross"
+               else {g: detector for g in groups})
     pooled, normal_curve = PooledVoxelCurve(), PooledVoxelCurve()
     kind_curves: dict[str, PooledVoxelCurve] = {}
     froc = FROC()
     volume_scores, volume_labels, seconds, normal_findings, default_hits = [], [], [], [], []
+    case_scores: list[dict] = []
     localization: dict[str, list[bool]] = {}
     for n, case in enumerate(manifest["cases"]):
         volume = read_volume(cases_dir / case["volume"])
         r = Reorientation.for_image(volume.image)
         t0 = time.perf_counter()
-        result = detect_volume(volume, detector, device=device)
+        scorer = scorers[case["group"]]
+        result = detect_volume(volume, scorer, device=device)
         seconds.append(time.perf_counter() - t0)
         labels = (sitk.GetArrayFromImage(sitk.ReadImage(str(cases_dir / case["labels"])))
                   if case["labels"] else None)
         truth = labels > 0 if labels is not None else np.zeros(result.heatmap.shape, bool)
         volume_scores.append(result.volume_score)
+        case_scores.append({"case": case["case"], "normal": bool(case["normal"]),
+                            "volume_score": result.volume_score, "findings": len(result.findings)})
         volume_labels.append(not case["normal"])
         pooled.add(result.heatmap, truth)
         if case["normal"]:
@@ -139,8 +208,9 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
             kind = case["lesions"][0]["kind"]
             localization.setdefault(kind, []).extend(bool(h) for h in hits)
         extent_cm = volume.hu.shape[r.axes[0]] * r.canonical_spacing[0] / 10.0
-        base = calibration.threshold_for(10.0, extent_cm)
-        min_voxels = max(1, int(np.ceil(calibration.min_size_mm3 / volume.voxel_volume_mm3)))
+        case_calibration = calibration_of(scorer)
+        base = case_calibration.threshold_for(10.0, extent_cm)
+        min_voxels = max(1, int(np.ceil(case_calibration.min_size_mm3 / volume.voxel_volume_mm3)))
         info = {lesion["label"]: {"kind": lesion["kind"], "size": _size_bin(lesion)} for lesion in case["lesions"]}
         froc.add_case(result.heatmap, labels, base, min_voxels, info, case["case"])
         if progress is not None:
@@ -182,6 +252,9 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         "per_kind": per_kind, "per_size": per_size,
         "seconds_per_volume_median": statistics.median(seconds) if seconds else float("nan"),
         "peak_rss_mb": peak_rss_mb(),
+        "calibration": ("cross-group: each group scored with the model recalibrated on the other groups' normal cases"
+                        if calibration == "cross" else "model card"),
+        "case_scores": case_scores,
         "provenance": {"manifest_sha256": sha256_of(manifest_path), "sources": manifest["sources"]},
     }
 
@@ -210,6 +283,7 @@ def record_in_card(bundle_path: str | Path, result: dict) -> None:
                        for kind, row in result["per_kind"].items()}
     lab["localization_rate_needle_and_fluid"] = pooled_localization(result)
     lab["cases_manifest_sha256"] = result["provenance"]["manifest_sha256"]
+    lab["calibration"] = result.get("calibration", "model card")
     lab["medanomaly_version"] = __version__
     lab["date"] = time.strftime("%Y-%m-%d")
     card = dict(bundle.card, evaluation={**bundle.card.get("evaluation", {}), "lab": lab})
