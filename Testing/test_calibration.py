@@ -52,6 +52,26 @@ def test_fp_curve_decreases_and_thresholds_follow_targets(calibration):
     assert calibration.fp_rate(t_low) * 20.0 == pytest.approx(5.0, rel=0.05)
 
 
+def test_fp_curve_is_conservative_and_strictly_decreasing_past_the_first_plateau():
+    """Few reference findings make plateaus; the curve interpolates between plateau ends, so it never under-states
+    the measured rate and never ties two volume scores or thresholds on a plateau."""
+    cal = Calibration.fit(normal_slabs(seed=4, n=1), min_size_mm3=18.0)
+    knots = cal.fp_knots()
+    observed = np.nonzero(cal.fp_per_cm > 0)[0]
+    flat = np.nonzero(cal.fp_per_cm[1:] == cal.fp_per_cm[:-1])[0]
+    flat = flat[flat < observed[-1]]  # plateaus of measured (non-zero) counts
+    assert (flat >= knots[1]).any(), "the fixture should have a plateau past the first to test"
+    rates = np.array([cal.fp_rate(t) for t in cal.fp_thresholds[: observed[-1] + 1]])
+    assert np.all(rates >= cal.fp_per_cm[: observed[-1] + 1] * (1 - 1e-9))
+    past_first = rates[knots[1]:] if knots.size > 1 else rates
+    assert np.all(np.diff(past_first) < 0)
+    # two levels inside one plateau of the measured counts get different volume-level rates
+    i = int(flat[flat >= knots[1]][0])
+    a, b = np.log(1 - cal.fp_thresholds[i]), np.log(1 - cal.fp_thresholds[i + 1])
+    assert cal.fp_per_cm[i] == cal.fp_per_cm[i + 1]
+    assert cal.fp_rate(log_exceedance=a) > cal.fp_rate(log_exceedance=0.5 * (a + b)) > cal.fp_rate(log_exceedance=b)
+
+
 def test_fp_rate_matches_what_it_was_fitted_on(calibration):
     """The stored curve is the upper envelope (from above) of component counts on the reference slabs."""
     slabs = normal_slabs()

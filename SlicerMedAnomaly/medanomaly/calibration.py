@@ -146,15 +146,25 @@ class Calibration:
         """Raw (smoothed) scores -> calibrated probability in [0, 1]."""
         return (-np.expm1(self.log_exceedance(scores))).astype(dtype)
 
-    def fp_rate(self, threshold: float | None = None, *, log_exceedance: float | None = None) -> float:
-        """False-positive findings per cm at a probability threshold (or at log(1 - threshold)): the measured curve,
-        log-linear between grid points, then its power-law tail."""
+    def fp_knots(self) -> np.ndarray:
+        """Grid indices the false-positive curve passes through: the first grid point and the last point of every
+        plateau of the measured counts (where the next threshold counts fewer findings). Interpolating between
+        them, instead of through every grid point, makes the curve strictly decreasing (so volume scores and
+        thresholds are never tied on a plateau) while never falling below the measured counts (conservative)."""
         observed = np.nonzero(self.fp_per_cm > 0)[0]
         if observed.size == 0:
+            return observed
+        fp = self.fp_per_cm[: observed[-1] + 1]
+        return np.unique(np.r_[0, np.nonzero(fp[1:] < fp[:-1])[0], fp.size - 1])
+
+    def fp_rate(self, threshold: float | None = None, *, log_exceedance: float | None = None) -> float:
+        """False-positive findings per cm at a probability threshold (or at log(1 - threshold)): the measured curve,
+        log-linear between its knots (fp_knots), then its power-law tail."""
+        knots = self.fp_knots()
+        if knots.size == 0:
             return 0.0
-        last = observed[-1]
-        x = np.log(1.0 - self.fp_thresholds[: last + 1])
-        y = np.log(self.fp_per_cm[: last + 1])
+        x = np.log(1.0 - self.fp_thresholds[knots])
+        y = np.log(self.fp_per_cm[knots])
         xt = log_exceedance if log_exceedance is not None else np.log(max(1.0 - threshold, 1e-300))
         if xt >= x[-1]:  # within the measured range (x decreases as the threshold rises)
             return float(np.exp(np.interp(-xt, -x, y)))
