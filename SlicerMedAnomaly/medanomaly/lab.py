@@ -15,8 +15,8 @@ import SimpleITK as sitk
 
 from . import __version__
 from .api import detect_volume, peak_rss_mb
-from .calibration import Calibration
 from .bundle import CARD_NAME, ModelBundle, atomic_write_text, sha256_of
+from .calibration import Calibration
 from .detectors import Detector
 from .engine import pick_device, score_slices
 from .ensemble import Ensemble, calibration_of, load_scorer
