@@ -138,3 +138,17 @@ def test_bad_threads_per_worker_is_one_line_and_writes_nothing(repository, tmp_p
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "--threads-per-worker 0" in run.stderr
     assert "Traceback" not in run.stderr and not out.exists()
+
+
+def test_manifest_row_without_a_file_is_a_failed_case(repository, default_model, tmp_path):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"path\n{repository / 'site_a' / 'normal1.nii.gz'}\nmissing/gone.nii.gz\n")
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "medanomaly.cli", "-q", "batch", str(manifest), "-o", str(out),
+                          "--model", str(default_model), "--workers", "1", "--no-overview"], env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 4 and "Traceback" not in run.stderr  # some case failed; the batch itself ran
+    summary = {r["case"]: r for r in read_summary(out)}
+    assert summary["normal1"]["status"] == "ok" and (out / "normal1" / "heatmap.nrrd").is_file()
+    assert summary["gone"]["status"] == "failed" and "check the path" in summary["gone"]["error"]
+    assert not (out / "gone").exists()

@@ -178,14 +178,20 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
     names = unique_case_names(paths)
     rows, todo = [], []
     for path in paths:
-        input_hash = content_hash(path)
+        try:
+            input_hash = content_hash(path)
+        except OSError as exc:  # a manifest row whose file is gone or unreadable: a failed case, not a failed batch
+            rows.append({"case": names[path], "input": path, "status": "failed", "seconds": "",
+                         "error": f"cannot read {path}: {exc.strerror or exc}; check the path"})
+            continue
         done = completed(output / names[path], input_hash, model_id)
         if done is not None:
             rows.append({"case": names[path], "input": path, "status": "skipped", "error": "", "seconds": 0.0,
                          **_summary_row(done)})
         else:
             todo.append((path, input_hash))
-    log.info("%d case(s): %d already complete, %d to run", len(paths), len(rows), len(todo))
+    log.info("%d case(s): %d already complete, %d unreadable, %d to run", len(paths),
+             sum(r["status"] == "skipped" for r in rows), sum(r["status"] == "failed" for r in rows), len(todo))
     if todo:
         cluster = None
         if scheduler:
