@@ -56,7 +56,8 @@ def main() -> None:
         # (workers, torch threads per worker): the default shares the cores (1 worker x all cores, 2 workers x 1
         # core each on this 2-core machine); 1 worker x 1 thread is the same-sized worker, for scaling per worker
         cores = os.cpu_count() or 1
-        configs = [(1, cores), (1, 1), (2, max(1, cores // 2))]
+        two_workers = (2, max(1, cores // 2))
+        configs = [(1, cores), (1, 1), two_workers]
         times = {c: [] for c in configs}
         busy = {c: [] for c in configs}
         for run in range(args.runs):
@@ -72,8 +73,9 @@ def main() -> None:
             per_worker_busy = statistics.median(busy[(workers, threads)]) / workers
             print(f"{args.volumes} volumes (256x256x40), {workers} worker(s) x {threads} thread(s): {t:.1f} s "
                   f"({args.volumes / t:.2f} vol/s); cases busy {per_worker_busy:.1f} s per worker, the rest "
-                  f"({t - per_worker_busy:.1f} s) is starting the cluster and workers (medians of {args.runs})")
-        two = median[(2, max(1, cores // 2))]
+                  f"({t - per_worker_busy:.1f} s) is start-up: the command, the scheduler and the worker processes' imports "
+                  f"(medians of {args.runs})")
+        two = median[two_workers]
         print(f"speed-up of 2 workers over 1 worker using all {cores} cores (the default): {median[(1, cores)] / two:.2f}x")
         print(f"speed-up of 2 workers over 1 worker of the same size (1 thread each): {median[(1, 1)] / two:.2f}x")
 
