@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +18,8 @@ import medanomaly
 from medanomaly.bundle import ModelBundle
 from medanomaly.cli import main
 from medanomaly.training import train
-from medanomaly.training.data import slab_split
+from medanomaly.preprocess import InputSpec
+from medanomaly.training.data import SliceBuffer, slab_split
 
 TINY = dict(steps=30, batch_size=4, checkpoint_every=10,
             input={"size": 64, "spacing_mm": 7.0, "window_hu": [-1000, 500], "region": "body",
@@ -78,6 +84,50 @@ def test_resume_from_checkpoint_matches_uninterrupted(training_volume, tmp_path)
     wf, wr = load_file(str(full.path / "weights.safetensors")), load_file(str(resumed.path / "weights.safetensors"))
     for key in wf:
         np.testing.assert_allclose(wf[key].numpy(), wr[key].numpy(), atol=1e-5, err_msg=key)
+
+
+# the gradient steps where neither the CT files nor an image reader are (a GPU node): SimpleITK cannot be imported
+STEPS_FROM_SLICES = textwrap.dedent("""
+    import importlib.abc, json, sys
+
+    class NoImageReader(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] in ("SimpleITK", "slicerio"):
+                raise ImportError(f"{name} is not installed here")
+
+    sys.meta_path.insert(0, NoImageReader())
+    from medanomaly.preprocess import InputSpec
+    from medanomaly.training import train
+    from medanomaly.training.data import SliceBuffer
+
+    kwargs = json.loads(sys.argv[1])
+    slices = SliceBuffer.load(sys.argv[2], InputSpec.from_card(kwargs["input"]))
+    assert train("vqvae-recon", [], sys.argv[3], slices=slices, finish=False, **kwargs) is None
+    assert "SimpleITK" not in sys.modules
+""")
+
+
+def test_steps_from_prepared_slices_then_calibration_where_the_data_are(training_volume, tmp_path):
+    kwargs = dict(TINY, name="m", seed=5, split_block=10)
+    full = train("vqvae-recon", [str(training_volume)], tmp_path / "full", **kwargs)
+    prepared = tmp_path / "slices.safetensors"
+    SliceBuffer([str(training_volume)], InputSpec.from_card(TINY["input"]), split=True, block=10).save(prepared)
+    out = tmp_path / "split-run"
+    env = dict(os.environ, PYTHONPATH=str(Path(medanomaly.__file__).parents[1]))
+    proc = subprocess.run([sys.executable, "-c", STEPS_FROM_SLICES, json.dumps(kwargs), str(prepared), str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not out.exists() and (tmp_path / "split-run.checkpoint" / "checkpoint.json").is_file()
+    finished = train("vqvae-recon", [str(training_volume)], out, resume=True, **kwargs)
+    wf, ws = load_file(str(full.path / "weights.safetensors")), load_file(str(finished.path / "weights.safetensors"))
+    for key in wf:
+        np.testing.assert_allclose(wf[key].numpy(), ws[key].numpy(), atol=1e-5, err_msg=key)
+    card, reference = finished.card, full.card
+    assert card["training"]["data"] == reference["training"]["data"], "the card names the CT files and their hashes"
+    assert card["training"]["step_devices"] == [{"device": "cpu", "first_step": 1, "last_step": TINY["steps"]}]
+    assert card["calibration"]["reference_slices"] == reference["calibration"]["reference_slices"]
+    with pytest.raises(ValueError, match="model expects"):
+        SliceBuffer.load(prepared, InputSpec.from_card(dict(TINY["input"], size=32)))
 
 
 def test_train_command_line(training_volume, tmp_path, capsys):

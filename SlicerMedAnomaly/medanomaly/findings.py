@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage as ndi
+
+if TYPE_CHECKING:  # only annotations: the training package imports this module and never reads images
+    import SimpleITK as sitk
 
 MAX_FINDINGS = 255  # labels.nrrd stays uint8; weaker components beyond this are dropped and counted
 

@@ -73,7 +73,8 @@ def trainer_for(method: str):
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    losses: list[dict], config: TrainConfig, generator: torch.Generator, seconds: float = 0.0) -> None:
+                    losses: list[dict], config: TrainConfig, generator: torch.Generator, seconds: float = 0.0,
+                    devices: Sequence[dict] = ()) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     state = optimizer.state_dict()
@@ -84,7 +85,7 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     tmp = folder / f".checkpoint.tmp{os.getpid()}"
     save_file(tensors, str(tmp))
     meta = {"step": step, "losses": losses, "param_groups": state["param_groups"], "config": config.__dict__,
-            "seconds": seconds}
+            "seconds": seconds, "devices": list(devices)}
     tmp_meta = folder / f".checkpoint.json.tmp{os.getpid()}"
     tmp_meta.write_text(json.dumps(meta))
     os.replace(tmp, folder / "checkpoint.safetensors")
@@ -92,8 +93,9 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator) -> tuple[int, list[dict], float]:
-    """Restore a checkpoint; returns the step, the loss log and the training seconds spent before it."""
+                    generator: torch.Generator) -> tuple[int, list[dict], float, list[dict]]:
+    """Restore a checkpoint; returns the step, the loss log, the training seconds spent before it and the devices
+    that ran the steps so far."""
     meta = json.loads((folder / "checkpoint.json").read_text())
     tensors = load_file(str(folder / "checkpoint.safetensors"))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -104,7 +106,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
             state["state"].setdefault(int(index), {})[name] = value
     optimizer.load_state_dict(state)
     generator.set_state(tensors["rng.generator"])
-    return int(meta["step"]), meta["losses"], float(meta.get("seconds", 0.0))
+    return int(meta["step"]), meta["losses"], float(meta.get("seconds", 0.0)), list(meta.get("devices", []))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,16 +159,19 @@ def write_bundle(output: Path, detector: Detector, card: dict) -> ModelBundle:
 def train(method: str, data: Sequence[str], output: str | Path, *, calibration_data: Sequence[str] = (),
           resume: bool = False, progress: Callable[[int, int, dict], None] | None = None,
           init_from: str | Path | None = None, init_prefixes: Sequence[str] = ("vqvae.",),
-          **overrides) -> ModelBundle:
+          slices: SliceBuffer | None = None, finish: bool = True, **overrides) -> ModelBundle | None:
     """Train a bundle of `method` on normal CT volumes `data` and write it to `output`.
 
     With a single patient and no `calibration_data`, slices are split into training and held-out slabs with a margin
     between them (data.slab_split), and the held-out slabs calibrate the model. `init_from` starts from the weights
     of another bundle whose names begin with `init_prefixes` (for example a trained stage 1, for ablations).
+    `slices` (a SliceBuffer.load) replaces reading `data` for the gradient steps; with `finish=False` the run stops
+    after them, leaving the final checkpoint, and a later run with `resume=True` on the volumes calibrates and writes
+    the bundle (the steps on a GPU node, calibration where the data are).
     """
     config = TrainConfig(method=method, **overrides)
     trainer = trainer_for(method)
-    if not data:
+    if not data and slices is None:
         raise InputError("no training data; pass normal CT volumes with --data")
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -175,8 +180,9 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
     checkpoint_dir = output.with_name(output.name + ".checkpoint")
     spec = InputSpec.from_card(config.input)
     t0 = time.perf_counter()
-    buffer = SliceBuffer(data, spec, split=not calibration_data, seed=config.seed, block=config.split_block,
-                         every=config.split_every, margin=config.split_margin)
+    buffer = slices if slices is not None else SliceBuffer(
+        data, spec, split=not calibration_data, seed=config.seed, block=config.split_block, every=config.split_every,
+        margin=config.split_margin)
     log.info("training on %d slices from %d volume(s)", len(buffer), len(buffer.records))
 
     card_method = getattr(trainer, "CARD_METHOD", method)  # a trainer may train one part of another method's model
@@ -201,12 +207,14 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
                  else torch.optim.Adam(model.parameters(), lr=config.learning_rate))
     scheduler = lambda step: 0.5 * (1 + np.cos(np.pi * min(step, config.steps) / config.steps))  # noqa: E731
     generator = torch.Generator().manual_seed(config.seed)
-    step, losses = 0, []
+    step, losses, devices = 0, [], []
     if resume and (checkpoint_dir / "checkpoint.json").is_file():
-        step, losses, seconds_before = load_checkpoint(checkpoint_dir, model, optimizer, generator)
+        step, losses, seconds_before, devices = load_checkpoint(checkpoint_dir, model, optimizer, generator)
         t0 -= seconds_before  # the card reports the whole run's time
         log.info("resumed from %s at step %d", checkpoint_dir, step)
     model.to(device).train()
+    if step < config.steps:  # where these steps run, for the card
+        devices.append({"device": device_name(device), "first_step": step + 1, "last_step": config.steps})
     rank, world = distributed_rank_and_size()
     if world > 1:  # each rank draws its own batches; DDP averages the gradients
         generator.manual_seed(config.seed + 1000 * rank)
@@ -229,10 +237,13 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
             losses.append({"step": step, **{k: round(float(v), 6) for k, v in parts.items()}})
         if rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
             save_checkpoint(checkpoint_dir, model, optimizer, step, losses, config, generator,
-                            seconds=time.perf_counter() - t0)
+                            seconds=time.perf_counter() - t0, devices=devices)
         if progress is not None and rank == 0:
             progress(step, config.steps, parts)
     model.eval()
+    if not finish:
+        log.info("stopped after %d steps; the checkpoint is in %s", step, checkpoint_dir)
+        return None
     if hasattr(trainer, "finalize"):  # after the gradient steps, for example a memory of normal features
         report = trainer.finalize(detector, buffer, config)
         card["architecture"].update(report.pop("architecture", {}))
@@ -245,6 +256,8 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
         if rank != 0:  # rank 0 calibrates and writes the bundle
             dist.barrier()
             return None
+    if devices:
+        report["step_devices"] = devices
     bundle = _finish_bundle(output, detector, card, trainer, buffer, calibration_data, config, device,
                             time.perf_counter() - t0, losses, report, checkpoint_dir)
     if world > 1:
@@ -254,6 +267,13 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed training (torchrun): DistributedDataParallel over a module whose forward is the trainer's loss
+
+
+def device_name(device: torch.device) -> str:
+    """'cpu' or 'cuda (NVIDIA H100 80GB HBM3)'."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
 
 
 class LossModule(torch.nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -12,10 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from safetensors.torch import load_file, save_file
+
 from ..bundle import sha256_of
 from ..orientation import Reorientation
 from ..preprocess import InputSpec, ModelSlices, prepare_slices
-from ..volumes import read_volume
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class SourceVolume:
 def load_sources(paths: Sequence[str], spec: InputSpec, *, split: bool, block: int = 20, every: int = 3,
                  margin: int = 3, with_hash: bool = False) -> Iterator[SourceVolume]:
     """One volume at a time on the model grid; `split` applies the slab split, otherwise all slices train."""
+    from ..volumes import read_volume  # here, not above: training from prepared slices reads no image file
+
     for path in paths:
         volume = read_volume(path)
         reorientation = Reorientation.for_image(volume.image)
@@ -149,6 +153,36 @@ class SliceBuffer:
         self.regions[slots, 0] = torch.from_numpy(source.slices.body[z])
         self.origins[slots] = torch.stack([torch.full((z.size,), v), torch.from_numpy(z)], 1)
 
+    def save(self, path: str | Path) -> None:
+        """Write the held training slices (safetensors) with the data records, so that the gradient steps can run
+        where the volumes (or an image reader) are not, for example on a GPU node. Only a buffer that holds all its
+        slices can be saved: a streaming one would need its volumes again."""
+        if self.streaming:
+            raise ValueError("a streaming buffer cannot be saved: it re-reads its volumes while training")
+        meta = {"records": self.records, "paths": self.paths, "spec": self.spec.to_card(), "split": self.split,
+                "max_slices": self.max_slices, "split_args": self.split_args, "counts": self.counts}
+        save_file({"images": self.images.contiguous(), "regions": self.regions.contiguous(),
+                   "origins": self.origins.contiguous()}, str(path), metadata={"slice_buffer": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path, spec: InputSpec, seed: int = 0) -> "SliceBuffer":
+        """A buffer written by `save`; it must be for the same input spec as the model it trains."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["slice_buffer"])
+        if InputSpec.from_card(meta["spec"]) != spec:
+            raise ValueError(f"{path}: slices prepared for input {meta['spec']}, the model expects {spec.to_card()}")
+        tensors = load_file(str(path))
+        buffer = cls.__new__(cls)
+        buffer.paths, buffer.spec, buffer.split, buffer.max_slices = meta["paths"], spec, meta["split"], meta["max_slices"]
+        buffer.split_args, buffer.refresh_every, buffer.batches_served, buffer.next_volume = meta["split_args"], 50, 0, 0
+        buffer.rng = np.random.default_rng(seed)
+        buffer.records, buffer.counts, buffer.streaming = meta["records"], meta["counts"], False
+        buffer.heldout_paths = [p for p, r in zip(meta["paths"], meta["records"]) if r["heldout_slices"]]
+        buffer.images, buffer.regions, buffer.origins = tensors["images"], tensors["regions"], tensors["origins"]
+        return buffer
+
     def heldout(self) -> Iterator[tuple[ModelSlices, np.ndarray]]:
         """(slices, held-out slice indices) of every volume with held-out slabs, read again one at a time."""
         for source in load_sources(self.heldout_paths, self.spec, split=True, **self.split_args):
@@ -166,5 +200,5 @@ def augment(images: torch.Tensor, generator: torch.Generator, max_rotation_deg: 
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, rnd() * max_shift], 1),
                          torch.stack([sin, cos, rnd() * max_shift], 1)], 1)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
