@@ -13,7 +13,8 @@ from conftest import ROOT
 
 from medanomaly.bundle import ModelBundle, resolve_model
 from medanomaly.errors import InputError
-from medanomaly.lab import build_cases, evaluate, markdown_breakdown, markdown_table, record_in_card, slab
+from medanomaly.lab import (TARGET_SUBSETS, build_cases, evaluate, markdown_breakdown, markdown_table, record_in_card,
+                            slab)
 from medanomaly.synth import LESION_KINDS, LUNG_KINDS, LesionInserter, insert_lesions
 
 
@@ -120,6 +121,11 @@ def test_evaluate_runs_every_metric_and_prints_tables(demo_image, tmp_path):
         assert set(r["froc"]) == {"0.5", "1.0", "2.0", "4.0"}
         assert set(r["per_kind"]) == {"nodule_solid", "needle", "mood_intensity"}
         assert r["provenance"]["sources"][0]["sha256"]
+        # the flagship's target subsets: nodules of at least 6 mm (here the 12 mm ones) and needles, at 2 FP
+        target = r["target_sensitivity_at_2fp"]
+        assert target["nodules >= 6 mm"]["lesions"] == 2 and target["needles"]["lesions"] == 2
+        assert target["nodules >= 6 mm"]["sensitivity"] == r["per_kind"]["nodule_solid"]["sensitivity_at_2fp"]
+        assert target["needles"]["sensitivity"] == r["per_kind"]["needle"]["sensitivity_at_2fp"]
         results.append(r)
     table = markdown_table(results)
     assert "chest-ct-vqvae-recon" in table and "chest-ct-hu-outlier" in table
@@ -135,6 +141,14 @@ def test_evaluate_runs_every_metric_and_prints_tables(demo_image, tmp_path):
         record_in_card(copy, results[0])  # another model's numbers
     assert "needle" in markdown_breakdown(results)
     json.dumps(results)
+
+
+def test_target_subsets_take_nodules_from_6_mm_and_needles():
+    nodules = TARGET_SUBSETS["nodules >= 6 mm"]
+    assert nodules({"kind": "nodule_part_solid", "diameter_mm": 6.0})
+    assert not nodules({"kind": "nodule_solid", "diameter_mm": 4.0})
+    assert not nodules({"kind": "ggo", "diameter_mm": 30.0})
+    assert TARGET_SUBSETS["needles"]({"kind": "needle", "diameter_mm": 2.5})
 
 
 def test_evaluate_command_line(demo_image, tmp_path, capsys):

@@ -69,6 +69,9 @@ def main() -> None:
     for r in results:
         print(f"{r['model']['name']}: localization on needle and fluid (effusion) slices "
               f"{pooled_localization(r):.2f}")
+        targets = "; ".join(f"{name} {t['sensitivity']:.2f} (of {t['lesions']})"
+                            for name, t in r.get("target_sensitivity_at_2fp", {}).items())
+        print(f"{r['model']['name']}: sensitivity at 2 false positives per slab, {targets}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
 

@@ -91,10 +91,23 @@ def build_cases(source: str | Path, slabs: list[tuple[int, int]], kinds: list[st
     return manifest
 
 
-def _size_bin(lesion: dict) -> str:
+def _diameter(lesion: dict) -> float:
+    """The inserted diameter, or the equivalent-sphere diameter of lesions that have none (fluid, needles)."""
     diameter = lesion.get("diameter_mm")
     if diameter is None or lesion.get("kind", "").startswith(("effusion", "ascites", "needle")):
         diameter = 2 * (3 * lesion.get("volume_mm3", 0.0) / (4 * np.pi)) ** (1 / 3)
+    return float(diameter)
+
+
+# the flagship's sensitivity target: nodules of at least 6 mm, and needles, at no more than 2 false positives per volume
+TARGET_SUBSETS = {
+    "nodules >= 6 mm": lambda lesion: lesion["kind"].startswith("nodule") and lesion["diameter_mm"] >= 6.0,
+    "needles": lambda lesion: lesion["kind"] == "needle",
+}
+
+
+def _size_bin(lesion: dict) -> str:
+    diameter = _diameter(lesion)
     for lo, hi in SIZE_BINS_MM:
         if lo <= diameter < hi:
             return f"{lo}-{hi}" if hi < 1000 else f">={lo}"
@@ -211,7 +224,8 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         case_calibration = calibration_of(scorer)
         base = case_calibration.threshold_for(10.0, extent_cm)
         min_voxels = max(1, int(np.ceil(case_calibration.min_size_mm3 / volume.voxel_volume_mm3)))
-        info = {lesion["label"]: {"kind": lesion["kind"], "size": _size_bin(lesion)} for lesion in case["lesions"]}
+        info = {lesion["label"]: {"kind": lesion["kind"], "size": _size_bin(lesion), "diameter_mm": _diameter(lesion)}
+                for lesion in case["lesions"]}
         froc.add_case(result.heatmap, labels, base, min_voxels, info, case["case"])
         if progress is not None:
             progress("evaluate", (n + 1) / len(manifest["cases"]))
@@ -250,6 +264,9 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         "fp_findings_per_normal_volume": float(np.mean(normal_findings)) if normal_findings else float("nan"),
         "sensitivity_at_default": float(np.mean([h["found"] for h in default_hits])) if default_hits else float("nan"),
         "per_kind": per_kind, "per_size": per_size,
+        "target_sensitivity_at_2fp": {name: {"lesions": sum(map(subset, froc.lesions)),
+                                             "sensitivity": froc.sensitivity_at(2.0, subset)}
+                                      for name, subset in TARGET_SUBSETS.items()},
         "seconds_per_volume_median": statistics.median(seconds) if seconds else float("nan"),
         "peak_rss_mb": peak_rss_mb(),
         "calibration": ("cross-group: each group scored with the model recalibrated on the other groups' normal cases"
@@ -282,6 +299,8 @@ def record_in_card(bundle_path: str | Path, result: dict) -> None:
                                                                       "localization_rate", "localization_slices")}
                        for kind, row in result["per_kind"].items()}
     lab["localization_rate_needle_and_fluid"] = pooled_localization(result)
+    if "target_sensitivity_at_2fp" in result:
+        lab["target_sensitivity_at_2fp"] = result["target_sensitivity_at_2fp"]
     lab["cases_manifest_sha256"] = result["provenance"]["manifest_sha256"]
     lab["calibration"] = result.get("calibration", "model card")
     lab["medanomaly_version"] = __version__
