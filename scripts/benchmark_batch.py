@@ -19,6 +19,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from medanomaly.bundle import resolve_model
 from medanomaly.metrics import roc_auc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +27,9 @@ DEMO = ROOT / "Testing" / "Data" / "chest_ct_demo.nii.gz"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
 
 
-def run_batch(inputs, out, workers, memory_limit="2GB", extra=()):
+def run_batch(inputs, out, workers, model, memory_limit="2GB", extra=()):
     cmd = [sys.executable, "-m", "medanomaly.cli", "-q", "batch", str(inputs), "-o", str(out), "--workers",
-           str(workers), "--memory-limit", memory_limit, "--no-overview", *extra]
+           str(workers), "--memory-limit", memory_limit, "--no-overview", "--model", model, *extra]
     t0 = time.perf_counter()
     subprocess.run(cmd, env=ENV, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -45,7 +46,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--lab-cases", default=str(ROOT / "runs" / "lab-cases"))
     ap.add_argument("--skip-lab", action="store_true")
+    ap.add_argument("--model", default=None, help="the model every batch runs (default: the catalog's default)")
     args = ap.parse_args()
+    model = args.model or resolve_model(None).name
+    print(f"model: {model}")
     image = sitk.ReadImage(str(DEMO))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -64,7 +68,7 @@ def main() -> None:
             for workers, threads in configs:
                 out = tmp / f"out{workers}x{threads}_{run}"
                 times[(workers, threads)].append(
-                    run_batch(inputs, out, workers, extra=("--threads-per-worker", str(threads))))
+                    run_batch(inputs, out, workers, model, extra=("--threads-per-worker", str(threads))))
                 rows = summary(out)
                 assert len(rows) == args.volumes and all(r["status"] == "ok" for r in rows)
                 busy[(workers, threads)].append(sum(float(r["seconds"]) for r in rows))
@@ -90,7 +94,7 @@ def main() -> None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         done_before = {p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")}
-        run_batch(inputs, out, 2)
+        run_batch(inputs, out, 2, model)
         rows = summary(out)
         skipped = {r["case"] for r in rows if r["status"] == "skipped"}
         recomputed = {r["case"] for r in rows if r["status"] == "ok"}
@@ -109,13 +113,13 @@ def main() -> None:
             manifest = json.loads((lab / "cases.json").read_text())
             listing = tmp / "lab.csv"
             listing.write_text("path\n" + "\n".join(str(lab / c["volume"]) for c in manifest["cases"]) + "\n")
-            for model in ("chest-ct-vqvae-fs-random-tokens", "chest-ct-vqvae-recon"):
-                out = tmp / f"lab-{model}"
-                run_batch(listing, out, 2, extra=("--model", model))
+            for ranking_model in (model, "chest-ct-vqvae-recon"):
+                out = tmp / f"lab-{ranking_model}"
+                run_batch(listing, out, 2, ranking_model)
                 normal = {c["volume"].split(".")[0]: c["normal"] for c in manifest["cases"]}
                 rows = [r for r in summary(out) if r["status"] == "ok"]
                 auroc = roc_auc([float(r["volume_score"]) for r in rows], [not normal[r["case"]] for r in rows])
-                print(f"summary ranking of the lab's {len(rows)} cases by {model}: volume AUROC {auroc:.3f} "
+                print(f"summary ranking of the lab's {len(rows)} cases by {ranking_model}: volume AUROC {auroc:.3f} "
                       f"(anomalous vs normal slabs)")
 
 
