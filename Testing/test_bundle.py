@@ -28,7 +28,7 @@ def test_default_bundle_is_valid(default_model):
 def test_catalog_lists_default(default_model):
     names = [m["name"] for m in list_models()]
     assert "chest-ct-vqvae-recon" in names
-    assert resolve_model(None).name == "chest-ct-vqvae-fs-random-tokens"
+    assert resolve_model(None).name == "chest-ct-vqvae-fs-256"
 
 
 def test_unknown_model_name():

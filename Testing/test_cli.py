@@ -35,7 +35,7 @@ def test_every_detect_flag_is_a_keyword_of_detect():
 def test_models_list_show_and_info(capsys):
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
-    assert "chest-ct-vqvae-fs-random-tokens (default)" in out
+    assert "chest-ct-vqvae-fs-256 (default)" in out
     assert main(["models", "show", "chest-ct-vqvae-recon"]) == 0
     out = capsys.readouterr().out
     assert '"method": "vqvae-recon"' in out
