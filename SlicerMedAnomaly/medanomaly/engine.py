@@ -57,6 +57,16 @@ class EngineTimings:
     slice_scores: np.ndarray | None = None  # [Z] image-level scores, from detectors that make them
 
 
+def score_batch(detector: Detector, image: torch.Tensor, region: torch.Tensor, device: torch.device,
+                mixed_precision: bool = True):
+    """One batch through the detector on `device`: image [B, H, W] in window units, region [B, H, W] bool. On CUDA
+    the network runs in float16 autocast unless `mixed_precision` is False."""
+    autocast = (torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" and mixed_precision
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
+        return detector.score(image[:, None].to(device), region[:, None].to(device))
+
+
 def run_detector(detector: Detector, slices: ModelSlices, *, device: torch.device,
                  memory_budget_mb: float = 1024.0, progress: ProgressCallback | None = None,
                  cancel: CancelCheck | None = None) -> tuple[np.ndarray, np.ndarray | None, EngineTimings]:
@@ -70,16 +80,13 @@ def run_detector(detector: Detector, slices: ModelSlices, *, device: torch.devic
     scores = np.zeros(image.shape, np.float32)
     recon = None
     timings = EngineTimings(batch_size=batch, device=str(device))
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda"
-                else contextlib.nullcontext())
     detector.to(device)
     for start in range(0, z, batch):
         if cancel is not None and cancel():
             raise Cancelled("cancelled by the user; nothing was written")
         stop = min(z, start + batch)
         t0 = time.perf_counter()
-        with torch.inference_mode(), autocast:
-            out = detector.score(image[start:stop, None].to(device), region[start:stop, None].to(device))
+        out = score_batch(detector, image[start:stop], region[start:stop], device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         timings.network_s += time.perf_counter() - t0
