@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import medanomaly
 from medanomaly.bundle import ModelBundle
 from medanomaly.cli import main
+from medanomaly.errors import InputError
 from medanomaly.training import train
 from medanomaly.preprocess import InputSpec
 from medanomaly.training.data import SliceBuffer, slab_split
@@ -126,6 +127,9 @@ def test_steps_from_prepared_slices_then_calibration_where_the_data_are(training
     assert card["training"]["data"] == reference["training"]["data"], "the card names the CT files and their hashes"
     assert card["training"]["step_devices"] == [{"device": "cpu", "first_step": 1, "last_step": TINY["steps"]}]
     assert card["calibration"]["reference_slices"] == reference["calibration"]["reference_slices"]
+    with pytest.raises(InputError, match="prepare them again"):  # slices split otherwise than this run would
+        train("vqvae-recon", [], tmp_path / "other-split", slices=SliceBuffer.load(prepared, InputSpec.from_card(
+            TINY["input"])), finish=False, **dict(kwargs, split_block=20))
     with pytest.raises(ValueError, match="model expects"):
         SliceBuffer.load(prepared, InputSpec.from_card(dict(TINY["input"], size=32)))
 

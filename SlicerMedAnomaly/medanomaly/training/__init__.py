@@ -156,6 +156,13 @@ def write_bundle(output: Path, detector: Detector, card: dict) -> ModelBundle:
     return ModelBundle.load(output)
 
 
+def device_name(device: torch.device) -> str:
+    """'cpu' or 'cuda (NVIDIA H100 80GB HBM3)'."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 def train(method: str, data: Sequence[str], output: str | Path, *, calibration_data: Sequence[str] = (),
           resume: bool = False, progress: Callable[[int, int, dict], None] | None = None,
           init_from: str | Path | None = None, init_prefixes: Sequence[str] = ("vqvae.",),
@@ -180,6 +187,10 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
     checkpoint_dir = output.with_name(output.name + ".checkpoint")
     spec = InputSpec.from_card(config.input)
     t0 = time.perf_counter()
+    split_args = {"block": config.split_block, "every": config.split_every, "margin": config.split_margin}
+    if slices is not None and (slices.split_args != split_args or slices.split != (not calibration_data)):
+        raise InputError(f"the prepared slices were split with {slices.split_args} (split: {slices.split}); this run "
+                         f"splits with {split_args} (split: {not calibration_data}): prepare them again")
     buffer = slices if slices is not None else SliceBuffer(
         data, spec, split=not calibration_data, seed=config.seed, block=config.split_block, every=config.split_every,
         margin=config.split_margin)
@@ -267,13 +278,6 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed training (torchrun): DistributedDataParallel over a module whose forward is the trainer's loss
-
-
-def device_name(device: torch.device) -> str:
-    """'cpu' or 'cuda (NVIDIA H100 80GB HBM3)'."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return device.type
 
 
 class LossModule(torch.nn.Module):

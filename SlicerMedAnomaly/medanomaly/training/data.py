@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from safetensors.torch import load_file, save_file
 
 from ..bundle import sha256_of
