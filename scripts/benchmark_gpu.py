@@ -20,7 +20,7 @@ import torch
 
 from medanomaly.bundle import resolve_model
 from medanomaly.detectors import build_detector
-from medanomaly.engine import score_batch
+from medanomaly.engine import network_precision, score_batch
 from medanomaly.training.data import SliceBuffer
 
 
@@ -32,9 +32,7 @@ def score_all(detector, images, regions, device, mixed_precision, batch):
                           mixed_precision=mixed_precision)
         maps.append(out.score[:, 0].float().cpu())
         if hasattr(detector, "encode"):
-            autocast = (torch.autocast(device_type="cuda", dtype=torch.float16)
-                        if device.type == "cuda" and mixed_precision else torch.autocast("cpu", enabled=False))
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), network_precision(device, mixed_precision):
                 codes.append(detector.encode(images[start:start + batch, None].to(device))[2].cpu())
     return torch.cat(maps).numpy(), (torch.cat(codes).numpy() if codes else None)
 

@@ -57,13 +57,18 @@ class EngineTimings:
     slice_scores: np.ndarray | None = None  # [Z] image-level scores, from detectors that make them
 
 
+def network_precision(device: torch.device, mixed_precision: bool = True):
+    """The context every network call runs in: float16 autocast on CUDA (unless `mixed_precision` is False), else
+    nothing."""
+    if device.type == "cuda" and mixed_precision:
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
 def score_batch(detector: Detector, image: torch.Tensor, region: torch.Tensor, device: torch.device,
                 mixed_precision: bool = True):
-    """One batch through the detector on `device`: image [B, H, W] in window units, region [B, H, W] bool. On CUDA
-    the network runs in float16 autocast unless `mixed_precision` is False."""
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" and mixed_precision
-                else contextlib.nullcontext())
-    with torch.inference_mode(), autocast:
+    """One batch through the detector on `device`: image [B, H, W] in window units, region [B, H, W] bool."""
+    with torch.inference_mode(), network_precision(device, mixed_precision):
         return detector.score(image[:, None].to(device), region[:, None].to(device))
 
 
