@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import ROOT
 
-from medanomaly.batch import batch, find_inputs
+from medanomaly.batch import batch, find_inputs, local_cluster, workers_with_dask_malloc_trim
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
 
@@ -68,7 +68,18 @@ def test_local_workers_rank_record_failures_and_skip_on_rerun(repository, defaul
     assert sorted(r["status"] for r in again) == ["failed", "skipped", "skipped", "skipped"]
 
 
-def test_existing_dask_cluster_on_loopback(repository, default_model, tmp_path):
+def test_local_workers_are_spawned_without_dasks_malloc_trim():
+    """Dask's MALLOC_TRIM_THRESHOLD_ makes a case 40% slower (see local_cluster); our workers must not inherit it,
+    and the batch's own process must not be left with it either."""
+    from dask.distributed import Client
+
+    with local_cluster(2, "1GB") as cluster, Client(cluster) as client:
+        assert len(client.run(os.getpid)) == 2
+        assert workers_with_dask_malloc_trim(client) == []
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+
+
+def test_existing_dask_cluster_on_loopback(repository, default_model, tmp_path, caplog):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -76,9 +87,13 @@ def test_existing_dask_cluster_on_loopback(repository, default_model, tmp_path):
     scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
                                   "--port", str(port), "--no-dashboard"], env=ENV, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
+    # one worker as `dask worker` starts it by default (with Dask's MALLOC_TRIM_THRESHOLD_), one configured as the
+    # README tells cluster administrators to
+    unset = {"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": '{"MALLOC_TRIM_THRESHOLD_": None}'}
     workers = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
-                                 "--no-dashboard", "--memory-limit", "2GB"], env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL) for _ in range(2)]
+                                 "--no-dashboard", "--memory-limit", "2GB", "--name", name], env=dict(ENV, **extra),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for name, extra in (("dask-default", {}), ("configured", unset))]
     try:
         from dask.distributed import Client
 
@@ -87,14 +102,18 @@ def test_existing_dask_cluster_on_loopback(repository, default_model, tmp_path):
             try:
                 with Client(address, timeout=5) as client:
                     if len(client.scheduler_info()["workers"]) == 2:
+                        names = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
+                        assert workers_with_dask_malloc_trim(client) == [names["dask-default"]]
                         break
             except OSError:
                 pass
             assert time.monotonic() < deadline, "the scheduler and two workers did not come up"
             time.sleep(0.5)
-        rows = batch([str(repository / "site_b")], tmp_path / "out", model=str(default_model),
-                     scheduler=address, overview=False)
+        with caplog.at_level("WARNING", logger="medanomaly.batch"):
+            rows = batch([str(repository / "site_b")], tmp_path / "out", model=str(default_model),
+                         scheduler=address, overview=False)
         assert sorted(r["status"] for r in rows) == ["ok", "ok"]
+        assert "1 of the cluster's workers run with MALLOC_TRIM_THRESHOLD_" in caplog.text
     finally:
         for process in workers + [scheduler]:
             process.terminate()
@@ -152,3 +171,12 @@ def test_manifest_row_without_a_file_is_a_failed_case(repository, default_model,
     assert summary["normal1"]["status"] == "ok" and (out / "normal1" / "heatmap.nrrd").is_file()
     assert summary["gone"]["status"] == "failed" and "check the path" in summary["gone"]["error"]
     assert not (out / "gone").exists()
+
+
+def test_batch_main_process_does_not_load_torch():
+    """The batch's own process only names, hashes and schedules: torch and the detectors load in the workers, so
+    the command starts in a fraction of a second (the import alone was about 1 s of every batch's start-up)."""
+    code = ("import sys, medanomaly.cli, medanomaly.batch, medanomaly.ensemble; "
+            "print(sorted(m for m in ('torch', 'monai', 'scipy.ndimage', 'medanomaly.detectors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -13,12 +13,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import jsonschema
-import torch
-from safetensors.torch import load_file
 
 from . import __version__
 from .errors import ModelError
+
+if TYPE_CHECKING:  # torch loads with the weights, not with the catalog (batch's main process never needs it)
+    import torch
 
 CARD_NAME = "model_card.json"
 CATALOG_NAME = "catalog.json"
@@ -66,6 +69,17 @@ def sha256_of(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """SHA-256 of a volume file, or of a DICOM folder's file names and contents."""
+    if not Path(path).is_dir():
+        return sha256_of(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        digest.update(file.name.encode())
+        digest.update(sha256_of(file).encode())
     return digest.hexdigest()
 
 
@@ -127,6 +141,8 @@ class ModelBundle:
     def tensors(self, filename: str | None = None) -> dict[str, torch.Tensor]:
         self.verify()
         filename = filename or next(iter(self.card["weights"]))
+        from safetensors.torch import load_file
+
         return load_file(str(self.path / filename), device="cpu")
 
 

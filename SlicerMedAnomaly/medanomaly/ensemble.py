@@ -15,13 +15,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .bundle import ModelBundle, resolve_model
-from .calibration import Calibration, threshold_for_rate
-from .detectors import Detector, build_detector
 from .errors import InputError
+
+if TYPE_CHECKING:  # the detectors (torch) load with a scorer: naming and hashing models (batch's main process) is light
+    from .calibration import Calibration
+    from .detectors import Detector
 
 PREFIXES = {"ensemble:": "mean", "ensemble-mean:": "mean", "ensemble-max:": "max"}
 
@@ -51,6 +54,8 @@ class EnsembleCalibration:
         return float(sum(c.fp_rate(threshold) for c in self.members))
 
     def threshold_for(self, fp_per_volume: float, extent_cm: float) -> float:
+        from .calibration import threshold_for_rate
+
         return threshold_for_rate(self.fp_rate, fp_per_volume, extent_cm)
 
 
@@ -66,6 +71,8 @@ class Ensemble:
         self.card = {"name": f"ensemble-{self.combine}({','.join(names)})", "version": "-",
                      "method": "ensemble", "members": [{k: m.card[k] for k in ("name", "version", "method")}
                                                        for m in self.members]}
+        from .calibration import Calibration
+
         self.calibration = EnsembleCalibration([Calibration.from_card(m.card["calibration"]) for m in self.members])
 
     def combine_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
@@ -75,6 +82,8 @@ class Ensemble:
 
 def load_scorer(model: "str | Path | ModelBundle | Detector | Ensemble | None") -> "Detector | Ensemble":
     """A detector, or an ensemble of detectors, from a catalog name, bundle folder, ensemble spec or object."""
+    from .detectors import Detector, build_detector
+
     if isinstance(model, (Detector, Ensemble)):
         return model
     if isinstance(model, ModelBundle):
@@ -87,6 +96,8 @@ def load_scorer(model: "str | Path | ModelBundle | Detector | Ensemble | None") 
 
 
 def calibration_of(scorer: "Detector | Ensemble") -> "Calibration | EnsembleCalibration":
+    from .calibration import Calibration
+
     return scorer.calibration if isinstance(scorer, Ensemble) else Calibration.from_card(scorer.card["calibration"])
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..bundle import sha256_of
+from ..bundle import content_hash
 from ..orientation import Reorientation
 from ..preprocess import InputSpec, ModelSlices, prepare_slices
 
@@ -71,17 +70,6 @@ def load_sources(paths: Sequence[str], spec: InputSpec, *, split: bool, block: i
             train_z, held_z = np.arange(n), np.arange(0)
         yield SourceVolume(path=str(path), sha256=content_hash(path) if with_hash else None,
                            slices=slices, train_z=train_z[has_body[train_z]], heldout_z=held_z[has_body[held_z]])
-
-
-def content_hash(path) -> str:
-    """SHA-256 of a volume file, or of a DICOM folder's file names and contents."""
-    if not Path(path).is_dir():
-        return sha256_of(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        digest.update(file.name.encode())
-        digest.update(sha256_of(file).encode())
-    return digest.hexdigest()
 
 
 class SliceBuffer:
