@@ -77,8 +77,8 @@ def main() -> None:
             per_worker_busy = statistics.median(busy[(workers, threads)]) / workers
             print(f"{args.volumes} volumes (256x256x40), {workers} worker(s) x {threads} thread(s): {t:.1f} s "
                   f"({args.volumes / t:.2f} vol/s); cases busy {per_worker_busy:.1f} s per worker, the rest "
-                  f"({t - per_worker_busy:.1f} s) is start-up: the command, the scheduler and the worker processes' imports "
-                  f"(medians of {args.runs})")
+                  f"({t - per_worker_busy:.1f} s) is the command, the scheduler, and starting and closing the worker processes; "
+                  f"each worker's imports (torch, MONAI) and model load count in its first case (medians of {args.runs})")
         two = median[two_workers]
         print(f"speed-up of 2 workers over 1 worker using all {cores} cores (the default): {median[(1, cores)] / two:.2f}x")
         print(f"speed-up of 2 workers over 1 worker of the same size (1 thread each): {median[(1, 1)] / two:.2f}x")
