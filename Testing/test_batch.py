@@ -68,6 +68,16 @@ def test_local_workers_rank_record_failures_and_skip_on_rerun(repository, defaul
     assert sorted(r["status"] for r in again) == ["failed", "skipped", "skipped", "skipped"]
 
 
+def test_largest_cases_run_first(small_ct, default_model, tmp_path):
+    """Mixed scan sizes: the biggest scans start first, so a batch does not end waiting on one started last."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, slices in (("a_small", 8), ("b_large", 24), ("c_medium", 16)):
+        sitk.WriteImage(small_ct[:, :, :slices], str(folder / f"{name}.nii.gz"))
+    rows = batch([str(folder)], tmp_path / "out", model=str(default_model), workers=1, overview=False)
+    assert [r["case"] for r in rows] == ["b_large", "c_medium", "a_small"]  # one worker: the order they ran in
+
+
 def test_local_workers_are_spawned_without_dasks_malloc_trim():
     """Dask's MALLOC_TRIM_THRESHOLD_ makes a case 40% slower (see local_cluster); our workers must not inherit it,
     and the batch's own process must not be left with it either."""

@@ -84,6 +84,13 @@ def unique_case_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
+def input_bytes(path: str) -> int:
+    """A case's size on disk: the file, or every file of a DICOM folder."""
+    if os.path.isdir(path):
+        return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    return os.path.getsize(path)
+
+
 def completed(case_dir: Path, input_hash: str, model_id: str) -> dict | None:
     file = case_dir / "findings.json"
     if not file.is_file():
@@ -215,6 +222,8 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
                          **_summary_row(done)})
         else:
             todo.append((path, input_hash))
+    # largest first: on a repository of mixed scan sizes the batch does not end waiting on one big scan started last
+    todo.sort(key=lambda item: input_bytes(item[0]), reverse=True)
     log.info("%d case(s): %d already complete, %d unreadable, %d to run", len(paths),
              sum(r["status"] == "skipped" for r in rows), sum(r["status"] == "failed" for r in rows), len(todo))
     if todo:
