@@ -2,7 +2,8 @@
 
 - random tokens instead of salient ones (stage 2 retrained from the flagship's stage-1 VQ-VAE);
 - no residual weighting of the corrupted-token loss (likewise);
-- the classifier map alone instead of map x residual (same weights, recalibrated).
+- the classifier map alone instead of map x residual (same weights, recalibrated), for the 128^2 flagship and the
+  256^2 default.
 
 And of StyleGAN2: the same bundle scored by per-patch MSE instead of the Wasserstein distance (recalibrated).
 
@@ -81,6 +82,12 @@ def main() -> None:
         copy_with(flagship.path, target, "vqvae-fs-classifier-only", {"use_residual": False})
         recalibrate(target, data=[str(p) for p in base["data"]])
         print("recalibrated vqvae-fs-classifier-only")
+    if not args.only or args.only == "vqvae-fs-256-classifier-only":  # the same for the 256^2 default
+        target = out / "vqvae-fs-256-classifier-only"
+        copy_with(resolve_model("chest-ct-vqvae-fs-256").path, target, "vqvae-fs-256-classifier-only",
+                  {"use_residual": False})
+        recalibrate(target, data=[str(p) for p in RECIPES["chest-ct-vqvae-fs-256"]["data"]])
+        print("recalibrated vqvae-fs-256-classifier-only")
 
 
 if __name__ == "__main__":
