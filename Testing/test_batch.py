@@ -15,7 +15,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import ROOT
 
-from medanomaly.batch import batch, find_inputs, local_cluster, workers_with_dask_malloc_trim
+from medanomaly.batch import (batch, find_inputs, local_cluster, workers_missing,
+                              workers_with_dask_malloc_trim)
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
 
@@ -78,15 +79,29 @@ def test_largest_cases_run_first(small_ct, default_model, tmp_path):
     assert [r["case"] for r in rows] == ["b_large", "c_medium", "a_small"]  # one worker: the order they ran in
 
 
-def test_local_workers_are_spawned_without_dasks_malloc_trim():
-    """Dask's MALLOC_TRIM_THRESHOLD_ makes a case 40% slower (see local_cluster); our workers must not inherit it,
-    and the batch's own process must not be left with it either."""
+@pytest.fixture(scope="module")
+def local_client():
+    """Two local worker processes as `batch` starts them."""
     from dask.distributed import Client
 
     with local_cluster(2, "1GB") as cluster, Client(cluster) as client:
         assert len(client.run(os.getpid)) == 2
-        assert workers_with_dask_malloc_trim(client) == []
+        yield client
+
+
+def test_local_workers_are_spawned_without_dasks_malloc_trim(local_client):
+    """Dask's MALLOC_TRIM_THRESHOLD_ makes a case 40% slower (see local_cluster); our workers must not inherit it,
+    and the batch's own process must not be left with it either."""
+    assert workers_with_dask_malloc_trim(local_client) == []
     assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+
+
+def test_workers_report_model_folders_they_cannot_see(local_client, tmp_path):
+    """A cluster without the shared filesystem the batch assumes: each worker checks the folders itself."""
+    models, absent = str(ROOT / "models"), str(tmp_path / "not-on-the-workers")
+    blind = workers_missing(local_client, [models, absent])
+    assert len(blind) == 2 and all(missing == [absent] for missing in blind.values())
+    assert workers_missing(local_client, [models]) == {}
 
 
 def test_existing_dask_cluster_on_loopback(repository, default_model, tmp_path, caplog):

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .bundle import content_hash
-from .ensemble import model_identity, resolved_spec
+from .ensemble import model_folders, model_identity, resolved_spec
 from .errors import InputError
 from .volumes import VOLUME_SUFFIXES, case_name_for
 
@@ -177,8 +177,11 @@ def local_cluster(workers: int, memory_limit: str):
     from dask.distributed import LocalCluster
 
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        # no dashboard; the scheduler's small HTTP server (health, metrics) takes a free loopback port, where
+        # Dask's default would claim 8787 and warn whenever another cluster on the machine has it
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory_limit,
-                            dashboard_address=None, host="127.0.0.1")
+                            host="127.0.0.1", dashboard_address=None,
+                            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
 
 
 def _malloc_trim_threshold() -> str | None:
@@ -189,6 +192,16 @@ def workers_with_dask_malloc_trim(client) -> list[str]:
     """The addresses of the cluster's workers that run with MALLOC_TRIM_THRESHOLD_ set (see `local_cluster`)."""
     found = client.run(_malloc_trim_threshold)
     return sorted(address for address, value in found.items() if value is not None)
+
+
+def _missing_folders(paths: list[str]) -> list[str]:
+    return [p for p in paths if not os.path.isdir(p)]  # runs in the worker: what its filesystem lacks
+
+
+def workers_missing(client, folders: list[str]) -> dict[str, list[str]]:
+    """For each worker that cannot see some of `folders` (a cluster without the shared filesystem the batch assumes),
+    the folders it lacks."""
+    return {address: missing for address, missing in client.run(_missing_folders, folders).items() if missing}
 
 
 def batch(inputs: list[str], output: str | Path, *, model: str | None = None, workers: int = 2,
@@ -235,6 +248,12 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
             cluster = local_cluster(workers, memory_limit)
             client = Client(cluster)
         try:
+            if scheduler:  # the workers read the models (and the inputs) at the paths this process resolved
+                blind = workers_missing(client, [str(f) for f in model_folders(model)])
+                if blind:
+                    raise InputError(f"{len(blind)} of the cluster's {len(client.scheduler_info()['workers'])} "
+                                     f"workers cannot see the model folder {next(iter(blind.values()))[0]}; put the "
+                                     "models and inputs on a filesystem every worker shares, at the same paths")
             slow = workers_with_dask_malloc_trim(client)
             if slow:
                 log.warning("%d of the cluster's workers run with MALLOC_TRIM_THRESHOLD_ set (Dask's default), "

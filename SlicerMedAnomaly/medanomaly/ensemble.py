@@ -101,13 +101,17 @@ def calibration_of(scorer: "Detector | Ensemble") -> "Calibration | EnsembleCali
     return scorer.calibration if isinstance(scorer, Ensemble) else Calibration.from_card(scorer.card["calibration"])
 
 
+def model_folders(model: str | None) -> list[Path]:
+    """The bundle folder of every model the argument names: one, or each member of an ensemble."""
+    spec = parse_spec(model)
+    return [resolve_model(model).path] if spec is None else [resolve_model(n).path for n in spec[1]]
+
+
 def resolved_spec(model: str | None) -> str:
     """The model argument with every name resolved to its bundle folder (what batch workers receive)."""
     spec = parse_spec(model)
-    if spec is None:
-        return str(resolve_model(model).path)
-    combine, names = spec
-    return f"ensemble-{combine}:" + ",".join(str(resolve_model(n).path) for n in names)
+    folders = [str(f) for f in model_folders(model)]
+    return folders[0] if spec is None else f"ensemble-{spec[0]}:" + ",".join(folders)
 
 
 def model_identity(model: str | None) -> str:
