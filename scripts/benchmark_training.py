@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from medanomaly.preprocess import InputSpec
 from medanomaly.training import train
 from medanomaly.training.data import SliceBuffer
-from medanomaly.preprocess import InputSpec
 from medanomaly.training.vqvae_fs import STAGE_DEFAULTS
 from train_default_models import RECIPES
 
