@@ -170,8 +170,8 @@ def local_cluster(workers: int, memory_limit: str):
     """Local worker processes on loopback, each bounded by `memory_limit` (its nanny restarts it beyond).
 
     Dask spawns workers with MALLOC_TRIM_THRESHOLD_=65536, which fixes glibc's mmap threshold at 128 KiB: every
-    tensor becomes a fresh mmap, page-faulted and zeroed on each use, and a case runs 40% slower (5.9 s against
-    4.1 s for a 256x256x40 volume, measured). These workers are spawned without it.
+    tensor becomes a fresh mmap, page-faulted and zeroed on each use, and a case runs about 40% slower (6.1 s
+    against 4.3 s per 256x256x40 volume in scripts/benchmark_batch.py). These workers are spawned without it.
     """
     import dask
     from dask.distributed import LocalCluster
