@@ -204,6 +204,21 @@ def workers_missing(client, folders: list[str]) -> dict[str, list[str]]:
     return {address: missing for address, missing in client.run(_missing_folders, folders).items() if missing}
 
 
+def check_cluster(client, model_folders: list[str]) -> None:
+    """Before anything runs on an existing cluster: refuse workers that cannot see the model folders (the batch
+    gives them the paths this process resolved) and warn about workers with Dask's malloc setting."""
+    blind = workers_missing(client, model_folders)
+    if blind:
+        raise InputError(f"{len(blind)} of the cluster's {len(client.scheduler_info()['workers'])} workers cannot "
+                         f"see the model folder {next(iter(blind.values()))[0]}; put the models and inputs on a "
+                         "filesystem every worker shares, at the same paths")
+    slow = workers_with_dask_malloc_trim(client)
+    if slow:
+        log.warning("%d of the cluster's workers run with MALLOC_TRIM_THRESHOLD_ set (Dask's default), which makes "
+                    "each case about 40%% slower; start workers with DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="
+                    "'{\"MALLOC_TRIM_THRESHOLD_\": None}' (see the README)", len(slow))
+
+
 def batch(inputs: list[str], output: str | Path, *, model: str | None = None, workers: int = 2,
           memory_limit: str = "3GB", scheduler: str | None = None, progress=None, **options) -> list[dict]:
     """Run `detect` over many inputs on a Dask cluster (local processes by default); returns the summary rows."""
@@ -248,17 +263,8 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
             cluster = local_cluster(workers, memory_limit)
             client = Client(cluster)
         try:
-            if scheduler:  # the workers read the models (and the inputs) at the paths this process resolved
-                blind = workers_missing(client, [str(f) for f in model_folders(model)])
-                if blind:
-                    raise InputError(f"{len(blind)} of the cluster's {len(client.scheduler_info()['workers'])} "
-                                     f"workers cannot see the model folder {next(iter(blind.values()))[0]}; put the "
-                                     "models and inputs on a filesystem every worker shares, at the same paths")
-            slow = workers_with_dask_malloc_trim(client)
-            if slow:
-                log.warning("%d of the cluster's workers run with MALLOC_TRIM_THRESHOLD_ set (Dask's default), "
-                            "which makes each case about 40%% slower; start workers with DASK_DISTRIBUTED__NANNY__"
-                            "PRE_SPAWN_ENVIRON='{\"MALLOC_TRIM_THRESHOLD_\": None}' (see the README)", len(slow))
+            if scheduler:  # local workers share this filesystem and are spawned without Dask's malloc setting
+                check_cluster(client, [str(f) for f in model_folders(model)])
             futures = {client.submit(run_case, path, names[path], str(output), model_path, options, model_id,
                                      input_hash, pure=False, key=f"medanomaly-{names[path]}-{time.time_ns()}"): path
                        for path, input_hash in todo}
