@@ -1,11 +1,13 @@
-"""The flagship's pieces: vectorized saliency equals the per-token loop, feature synthesis, residual weights."""
+"""The flagship's pieces: vectorized saliency equals the per-token loop, feature synthesis, residual weights, and the
+stage-2 regularizers (transformer dropout, augmentation strength)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from medanomaly.detectors.vqvae_fs import residual_weight, synthesize, token_saliency
+from medanomaly.detectors.vqvae_fs import TokenClassifier, residual_weight, synthesize, token_saliency
+from medanomaly.training.data import augment
 
 
 def naive_saliency(x: np.ndarray, k: int = 8) -> np.ndarray:
@@ -59,3 +61,30 @@ def test_residual_weight_is_low_where_the_decoder_repairs():
     weight = residual_weight(residual, token_stride=8)
     assert weight.shape == (1, 8, 8) and float(weight.max()) == 1.0
     assert float(weight[0, 1, 1]) > float(weight[0, 6, 6]) == 0.0
+
+
+def test_classifier_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    classifier = TokenClassifier(embedding_dim=8, width=16, depth=2, heads=2, tokens=16, dropout=0.3)
+    x = torch.randn(2, 8, 4, 4)
+    classifier.train()
+    assert not torch.allclose(classifier(x), classifier(x))  # a different dropout mask on each pass
+    classifier.eval()
+    assert torch.equal(classifier(x), classifier(x))  # detection is deterministic
+    plain = TokenClassifier(embedding_dim=8, width=16, depth=2, heads=2, tokens=16)
+    plain.load_state_dict(classifier.state_dict())  # dropout adds no weights: bundles load either way
+    assert torch.equal(plain.eval()(x), classifier(x))
+
+
+def test_augmentation_strength_follows_the_settings():
+    images = torch.zeros(4, 1, 32, 32)
+    images[:, :, 12:20, 12:20] = 1.0
+    still = augment(images, torch.Generator().manual_seed(0), max_rotation_deg=0.0, scale_range=0.0, max_shift=0.0)
+    torch.testing.assert_close(still, images, atol=1e-5, rtol=0)  # the identity transform
+
+    def moved(**strength):
+        out = augment(images, torch.Generator().manual_seed(0), **strength)
+        return float((out - images).abs().mean())
+
+    assert 0 < moved(max_rotation_deg=7.0, scale_range=0.08, max_shift=0.05) < moved(
+        max_rotation_deg=20.0, scale_range=0.2, max_shift=0.15)

@@ -29,6 +29,7 @@ DEFAULT_ARCHITECTURE = {
     "classifier_width": 128,  # transformer width
     "classifier_depth": 4,  # transformer blocks
     "classifier_heads": 4,  # attention heads
+    "classifier_dropout": 0.0,  # dropout in the transformer blocks while training (a regularizer; none at inference)
     "use_residual": True,  # map = probability x residual (True) or probability alone (False)
 }
 
@@ -43,12 +44,13 @@ class TokenClassifier(nn.Module):
                  width: int = 128,  # model width
                  depth: int = 4,  # transformer blocks
                  heads: int = 4,  # attention heads
-                 tokens: int = 256):  # tokens per slice (16 x 16)
+                 tokens: int = 256,  # tokens per slice (16 x 16)
+                 dropout: float = 0.0):  # in the transformer blocks, active in training mode only
         super().__init__()
         self.project = nn.Linear(embedding_dim, width)
         self.position = nn.Parameter(torch.zeros(1, tokens, width))
         nn.init.trunc_normal_(self.position, std=0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=dropout, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, 2)
@@ -169,7 +171,7 @@ class VQVAEFeatureSynthesisDetector(Detector):
         self.stride = 2 ** len(arch["channels"])
         tokens = (self.spec.size // self.stride) ** 2
         self.classifier = TokenClassifier(arch["embedding_dim"], arch["classifier_width"], arch["classifier_depth"],
-                                          arch["classifier_heads"], tokens)
+                                          arch["classifier_heads"], tokens, float(arch["classifier_dropout"]))
 
     @property
     def codebook(self) -> torch.Tensor:

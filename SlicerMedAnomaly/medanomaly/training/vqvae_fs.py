@@ -19,6 +19,11 @@ STAGE_DEFAULTS = {
     "salient": 1.0,  # chance that a batch corrupts the most salient tokens rather than random ones (0: ablation)
     "residual_weighting": True,  # False: plain CE on corrupted tokens (ablation)
     "blob_probability": 0.5,  # chance that a slice's corruption is grown into contiguous blobs
+    # random rotation (degrees), scaling and shift (share of the field) of each training slice: the classifier's
+    # learned positional embeddings meet the anatomy of unseen scans at other positions
+    "augment_rotation_deg": 7.0,
+    "augment_scale": 0.08,
+    "augment_shift": 0.05,
 }
 
 
@@ -32,7 +37,8 @@ def trainable(detector) -> torch.nn.Module:
 
 def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch.Generator, *, step: int, config):
     arch = detector.arch
-    x = augment(images, generator)
+    x = augment(images, generator, max_rotation_deg=float(arch["augment_rotation_deg"]),
+                scale_range=float(arch["augment_scale"]), max_shift=float(arch["augment_shift"]))
     vqvae = detector.vqvae
     if step < int(arch["stage1_fraction"] * config.steps):
         encodings = vqvae.encode(x)
