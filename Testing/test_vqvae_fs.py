@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from medanomaly.detectors.vqvae_fs import TokenClassifier, residual_weight, synthesize, token_saliency
+from medanomaly.detectors.vqvae_fs import (TokenClassifier, VQVAEFeatureSynthesisDetector, residual_weight, synthesize,
+                                           token_saliency)
 from medanomaly.training.data import augment
 
 
@@ -88,3 +89,22 @@ def test_augmentation_strength_follows_the_settings():
 
     assert 0 < moved(max_rotation_deg=7.0, scale_range=0.08, max_shift=0.05) < moved(
         max_rotation_deg=20.0, scale_range=0.2, max_shift=0.15)
+
+
+def test_probability_power_sharpens_the_token_probability_in_the_map():
+    torch.manual_seed(0)
+    card = {"input": {"size": 32, "spacing_mm": 7.0, "window_hu": [-1000, 500]},
+            "architecture": {"channels": [8, 8, 8], "num_embeddings": 16, "embedding_dim": 8, "classifier_width": 16,
+                             "classifier_depth": 1, "classifier_heads": 2}}
+    detector = VQVAEFeatureSynthesisDetector(card).eval()
+    image, region = torch.rand(2, 1, 32, 32), torch.ones(2, 1, 32, 32, dtype=torch.bool)
+    with torch.no_grad():
+        plain = detector.score(image, region)
+        residual = (image - plain.reconstruction).abs()
+        detector.arch["use_residual"] = False
+        probability = detector.score(image, region).score
+        detector.arch.update(use_residual=True, probability_power=3.0)
+        sharpened = detector.score(image, region).score
+    torch.testing.assert_close(plain.score, probability * residual)
+    torch.testing.assert_close(sharpened, probability ** 3 * residual)
+    assert float(sharpened.sum()) < float(plain.score.sum())  # probabilities below 1 shrink

@@ -56,7 +56,9 @@ def main() -> None:
         if args.only and args.only != variant:
             continue
         name = f"vqvae-fs-256-{variant}"
-        extra = {"slices": SliceBuffer.load(args.slices, InputSpec.from_card(base["input"]), seed=base["seed"])} if args.slices else {}
+        extra = {}
+        if args.slices:
+            extra["slices"] = SliceBuffer.load(args.slices, InputSpec.from_card(base["input"]), seed=base["seed"])
         bundle = train_recipe(
             name, base, out / name, models=MODELS, resume=args.resume, finish=not args.steps_only,
             steps=args.steps, architecture_overrides={**base["architecture_overrides"], **overrides},

@@ -31,6 +31,7 @@ DEFAULT_ARCHITECTURE = {
     "classifier_heads": 4,  # attention heads
     "classifier_dropout": 0.0,  # dropout in the transformer blocks while training (a regularizer; none at inference)
     "use_residual": True,  # map = probability x residual (True) or probability alone (False)
+    "probability_power": 1.0,  # map = probability ** power x residual: above 1, only confident tokens keep their map
 }
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,5 +191,6 @@ class VQVAEFeatureSynthesisDetector(Detector):
         probability = self.classifier(quantized).float().softmax(1)[:, 1:2]
         probability = F.interpolate(probability, size=image.shape[-2:], mode="bilinear", align_corners=False)
         reconstruction = self.decoder_corrupted(quantized).float().clamp(0, 1)
+        probability = probability ** float(self.arch["probability_power"])
         score = probability * (image - reconstruction).abs() if self.arch["use_residual"] else probability
         return DetectorOutput(score=score * region, reconstruction=reconstruction)
