@@ -1,5 +1,5 @@
-"""The flagship's pieces: vectorized saliency equals the per-token loop, feature synthesis, residual weights, and the
-stage-2 regularizers (transformer dropout, augmentation strength)."""
+"""The flagship's pieces: vectorized saliency equals the per-token loop, feature synthesis, residual weights, the
+stage-2 regularizers (transformer dropout, augmentation strength) and the map's probability power."""
 
 from __future__ import annotations
 

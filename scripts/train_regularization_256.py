@@ -52,13 +52,13 @@ def main() -> None:
     base = RECIPES["chest-ct-vqvae-fs-256"]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    extra = {}
+    if args.slices:  # read once; each run draws its batches from them with the recipe's seed
+        extra["slices"] = SliceBuffer.load(args.slices, InputSpec.from_card(base["input"]), seed=base["seed"])
     for variant, overrides in VARIANTS.items():
         if args.only and args.only != variant:
             continue
         name = f"vqvae-fs-256-{variant}"
-        extra = {}
-        if args.slices:
-            extra["slices"] = SliceBuffer.load(args.slices, InputSpec.from_card(base["input"]), seed=base["seed"])
         bundle = train_recipe(
             name, base, out / name, models=MODELS, resume=args.resume, finish=not args.steps_only,
             steps=args.steps, architecture_overrides={**base["architecture_overrides"], **overrides},
