@@ -18,6 +18,9 @@ became (scripts/results/lab_benchmark_256_regularization.json).
     # copy DIR/vqvae-fs-256-NAME.checkpoint to runs/regularization/, then, where the CTs are:
     python scripts/train_regularization_256.py --resume     # calibrates each on the held-out slabs
     python scripts/benchmark_lab.py --models chest-ct-vqvae-fs-256 runs/regularization/*
+
+`--init-from chest-ct-vqvae-fs-256 --learning-rate 1.25e-4 --steps 2000 --only control --output runs/longer` asks
+whether the shipped default (0.2.0) gains from still more steps.
 """
 
 import argparse
@@ -43,13 +46,20 @@ def main() -> None:
     ap.add_argument("--only", choices=sorted(VARIANTS), default=None)
     ap.add_argument("--output", default=str(ROOT / "runs" / "regularization"))
     ap.add_argument("--steps", type=int, default=4000, help="stage-2 steps of each continuation")
+    ap.add_argument("--init-from", default=None, help="the bundle in models/ to continue (default: the recipe's, "
+                    "chest-ct-vqvae-fs-256-stage2, which is version 0.1.0 of the default)")
+    ap.add_argument("--learning-rate", type=float, default=None, help="default: the recipe's (2.5e-4)")
     ap.add_argument("--slices", metavar="FILE", help="prepared training slices (train_default_models.py "
                     "--only chest-ct-vqvae-fs-256 --prepare-slices FILE)")
     ap.add_argument("--steps-only", action="store_true", help="stop after the gradient steps (keep the checkpoint)")
     ap.add_argument("--resume", action="store_true", help="continue from each variant's checkpoint")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    base = RECIPES["chest-ct-vqvae-fs-256"]
+    base = dict(RECIPES["chest-ct-vqvae-fs-256"])
+    if args.init_from:
+        base["init_from"] = args.init_from
+    if args.learning_rate:
+        base["learning_rate"] = args.learning_rate
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     extra = {}
@@ -62,7 +72,7 @@ def main() -> None:
         bundle = train_recipe(
             name, base, out / name, models=MODELS, resume=args.resume, finish=not args.steps_only,
             steps=args.steps, architecture_overrides={**base["architecture_overrides"], **overrides},
-            description=f"chest-ct-vqvae-fs-256-stage2 continued for {args.steps} stage-2 steps at learning rate "
+            description=f"{base['init_from']} continued for {args.steps} stage-2 steps at learning rate "
                         f"{base['learning_rate']} with {overrides or 'its own settings'} "
                         "(scripts/train_regularization_256.py)",
             **extra)
