@@ -75,29 +75,20 @@ def main() -> None:
         train_recipe(name, knn_base, out / name, models=knn_models, architecture_overrides=overrides,
                      description=f"variant of chest-ct-deep-knn: {overrides} (same weights, memory rebuilt)")
         print(f"built {name}", flush=True)
-    if not args.only or args.only == "stylegan2-mse":  # the same StyleGAN2 bundle scored by patch MSE
-        copy_with(resolve_model("chest-ct-stylegan2").path, out / "stylegan2-mse", "stylegan2-mse", {"score": "mse"})
-        recalibrate(out / "stylegan2-mse", data=[str(p) for p in base["data"]])
-        print("recalibrated stylegan2-mse")
-    if not args.only or args.only == "vqvae-fs-classifier-only":
-        target = out / "vqvae-fs-classifier-only"
-        copy_with(flagship.path, target, "vqvae-fs-classifier-only", {"use_residual": False})
-        recalibrate(target, data=[str(p) for p in base["data"]])
-        print("recalibrated vqvae-fs-classifier-only")
-    if not args.only or args.only == "vqvae-fs-256-classifier-only":  # the same for the 256^2 default
-        target = out / "vqvae-fs-256-classifier-only"
-        copy_with(resolve_model("chest-ct-vqvae-fs-256").path, target, "vqvae-fs-256-classifier-only",
-                  {"use_residual": False})
-        recalibrate(target, data=[str(p) for p in RECIPES["chest-ct-vqvae-fs-256"]["data"]])
-        print("recalibrated vqvae-fs-256-classifier-only")
-    for power in (2, 4):  # the default's map with the token probability sharpened: probability ** power x residual
-        name = f"vqvae-fs-256-probability-power-{power}"
+    # the same weights scored another way at detection time, recalibrated on the source recipe's data: StyleGAN2 by
+    # patch MSE; the flagships' classifier map alone; the 256^2 default's map with the token probability sharpened
+    default_256 = "chest-ct-vqvae-fs-256"
+    rescored = {"stylegan2-mse": ("chest-ct-stylegan2", {"score": "mse"}),
+                "vqvae-fs-classifier-only": ("chest-ct-vqvae-fs", {"use_residual": False}),
+                "vqvae-fs-256-classifier-only": (default_256, {"use_residual": False}),
+                **{f"vqvae-fs-256-probability-power-{power}": (default_256, {"probability_power": float(power)})
+                   for power in (2, 4)}}
+    for name, (source, architecture) in rescored.items():
         if args.only and args.only != name:
             continue
-        copy_with(resolve_model("chest-ct-vqvae-fs-256").path, out / name, name, {"probability_power": float(power)})
-        recalibrate(out / name, data=[str(p) for p in RECIPES["chest-ct-vqvae-fs-256"]["data"]])
+        copy_with(resolve_model(source).path, out / name, name, architecture)
+        recalibrate(out / name, data=[str(p) for p in RECIPES[source]["data"]])
         print(f"recalibrated {name}")
-
 
 if __name__ == "__main__":
     main()

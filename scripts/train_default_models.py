@@ -32,12 +32,6 @@ CHEST_INPUT = {"size": 128, "spacing_mm": 3.5, "window_hu": [-1000.0, 500.0], "r
                "body_region": "chest"}
 CHEST_INPUT_256 = dict(CHEST_INPUT, size=256, spacing_mm=1.75)  # the same 448 mm field of view, twice as fine
 
-DEFAULT_256_DESCRIPTION = (
-    "VQ-VAE feature-space anomaly synthesis at 256^2 (1.75 mm pixels, 32x32 tokens of 14 mm), trained on a GPU: "
-    "stage 1 VQ-VAE for 6000 steps, stage 2 (random token corruption, transformer token classifier, decoder from "
-    "corrupted features) for 6000, then 6000 more stage-2 steps at half the learning rate and 4000 more at a quarter "
-    "of it (chest_ct_01, slab split with held-out slabs for calibration).")
-
 RECIPES = {
     "chest-ct-vqvae-recon": dict(
         method="vqvae-recon",
@@ -174,7 +168,11 @@ RECIPES = {
         init_from="chest-ct-vqvae-fs-256-stage2", init_prefixes=("vqvae.", "decoder_corrupted.", "classifier."),
         architecture_overrides={"stage1_fraction": 0.0},
         checkpoint_every=1000,
-        description=DEFAULT_256_DESCRIPTION,
+        description="VQ-VAE feature-space anomaly synthesis at 256^2 (1.75 mm pixels, 32x32 tokens of 14 mm), "
+                    "trained on a GPU: stage 1 VQ-VAE for 6000 steps, stage 2 (random token corruption, transformer "
+                    "token classifier, decoder from corrupted features) for 6000, then 6000 more stage-2 steps at "
+                    "half the learning rate and 4000 more at a quarter of it (chest_ct_01, slab split with held-out "
+                    "slabs for calibration).",
         gpu=True, default=True,
     ),
     "chest-ct-hu-outlier": dict(

@@ -191,6 +191,8 @@ class VQVAEFeatureSynthesisDetector(Detector):
         probability = self.classifier(quantized).float().softmax(1)[:, 1:2]
         probability = F.interpolate(probability, size=image.shape[-2:], mode="bilinear", align_corners=False)
         reconstruction = self.decoder_corrupted(quantized).float().clamp(0, 1)
-        probability = probability ** float(self.arch["probability_power"])
+        power = float(self.arch["probability_power"])
+        if power != 1.0:  # the shipped models use 1: no extra pass over the map
+            probability = probability ** power
         score = probability * (image - reconstruction).abs() if self.arch["use_residual"] else probability
         return DetectorOutput(score=score * region, reconstruction=reconstruction)
