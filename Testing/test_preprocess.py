@@ -90,3 +90,27 @@ def test_hu_check_accepts_real_ct(demo_image, tmp_path):
     path = tmp_path / "ct.mha"
     sitk.WriteImage(demo_image, str(path))
     assert read_volume(path).warnings == []
+
+
+def test_line_means_keep_a_thin_line_that_isotropic_smoothing_erases():
+    from medanomaly.engine import line_kernels, line_scores, smooth_scores
+
+    spacing = (2.5, 1.75, 1.75)
+    kernels = line_kernels(spacing[1:], 4.0)
+    assert kernels.shape[0] == 8 and torch.allclose(kernels.sum((1, 2, 3)), torch.ones(8))
+    rng = np.random.default_rng(0)
+    scores = (rng.random((20, 96, 96)) < 0.01).astype(np.float32) * 0.3  # isolated speckle, 1% of voxels
+    scores[10, 40, 20:70] = 0.25  # a one-pixel line, 87 mm long, in-plane
+    steps = np.arange(30)
+    scores[12, 50 + steps, 30 + steps // 2] = 0.25  # an oblique one (about 27 degrees)
+    region = np.ones(scores.shape, bool)
+    region[:, :, :8] = False  # scores outside the region never count
+    line = line_scores(scores, region, spacing, 4.0)
+    iso = smooth_scores(scores, region, spacing, 3.0)
+    speckle = line[:8].max()  # slices without a line
+    assert line[10, 40, 30:60].min() > 0.75 * 0.25 > speckle  # the horizontal line keeps most of its value
+    assert line[12, 65, 37] > speckle
+    assert iso[10, 40, 45] < 0.05  # the 3D Gaussian spreads it below the speckle's line means
+    assert (line[:, :, :8] == 0).all()
+    # isolated speckle: a line mean is the mean over a line, never above the largest score on it
+    assert line.max() <= scores.max() + 1e-6

@@ -11,9 +11,10 @@ windowed model input changed by more than 0.02, about 30 HU):
   probability at least as high (the lesion's rank among normal anatomy: what the map must beat);
 - the same probability with a second pass shifted by half a token and the two maps' maximum (does the token grid's
   phase hide small lesions?);
-- the pixel map (probability x residual) before and after the detector's 3D smoothing, mapped back to the case's
-  grid: its maximum on the lesion's label against the normal case's 99.9th percentile over the body (the finding
-  threshold sits near there).
+- the pixel map (probability x residual) before and after the detector's 3D smoothing, and its best in-plane line
+  mean (engine.line_scores, sigma LINE_MM along the line: does a needle survive where it is straight?), mapped back
+  to the case's grid: its maximum on the lesion's label against the normal case's 99.9th percentile and maximum over
+  the body (the finding threshold sits near there).
 
     python scripts/diagnose_flagship.py [--cases runs/lab-cases] [--model NAME] [--json OUT]
 
@@ -31,7 +32,7 @@ import torch
 
 from medanomaly.bundle import resolve_model
 from medanomaly.detectors import build_detector
-from medanomaly.engine import smooth_scores, to_native
+from medanomaly.engine import line_scores, smooth_scores, to_native
 from medanomaly.lab import TARGET_SUBSETS
 from medanomaly.orientation import Reorientation
 from medanomaly.preprocess import prepare_slices
@@ -39,6 +40,7 @@ from medanomaly.volumes import read_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANGED = 0.02  # window units: about 30 HU in the default's [-1000, 500] window
+LINE_MM = 4.0  # sigma along the line of the in-plane line means
 
 
 def token_maps(detector, path: Path, batch: int = 16) -> dict:
@@ -68,7 +70,8 @@ def token_maps(detector, path: Path, batch: int = 16) -> dict:
     maps = {k: np.concatenate(v) for k, v in out.items()}
     maps["body"] = torch.nn.functional.avg_pool2d(region.float(), detector.stride)[:, 0].numpy() > 0.5
     smoothed = smooth_scores(maps["score"], slices.region, slices.spacing_mm, detector.spec.smoothing_mm)
-    native = {"raw": maps.pop("score"), "smoothed": smoothed, "region": slices.region.astype(np.float32)}
+    line = line_scores(maps["score"], slices.region, slices.spacing_mm, LINE_MM)
+    native = {"raw": maps.pop("score"), "smoothed": smoothed, "line": line, "region": slices.region.astype(np.float32)}
     for name, values in native.items():  # back on the case's own grid, where its label lies
         maps[f"{name}_input"] = reorientation.to_input(to_native(values, slices))
     maps["region_input"] = maps["region_input"] > 0.5
@@ -122,6 +125,9 @@ def main() -> None:
             "normal_raw_map_p999": float(np.quantile(normal["raw_input"][inside], 0.999)),
             "smoothed_map_on_label": float(maps["smoothed_input"][label].max()),
             "normal_smoothed_map_p999": float(np.quantile(normal["smoothed_input"][inside], 0.999)),
+            "line_map_on_label": float(maps["line_input"][label].max()),
+            "normal_line_map_p999": float(np.quantile(normal["line_input"][inside], 0.999)),
+            "normal_line_map_max": float(normal["line_input"][inside].max()),
         })
         r = rows[-1]
         print(f"{r['case']:<38} {r['lesion_tokens']:>3} tokens, {r['codes_changed']:>3} codes changed; qerr "
@@ -129,7 +135,8 @@ def main() -> None:
               f"at or above: {100 * r['normal_share_at_or_above']:.2f}%; with the shifted pass P {r['p_max_with_shift']:.3f}, "
               f"{100 * r['normal_share_at_or_above_with_shift']:.2f}%; map on the label {r['raw_map_on_label']:.3f} "
               f"(normal 99.9th percentile {r['normal_raw_map_p999']:.3f}), smoothed {r['smoothed_map_on_label']:.3f} "
-              f"({r['normal_smoothed_map_p999']:.3f})", flush=True)
+              f"({r['normal_smoothed_map_p999']:.3f}), line mean {r['line_map_on_label']:.3f} "
+              f"({r['normal_line_map_p999']:.3f}, normal max {r['normal_line_map_max']:.3f})", flush=True)
     for group, normal in normals.items():
         p = normal["p"][normal["body"]]
         print(f"normal {group}: {normal['body'].sum()} body tokens; P >= 0.5 on {100 * (p >= 0.5).mean():.2f}%, "
@@ -144,7 +151,9 @@ def main() -> None:
                   f"{sum(r['qerr_max'] > r['normal_qerr_max'] for r in chosen)} of {len(chosen)}; lesions whose map "
                   f"exceeds the normal 99.9th percentile: {sum(r['raw_map_on_label'] > r['normal_raw_map_p999'] for r in chosen)}"
                   f" before smoothing, {sum(r['smoothed_map_on_label'] > r['normal_smoothed_map_p999'] for r in chosen)}"
-                  f" after")
+                  f" after smoothing, {sum(r['line_map_on_label'] > r['normal_line_map_p999'] for r in chosen)} in the "
+                  f"line means ({sum(r['line_map_on_label'] > r['normal_line_map_max'] for r in chosen)} above the "
+                  f"normal maximum)")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": bundle.card["name"], "cases": str(cases_dir),
                                                "lesions": rows}, indent=1))

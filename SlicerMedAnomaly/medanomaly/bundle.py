@@ -47,6 +47,7 @@ CARD_SCHEMA = {
                 "region": {"enum": ["body", "lung"]},
                 "body_region": {"type": "string"},
                 "smoothing_mm": {"type": "number", "minimum": 0},
+                "line_mm": {"type": "number", "minimum": 0},
             },
         },
         "architecture": {"type": "object"},

@@ -27,16 +27,20 @@ class InputSpec:
     region: str = "body"  # "body" or "lung": where scores count
     smoothing_mm: float = 3.0  # 3D Gaussian sigma applied to slice-wise maps
     body_region: str = "chest"
+    line_mm: float = 0.0  # > 0: also in-plane line means (Gaussian of this sigma along the line) keep thin straight
+    #                       structures such as needles, which the 3D smoothing erases; the map is the larger of both
 
     @classmethod
     def from_card(cls, spec: dict) -> "InputSpec":
         return cls(size=int(spec["size"]), spacing_mm=float(spec["spacing_mm"]),
                    window_hu=tuple(float(v) for v in spec["window_hu"]), region=spec.get("region", "body"),
-                   smoothing_mm=float(spec.get("smoothing_mm", 3.0)), body_region=spec.get("body_region", "chest"))
+                   smoothing_mm=float(spec.get("smoothing_mm", 3.0)), body_region=spec.get("body_region", "chest"),
+                   line_mm=float(spec.get("line_mm", 0.0)))
 
     def to_card(self) -> dict:
-        return {"size": self.size, "spacing_mm": self.spacing_mm, "window_hu": list(self.window_hu),
+        card = {"size": self.size, "spacing_mm": self.spacing_mm, "window_hu": list(self.window_hu),
                 "region": self.region, "smoothing_mm": self.smoothing_mm, "body_region": self.body_region}
+        return {**card, "line_mm": self.line_mm} if self.line_mm > 0 else card
 
 
 def window(hu, window_hu) -> torch.Tensor | np.ndarray:
