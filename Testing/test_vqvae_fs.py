@@ -108,3 +108,24 @@ def test_probability_power_sharpens_the_token_probability_in_the_map():
     torch.testing.assert_close(plain.score, probability * residual)
     torch.testing.assert_close(sharpened, probability ** 3 * residual)
     assert float(sharpened.sum()) < float(plain.score.sum())  # probabilities below 1 shrink
+
+
+def test_engine_scores_one_slice_per_call_on_cpu_with_the_same_map():
+    from medanomaly.engine import run_detector
+    from medanomaly.preprocess import InPlaneGrid, ModelSlices
+
+    torch.manual_seed(0)
+    card = {"input": {"size": 32, "spacing_mm": 7.0, "window_hu": [-1000, 500]},
+            "architecture": {"channels": [8, 8, 8], "num_embeddings": 16, "embedding_dim": 8, "classifier_width": 16,
+                             "classifier_depth": 1, "classifier_heads": 2}}
+    detector = VQVAEFeatureSynthesisDetector(card).eval()
+    hu = torch.rand(6, 32, 32) * 1500 - 1000
+    region = np.ones((6, 32, 32), bool)
+    slices = ModelSlices(hu=hu, region=region, body=region, spacing_mm=(5.0, 7.0, 7.0),
+                         grid=InPlaneGrid(native_shape=(32, 32), resized_shape=(32, 32), offset=(0, 0), size=32))
+    one, _, timings_one = run_detector(detector, slices, device=torch.device("cpu"))
+    detector.cpu_batch_slices = None  # the memory budget alone: all 6 slices in one call
+    six, _, timings_six = run_detector(detector, slices, device=torch.device("cpu"))
+    assert (timings_one.batch_size, timings_one.batches, timings_six.batch_size) == (1, 6, 256)
+    np.testing.assert_allclose(one, six, rtol=1e-4, atol=1e-6)
+    assert one.max() > 0

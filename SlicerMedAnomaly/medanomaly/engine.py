@@ -80,6 +80,8 @@ def run_detector(detector: Detector, slices: ModelSlices, *, device: torch.devic
     spec = detector.spec
     per_slice = float(detector.card.get("memory_per_slice_mb", DEFAULT_SLICE_MEMORY_MB))
     batch = batch_size_for(spec, memory_budget_mb, per_slice)
+    if device.type == "cpu" and detector.cpu_batch_slices:
+        batch = min(batch, detector.cpu_batch_slices)
     image = slices.windowed(spec)
     region = torch.from_numpy(slices.region)
     z = image.shape[0]

@@ -368,6 +368,7 @@ class Inversion:
 @register
 class StyleGAN2Detector(Detector):
     method = "stylegan2"
+    cpu_batch_slices = None  # each batch is one inversion (Adam on the batch loss): same batches on every device
 
     def __init__(self, card: dict):
         super().__init__(card)
