@@ -11,6 +11,15 @@ from medanomaly.detectors.vqvae_fs import (TokenClassifier, VQVAEFeatureSynthesi
 from medanomaly.training.data import augment
 
 
+def tiny_detector() -> VQVAEFeatureSynthesisDetector:
+    """An untrained flagship on a 32x32 grid (seeded), small enough for unit tests."""
+    torch.manual_seed(0)
+    card = {"input": {"size": 32, "spacing_mm": 7.0, "window_hu": [-1000, 500]},
+            "architecture": {"channels": [8, 8, 8], "num_embeddings": 16, "embedding_dim": 8, "classifier_width": 16,
+                             "classifier_depth": 1, "classifier_heads": 2}}
+    return VQVAEFeatureSynthesisDetector(card).eval()
+
+
 def naive_saliency(x: np.ndarray, k: int = 8) -> np.ndarray:
     """The published recipe with a Python loop: PCA to k components, spectral entropy, remove each token in turn."""
     tokens = x.reshape(x.shape[0], -1).T  # [n, C]
@@ -92,11 +101,7 @@ def test_augmentation_strength_follows_the_settings():
 
 
 def test_probability_power_sharpens_the_token_probability_in_the_map():
-    torch.manual_seed(0)
-    card = {"input": {"size": 32, "spacing_mm": 7.0, "window_hu": [-1000, 500]},
-            "architecture": {"channels": [8, 8, 8], "num_embeddings": 16, "embedding_dim": 8, "classifier_width": 16,
-                             "classifier_depth": 1, "classifier_heads": 2}}
-    detector = VQVAEFeatureSynthesisDetector(card).eval()
+    detector = tiny_detector()
     image, region = torch.rand(2, 1, 32, 32), torch.ones(2, 1, 32, 32, dtype=torch.bool)
     with torch.no_grad():
         plain = detector.score(image, region)
@@ -114,11 +119,7 @@ def test_engine_scores_one_slice_per_call_on_cpu_with_the_same_map():
     from medanomaly.engine import run_detector
     from medanomaly.preprocess import InPlaneGrid, ModelSlices
 
-    torch.manual_seed(0)
-    card = {"input": {"size": 32, "spacing_mm": 7.0, "window_hu": [-1000, 500]},
-            "architecture": {"channels": [8, 8, 8], "num_embeddings": 16, "embedding_dim": 8, "classifier_width": 16,
-                             "classifier_depth": 1, "classifier_heads": 2}}
-    detector = VQVAEFeatureSynthesisDetector(card).eval()
+    detector = tiny_detector()
     hu = torch.rand(6, 32, 32) * 1500 - 1000
     region = np.ones((6, 32, 32), bool)
     slices = ModelSlices(hu=hu, region=region, body=region, spacing_mm=(5.0, 7.0, 7.0),
