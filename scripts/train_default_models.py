@@ -31,6 +31,11 @@ CHEST_DATA = [SHARED_CT / "chest_ct_01.nii.gz"]
 CHEST_INPUT = {"size": 128, "spacing_mm": 3.5, "window_hu": [-1000.0, 500.0], "region": "body", "smoothing_mm": 3.0,
                "body_region": "chest"}
 CHEST_INPUT_256 = dict(CHEST_INPUT, size=256, spacing_mm=1.75)  # the same 448 mm field of view, twice as fine
+# what the 256^2 flagship's stage-2 continuations share (each adds its steps, learning rate, seed, starting bundle)
+STAGE2_256_CONTINUATION = dict(
+    method="vqvae-fs", data=CHEST_DATA, batch_size=16, input=CHEST_INPUT_256, checkpoint_every=1000,
+    init_prefixes=("vqvae.", "decoder_corrupted.", "classifier."), architecture_overrides={"stage1_fraction": 0.0},
+)
 
 RECIPES = {
     "chest-ct-vqvae-recon": dict(
@@ -147,13 +152,9 @@ RECIPES = {
     ),
     # ... then more stage-2 steps at half the learning rate (version 0.1.0 of the default) ...
     "chest-ct-vqvae-fs-256-stage2": dict(
-        method="vqvae-fs",
-        data=CHEST_DATA,
-        steps=6000, batch_size=16, learning_rate=5e-4, seed=1,
-        input=CHEST_INPUT_256,
-        init_from="chest-ct-vqvae-fs-256-base", init_prefixes=("vqvae.", "decoder_corrupted.", "classifier."),
-        architecture_overrides={"stage1_fraction": 0.0},
-        checkpoint_every=1000,
+        STAGE2_256_CONTINUATION,
+        steps=6000, learning_rate=5e-4, seed=1,
+        init_from="chest-ct-vqvae-fs-256-base",
         description="VQ-VAE feature-space anomaly synthesis at 256^2 (1.75 mm pixels, 32x32 tokens of 14 mm), "
                     "trained on a GPU: stage 1 VQ-VAE for 6000 steps, stage 2 (random token corruption, transformer "
                     "token classifier, decoder from corrupted features) for 6000, then 6000 more stage-2 steps at "
@@ -164,13 +165,9 @@ RECIPES = {
     # measured voxel AP 0.061 -> 0.072 and lesion sensitivity at 0.5 false positives per slab 0.12 -> 0.26; stronger
     # augmentation or dropout in this step made it worse)
     "chest-ct-vqvae-fs-256": dict(
-        method="vqvae-fs",
-        data=CHEST_DATA,
-        steps=4000, batch_size=16, learning_rate=2.5e-4, seed=2, version="0.2.0",
-        input=CHEST_INPUT_256,
-        init_from="chest-ct-vqvae-fs-256-stage2", init_prefixes=("vqvae.", "decoder_corrupted.", "classifier."),
-        architecture_overrides={"stage1_fraction": 0.0},
-        checkpoint_every=1000,
+        STAGE2_256_CONTINUATION,
+        steps=4000, learning_rate=2.5e-4, seed=2, version="0.2.0",
+        init_from="chest-ct-vqvae-fs-256-stage2",
         description="VQ-VAE feature-space anomaly synthesis at 256^2 (1.75 mm pixels, 32x32 tokens of 14 mm), "
                     "trained on a GPU: stage 1 VQ-VAE for 6000 steps, stage 2 (random token corruption, transformer "
                     "token classifier, decoder from corrupted features) for 6000, then 6000 more stage-2 steps at "
