@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -380,5 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The `medanomaly` command. A process that has loaded torch, MONAI and a model spends about 0.8 s at exit in
+    Python's last garbage collections over those objects; frozen, they are skipped (0.1 s)."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
