@@ -78,10 +78,11 @@ def main() -> None:
             print(f"{args.volumes} volumes (256x256x40), {workers} worker(s) x {threads} thread(s): {t:.1f} s "
                   f"({args.volumes / t:.2f} vol/s); cases busy {per_worker_busy:.1f} s per worker, the rest "
                   f"({t - per_worker_busy:.1f} s) is the command, the scheduler, and starting and closing the worker processes; "
-                  f"each worker's imports (torch, MONAI) and model load count in its first case (medians of {args.runs}; "
+                  f"each worker's torch import counts in the rest, its MONAI import and model load in its first case "
+                  f"(medians of {args.runs}; "
                   f"runs: {', '.join(f'{s:.1f}' for s in times[(workers, threads)])} s)")
         two = median[two_workers]
-        per_run = [one / two for one, two in zip(times[(1, 1)], times[two_workers])]
+        per_run = [t1 / t2 for t1, t2 in zip(times[(1, 1)], times[two_workers])]
         print(f"speed-up per run (1 x 1 over 2 x {two_workers[1]} of the same run): "
               f"{', '.join(f'{r:.2f}x' for r in per_run)}")
         print(f"speed-up of 2 workers over 1 worker using all {cores} cores (the default): {median[(1, cores)] / two:.2f}x")
