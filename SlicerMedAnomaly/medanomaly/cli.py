@@ -267,7 +267,6 @@ def _cmd_train(args) -> int:
     if args.init_from:
         overrides["init_from"] = args.init_from
         if args.method == "stylegan2-encoder":
-            overrides["init_prefixes"] = ("generator.",)
             if not args.architecture_json:  # the generator's architecture comes with its weights
                 from .bundle import resolve_model
 

@@ -165,13 +165,14 @@ def device_name(device: torch.device) -> str:
 
 def train(method: str, data: Sequence[str], output: str | Path, *, calibration_data: Sequence[str] = (),
           resume: bool = False, progress: Callable[[int, int, dict], None] | None = None,
-          init_from: str | Path | None = None, init_prefixes: Sequence[str] = ("vqvae.",),
+          init_from: str | Path | None = None, init_prefixes: Sequence[str] | None = None,
           slices: SliceBuffer | None = None, finish: bool = True, **overrides) -> ModelBundle | None:
     """Train a bundle of `method` on normal CT volumes `data` and write it to `output`.
 
     With a single patient and no `calibration_data`, slices are split into training and held-out slabs with a margin
     between them (data.slab_split), and the held-out slabs calibrate the model. `init_from` starts from the weights
-    of another bundle whose names begin with `init_prefixes` (for example a trained stage 1, for ablations).
+    of another bundle whose names begin with `init_prefixes` (by default the trainer's INIT_PREFIXES, for example the
+    trained stage 1 of a vqvae-fs model, or every tensor); a bundle that holds none of them is refused.
     `slices` (a SliceBuffer.load) replaces reading `data` for the gradient steps; with `finish=False` the run stops
     after them, leaving the final checkpoint, and a later run with `resume=True` on the volumes calibrates and writes
     the bundle (the steps on a GPU node, calibration where the data are).
@@ -208,7 +209,12 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
                               time.perf_counter() - t0, [], dict(report), checkpoint_dir)
     if init_from is not None:
         source = ModelBundle.load(init_from).tensors()
-        chosen = {k: v for k, v in source.items() if k.startswith(tuple(init_prefixes))}
+        init_prefixes = tuple(init_prefixes if init_prefixes is not None else getattr(trainer, "INIT_PREFIXES", ("",)))
+        own = detector.state_dict()
+        chosen = {k: v for k, v in source.items() if k.startswith(init_prefixes) and k in own}
+        if not chosen:
+            raise InputError(f"--init-from {init_from}: the bundle holds no {method} weights named "
+                             f"{' or '.join(repr(p + '*') for p in init_prefixes)}; start from a bundle of this method")
         missing = detector.load_state_dict(chosen, strict=False)
         log.info("initialised %d tensors from %s (%d left as built)", len(chosen), init_from,
                  len(missing.missing_keys))

@@ -17,6 +17,8 @@ from torch import nn
 from ..detectors.stylegan2 import DEFAULT_ARCHITECTURE
 from .data import SliceBuffer, augment
 
+INIT_PREFIXES = ("generator.",)  # --init-from: the frozen generator E is trained for
+
 CARD_METHOD = "stylegan2"
 ENCODER_DEFAULTS = {
     "synthetic_fraction": 0.5,  # share of the steps on synthetic pairs

@@ -11,6 +11,8 @@ from .codebook import restart_dead_codes
 from .data import SliceBuffer, augment
 from .vqvae_recon import training_report as codebook_report
 
+INIT_PREFIXES = ("vqvae.",)  # --init-from reuses a trained stage 1 (encoder, codebook, decoder)
+
 UNUSED_PARAMETERS = True  # stage 1 leaves classifier and decoder 2 out of the graph (DDP must know)
 STAGE_DEFAULTS = {
     "stage1_fraction": 0.5,  # share of the steps spent on the VQ-VAE

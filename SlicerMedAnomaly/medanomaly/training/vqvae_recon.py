@@ -9,6 +9,8 @@ from ..detectors.vqvae_recon import DEFAULT_ARCHITECTURE
 from .codebook import restart_dead_codes
 from .data import SliceBuffer, augment
 
+INIT_PREFIXES = ("vqvae.",)  # --init-from continues from another reconstruction model
+
 
 def architecture(overrides: dict) -> dict:
     return {**DEFAULT_ARCHITECTURE, **overrides}
