@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import DEMO_CT
+from conftest import DEFAULT_MODEL, DEMO_CT
 from medanomaly.errors import InputError
-from medanomaly.neighbours import greedy_coreset, knn_distance
+from medanomaly.neighbours import greedy_coreset, knn, knn_distance, leave_out_scales
 
 
 def brute_knn(queries, memory, k):
@@ -112,22 +112,26 @@ def test_simsiam_loss_decreases_on_a_tiny_set():
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
 
 
-@pytest.mark.parametrize("patch_features", ["adaptor", "backbone"])
-def test_detector_scores_a_foreign_blob_above_normal_tissue(patch_features):
+class Slices:  # the fields finalize reads from a training buffer
+    def __init__(self, images, regions):
+        self.images, self.regions = images, regions
+        self.origins = torch.stack([torch.zeros(len(images), dtype=torch.long), torch.arange(len(images))], 1)
+
+    def __len__(self):
+        return len(self.images)
+
+
+@pytest.mark.parametrize("patch_features,density", [("adaptor", False), ("backbone", False), ("adaptor", True)])
+def test_detector_scores_a_foreign_blob_above_normal_tissue(patch_features, density):
     """Untrained networks, so only a clear margin for the adaptor's features (the shipped default); with the raw
-    backbone features the memory lives in the backbone's space and the blob still scores higher."""
+    backbone features the memory lives in the backbone's space and the blob still scores higher. With density
+    normalization the distances are divided by leave-out scales and the blob still stands out."""
     from medanomaly.detectors.deep_knn import DeepKNNDetector
     from medanomaly.training import TrainConfig, deep_knn as trainer
 
-    class Slices:  # the two fields finalize reads from a training buffer
-        def __init__(self, images, regions):
-            self.images, self.regions = images, regions
-
-        def __len__(self):
-            return len(self.images)
-
     torch.manual_seed(0)
-    detector = DeepKNNDetector(tiny_card(memory_max_patches=500, patch_features=patch_features))
+    detector = DeepKNNDetector(tiny_card(memory_max_patches=500, patch_features=patch_features,
+                                         density_normalization=density, density_exclusion_slices=1))
     images, regions = synthetic_slices(12, 1)
     report = trainer.finalize(detector, Slices(images, regions), TrainConfig(seed=0))
     assert report["architecture"]["memory_patches"] == 500
@@ -145,6 +149,46 @@ def test_detector_scores_a_foreign_blob_above_normal_tissue(patch_features):
     margin = 1.5 if patch_features == "adaptor" else 1.0
     assert blob > margin * out.score[0, 0, 28:36, 10:18].mean()  # the same place without the blob
     assert out.slice_score[1] > out.slice_score[0]
+    if density:  # normal tissue of a new slice sits near its leave-out scale: ratios about 1
+        assert set(report["memory"]["density_scales"]) == {"patch", "image"}
+        normal = out.score[0, 0][region[0, 0]]
+        assert 0.5 < float(normal.median()) < 2.0
+
+
+def test_knn_leave_out_excludes_nearby_slices_of_the_same_volume():
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(60, 5, generator=g)
+    origins = torch.stack([torch.arange(60) // 30, torch.arange(60) % 30], 1)  # two volumes of 30 slices
+    d, idx = knn(feats, feats, 4, query_origins=origins, memory_origins=origins, exclude_within=2, backend="torch")
+    full = torch.cdist(feats.double(), feats.double())
+    allowed = (origins[:, None, 0] != origins[None, :, 0]) | ((origins[:, None, 1] - origins[None, :, 1]).abs() > 2)
+    expected = torch.sort(full.masked_fill(~allowed, float("inf")), dim=1)
+    torch.testing.assert_close(d.double(), expected.values[:, :4], rtol=1e-4, atol=1e-4)
+    assert torch.all(allowed[torch.arange(60)[:, None], idx])  # no neighbour inside the window
+    # a single slice of a single volume: nothing is left to compare with
+    d, _ = knn(feats[:3], feats[:3], 1, query_origins=torch.zeros(3, 2, dtype=torch.long),
+               memory_origins=torch.zeros(3, 2, dtype=torch.long), exclude_within=0, backend="torch")
+    assert torch.isinf(d).all()
+
+
+def test_leave_out_scales_follow_the_local_spread_of_normal_features():
+    """A tight cluster and a loose one: unseen members of the loose cluster lie farther from the memory, and its rows
+    get the larger scales, so a query's ratio to them is comparable across both clusters."""
+    g = torch.Generator().manual_seed(4)
+    tight = torch.randn(200, 3, generator=g) * 0.05
+    loose = torch.randn(200, 3, generator=g) * 0.5 + 5
+    feats = torch.cat([tight, loose])
+    origins = torch.stack([torch.zeros(400, dtype=torch.long), torch.arange(400) % 100], 1)  # 100 slices
+    chosen = torch.arange(0, 400, 4)
+    scales = leave_out_scales(feats, origins, chosen, 3, exclude_within=1)
+    assert scales.shape == (100,) and torch.all(scales > 0)
+    assert float(scales[chosen >= 200].median()) > 4 * float(scales[chosen < 200].median())
+    # the scale of a row is the mean leave-out distance of the candidates whose nearest row it is
+    d, idx = knn(feats, feats[chosen], 3, query_origins=origins, memory_origins=origins[chosen], exclude_within=1,
+                 backend="torch")
+    row = int(idx[0, 0])
+    mine = idx[:, 0] == row
+    assert float(scales[row]) == pytest.approx(float(d.mean(1)[mine].mean()), rel=1e-5)
 
 
 def test_user_backbone_weights(tmp_path):
@@ -197,3 +241,25 @@ def test_train_bundle_detect_end_to_end(tmp_path):
     assert result.heatmap.shape == volume.hu.shape
     assert 0.0 <= result.heatmap.min() and result.heatmap.max() <= 1.0
     assert 0.0 <= result.volume_score <= 1.0
+
+    # --init-from another deep-kNN bundle takes its networks (not the vqvae-fs stage-1 names) and rebuilds the
+    # memory, here with density normalization; a bundle of another method is refused instead of silently ignored
+    rebuilt = train("deep-knn", [str(DEMO_CT)], tmp_path / "knn-density", steps=0, batch_size=4,
+                    init_from=bundle.path, input=card["input"],
+                    architecture={"block_inplanes": [8, 16, 32, 64], "adaptor_dim": 16, "predictor_dim": 8,
+                                  "memory_max_patches": 300, "density_normalization": True,
+                                  "density_exclusion_slices": 2})
+    before, after = ModelBundle.load(bundle.path).tensors(), ModelBundle.load(rebuilt.path).tensors()
+    networks = [k for k in before if k.startswith(("backbone.", "adaptor.", "predictor."))]
+    assert networks and all(torch.equal(before[k], after[k]) for k in networks)
+    scales = after["memory_patch_scales"]
+    assert scales.shape == (300,) and torch.all(scales > 0)
+    assert after["memory_image_scales"].shape == after["memory_images"].shape[:1]
+    assert ModelBundle.load(rebuilt.path).card["training_init"]["prefixes"] == ["backbone.", "adaptor.", "predictor."]
+    result = detect_volume(volume, rebuilt.path, device="cpu")
+    assert result.heatmap.shape == volume.hu.shape and 0.0 <= result.volume_score <= 1.0
+    with pytest.raises(InputError, match="holds no deep-knn weights"):
+        train("deep-knn", [str(DEMO_CT)], tmp_path / "wrong", steps=0, init_from=DEFAULT_MODEL,
+              input=card["input"], architecture={"block_inplanes": [8, 16, 32, 64], "adaptor_dim": 16,
+                                                 "predictor_dim": 8})
+    assert not (tmp_path / "wrong").exists()

@@ -25,15 +25,35 @@ def knn_distance(queries: torch.Tensor, memory: torch.Tensor, k: int = 1, *, chu
 
     backend: "auto" (faiss when installed and the tensors are on the CPU, else torch), "faiss" or "torch".
     """
+    return knn(queries, memory, k, chunk=chunk, backend=backend)[0].mean(1)
+
+
+def knn(queries: torch.Tensor, memory: torch.Tensor, k: int = 1, *, chunk: int = 4096, backend: str = "auto",
+        query_origins: torch.Tensor | None = None, memory_origins: torch.Tensor | None = None,
+        exclude_within: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest rows of memory [M, D] for each query [N, D]: Euclidean distances [N, k] (ascending) and the
+    rows' indices [N, k]. k is capped at the memory's size.
+
+    With origins ([N, 2] and [M, 2]: volume and slice index of each feature), rows from the query's own volume within
+    `exclude_within` slices of its slice are not neighbours: a leave-out search, where a training feature finds the
+    neighbours an unseen slice of that anatomy would find. A query whose every row is excluded gets distance inf.
+    backend: "auto" (faiss when installed, the tensors are on the CPU and nothing is excluded, else torch), "faiss"
+    or "torch".
+    """
     if queries.ndim != 2 or memory.ndim != 2 or queries.shape[1] != memory.shape[1]:
         raise ValueError(f"queries {tuple(queries.shape)} and memory {tuple(memory.shape)} must be [N, D] and [M, D]")
     k = int(min(max(1, k), memory.shape[0]))
-    use_faiss = backend == "faiss" or (backend == "auto" and faiss is not None and queries.device.type == "cpu")
+    excluding = query_origins is not None and memory_origins is not None
+    use_faiss = backend == "faiss" or (backend == "auto" and faiss is not None and queries.device.type == "cpu"
+                                       and not excluding)
     if use_faiss:
         if faiss is None:
             raise RuntimeError("backend='faiss' but faiss is not installed (pip install faiss-cpu)")
+        if excluding:
+            raise ValueError("the faiss backend cannot exclude neighbours by origin; use backend='torch'")
         return _faiss_knn(queries, memory, k)
-    out = torch.empty(queries.shape[0], dtype=torch.float32, device=queries.device)
+    distances = torch.empty(queries.shape[0], k, dtype=torch.float32, device=queries.device)
+    indices = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
     memory = memory.float()
     memory_sq = (memory * memory).sum(1)
     for start in range(0, queries.shape[0], chunk):
@@ -41,16 +61,55 @@ def knn_distance(queries: torch.Tensor, memory: torch.Tensor, k: int = 1, *, chu
         # |q - m|^2 = |q|^2 - 2 q.m + |m|^2 finds the neighbours fast; their distances are then recomputed
         # directly, which the expansion's rounding would spoil for near-duplicates
         d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ memory.T + memory_sq[None]
+        if excluding:
+            qo = query_origins[start:start + chunk].to(q.device)
+            mo = memory_origins.to(q.device)
+            near = (qo[:, None, 0] == mo[None, :, 0]) & ((qo[:, None, 1] - mo[None, :, 1]).abs() <= exclude_within)
+            d2.masked_fill_(near, float("inf"))
         index = torch.topk(d2, k, dim=1, largest=False).indices
-        out[start:start + chunk] = (q[:, None] - memory[index]).norm(dim=2).mean(1)
-    return out
+        d = (q[:, None] - memory[index]).norm(dim=2)
+        if excluding:
+            d = d.masked_fill(torch.gather(d2, 1, index).isinf(), float("inf"))
+        d, order = torch.sort(d, dim=1)
+        distances[start:start + chunk] = d
+        indices[start:start + chunk] = torch.gather(index, 1, order)
+    return distances, indices
 
 
-def _faiss_knn(queries: torch.Tensor, memory: torch.Tensor, k: int) -> torch.Tensor:
+def leave_out_scales(candidates: torch.Tensor, origins: torch.Tensor, chosen: torch.Tensor, k: int,
+                     exclude_within: int, *, chunk: int = 4096) -> torch.Tensor:
+    """The typical distance from unseen normal features to each row of a memory: [M].
+
+    `candidates` [N, D] are all normal features, `origins` [N, 2] their volume and slice, and the memory is
+    candidates[chosen]. Every candidate searches the memory without the rows from its own volume within
+    `exclude_within` slices (as an unseen slice would), and each memory row's scale is the mean k-NN distance of the
+    candidates whose nearest row it is (its own leave-out distance when none is). Dividing a query's k-NN distance by
+    the scale of its neighbours then measures it against what normal tissue of that kind usually reaches: about 1
+    for normal features wherever the memory is sparse or dense, more for what the memory does not hold.
+    """
+    chosen = chosen.to(candidates.device)
+    d, index = knn(candidates, candidates[chosen], k, chunk=chunk, backend="torch", query_origins=origins,
+                   memory_origins=origins[chosen], exclude_within=exclude_within)
+    distance = d.mean(1)
+    finite = torch.isfinite(distance)
+    if not finite.any():
+        raise ValueError(f"every normal feature lies within {exclude_within} slices of all the memory's rows; "
+                         "train on more slices or lower the exclusion")
+    nearest = index[finite, 0]
+    size = chosen.shape[0]
+    sums = torch.zeros(size, device=candidates.device).index_add_(0, nearest, distance[finite])
+    counts = torch.bincount(nearest, minlength=size).float()
+    own = distance[chosen]
+    own = torch.where(torch.isfinite(own), own, distance[finite].median())
+    return torch.where(counts > 0, sums / counts.clamp_min(1), own)
+
+
+def _faiss_knn(queries: torch.Tensor, memory: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     index = faiss.IndexFlatL2(memory.shape[1])
     index.add(memory.detach().float().cpu().contiguous().numpy())
-    d2, _ = index.search(queries.detach().float().cpu().contiguous().numpy(), k)
-    return torch.from_numpy(d2).clamp_min(0.0).sqrt().mean(1).to(queries.device)
+    d2, found = index.search(queries.detach().float().cpu().contiguous().numpy(), k)
+    return (torch.from_numpy(d2).clamp_min(0.0).sqrt().to(queries.device),
+            torch.from_numpy(found).long().to(queries.device))
 
 
 def greedy_coreset(features: torch.Tensor, size: int, *, seed: int = 0, projection_dim: int | None = 128,

@@ -8,6 +8,9 @@ in-plane position, so that normal tissue in the wrong place is far from the memo
 - Patch map: mean distance of each patch to its k nearest normal patches, upsampled to pixels.
 - Slice score: k-nearest-neighbour distance of the slice's pooled feature to the memory of normal slices.
 - Test-time augmentation: both are geometric means over small in-plane shifts of the slice.
+- Density normalization (`density_normalization`): each distance is divided by the typical distance that unseen
+  normal features reach at its nearest memory rows (leave-out scales stored with the memory), so that sparse normal
+  anatomy, which the memory covers less tightly, does not outrank what is foreign to every part of it.
 
 The backbone is frozen at detection time. It is either pre-trained self-supervised on normal CT by the training
 package, or a user's torchvision/timm ResNet weight file (see training.deep_knn).
@@ -21,7 +24,7 @@ from monai.networks.nets import ResNet
 from torch import nn
 
 from ..bundle import ModelBundle
-from ..neighbours import knn_distance
+from ..neighbours import knn
 from . import register
 from .base import Detector, DetectorOutput
 
@@ -37,6 +40,8 @@ DEFAULT_ARCHITECTURE = {
     "k": 3,  # neighbours for the patch distance
     "k_image": 3,  # neighbours for the slice score
     "tta_shifts": [[0, 0], [2, 2]],  # in-plane shifts (pixels) for test-time augmentation
+    "density_normalization": False,  # divide distances by the leave-out scales of the nearest memory rows
+    "density_exclusion_slices": 5,  # leave-out window (slices of the same volume) for those scales, in training
     "memory_patches": 0,  # rows in the patch memory (set by training)
     "memory_images": 0,  # rows in the slice memory (set by training)
     "backbone_source": "self-supervised",  # or the name of a user's weight file
@@ -87,6 +92,9 @@ class DeepKNNDetector(Detector):
         patch_dim = sum(widths) if arch["patch_features"] == "backbone" else arch["adaptor_dim"]
         self.register_buffer("memory_patches", torch.zeros(arch["memory_patches"], patch_dim + extra))
         self.register_buffer("memory_images", torch.zeros(arch["memory_images"], arch["adaptor_dim"]))
+        if arch["density_normalization"]:
+            self.register_buffer("memory_patch_scales", torch.ones(arch["memory_patches"]))
+            self.register_buffer("memory_image_scales", torch.ones(arch["memory_images"]))
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle) -> "DeepKNNDetector":
@@ -148,6 +156,17 @@ class DeepKNNDetector(Detector):
 
     # -- scoring -------------------------------------------------------------------------------------------------
 
+    def distance(self, queries: torch.Tensor, kind: str) -> torch.Tensor:
+        """Mean distance of each query [N, D] to its k nearest rows of the patch or image memory; with density
+        normalization, divided by the mean leave-out scale of those rows."""
+        memory = self.memory_patches if kind == "patch" else self.memory_images
+        k = self.arch["k"] if kind == "patch" else self.arch["k_image"]
+        d, index = knn(queries, memory, k)
+        if not self.arch["density_normalization"]:
+            return d.mean(1)
+        scales = self.memory_patch_scales if kind == "patch" else self.memory_image_scales
+        return d.mean(1) / scales[index].mean(1).clamp_min(1e-6)
+
     def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
         assert image.ndim == 4 and image.shape[1] == 1, f"expected [B, 1, H, W], got {tuple(image.shape)}"
         if self.memory_patches.shape[0] == 0:
@@ -160,12 +179,12 @@ class DeepKNNDetector(Detector):
             keep = self.patch_region(region, shift)
             distances = torch.zeros(keep.shape, device=image.device)
             if keep.any():
-                distances[keep] = knn_distance(patches[keep], self.memory_patches, self.arch["k"])
+                distances[keep] = self.distance(patches[keep], "patch")
             pixel = F.interpolate(distances[:, None], size=image.shape[-2:], mode="bilinear", align_corners=False)
             if any(shift):
                 pixel = torch.roll(pixel, shifts=(-shift[0], -shift[1]), dims=(2, 3))
             log_maps.append(torch.log(pixel.clamp_min(1e-6)))
-            log_slices.append(torch.log(knn_distance(pooled, self.memory_images, self.arch["k_image"]).clamp_min(1e-6)))
+            log_slices.append(torch.log(self.distance(pooled, "image").clamp_min(1e-6)))
         score = torch.exp(torch.stack(log_maps).mean(0)) * region
         slice_score = torch.exp(torch.stack(log_slices).mean(0))
         return DetectorOutput(score=score, slice_score=slice_score)

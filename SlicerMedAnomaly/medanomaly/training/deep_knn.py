@@ -6,6 +6,9 @@
    adaptor and predictor learn.
 2. The memory: features of every training slice (at every test-time shift), patches that touch the body, reduced by
    a greedy coreset to at most `memory_max_patches` rows; and one pooled feature per slice and shift.
+3. With density normalization, the leave-out scale of every memory row (neighbours.leave_out_scales): how far the
+   training features nearest to it lie from the memory once their own slice and `density_exclusion_slices` slices
+   on either side of it are left out.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ import torch.nn.functional as F
 
 from ..detectors.deep_knn import DEFAULT_ARCHITECTURE
 from ..errors import InputError
-from ..neighbours import greedy_coreset
+from ..neighbours import greedy_coreset, leave_out_scales
 from .data import SliceBuffer, augment
+
+INIT_PREFIXES = ("backbone.", "adaptor.", "predictor.")  # --init-from: the networks; the memory is rebuilt
 
 log = logging.getLogger(__name__)
 
 TRAINER_DEFAULTS = {
     "memory_max_patches": 16384,  # coreset size of the patch memory
     "backbone_weights": None,  # a user's ResNet weight file (frozen backbone), or None: self-supervised from scratch
+    "density_normalization": True,  # new models divide distances by leave-out scales (bundles before 0.3.0: off)
 }
 
 
@@ -122,21 +128,36 @@ def finalize(detector, buffer: SliceBuffer, config) -> dict:
     detector.eval()
     device = next(detector.parameters()).device
     arch = detector.arch
-    patches, images = [], []
+    patches, images, patch_origins, image_origins = [], [], [], []
     for shift in arch["tta_shifts"]:
         shift = (int(shift[0]), int(shift[1]))
         for start in range(0, len(buffer), 32):
             x = buffer.images[start:start + 32].to(device)
             region = buffer.regions[start:start + 32].to(device)
+            origins = buffer.origins[start:start + 32]
             feats, pooled = detector.features(x, shift)
             keep = detector.patch_region(region, shift)
             patches.append(feats[keep].cpu())
+            patch_origins.append(origins[keep.nonzero()[:, 0].cpu()])
             images.append(pooled.cpu())
-    patches = torch.cat(patches)
-    images = torch.cat(images)
+            image_origins.append(origins)
+    patches, patch_origins = torch.cat(patches), torch.cat(patch_origins)
+    images, image_origins = torch.cat(images), torch.cat(image_origins)
     chosen, radius = greedy_coreset(patches, int(arch["memory_max_patches"]), seed=config.seed)
     detector.memory_patches = patches[chosen].contiguous()
     detector.memory_images = images.contiguous()
+    report = {}
+    if arch["density_normalization"]:
+        window = int(arch["density_exclusion_slices"])
+        detector.memory_patch_scales = leave_out_scales(patches, patch_origins, chosen, int(arch["k"]), window)
+        detector.memory_image_scales = leave_out_scales(images, image_origins, torch.arange(len(images)),
+                                                        int(arch["k_image"]), window)
+        report["density_scales"] = {
+            kind: {"median": round(float(v.median()), 5), "p05": round(float(v.quantile(0.05)), 5),
+                   "p95": round(float(v.quantile(0.95)), 5)}
+            for kind, v in (("patch", detector.memory_patch_scales), ("image", detector.memory_image_scales))}
+        log.info("leave-out scales (+-%d slices): patches median %.4f, slices median %.4f", window,
+                 float(detector.memory_patch_scales.median()), float(detector.memory_image_scales.median()))
     sizes = {"memory_patches": int(detector.memory_patches.shape[0]), "memory_images": int(images.shape[0])}
     detector.arch.update(sizes)
     mb = (detector.memory_patches.numel() + detector.memory_images.numel()) * 4 / 2**20
@@ -144,7 +165,7 @@ def finalize(detector, buffer: SliceBuffer, config) -> dict:
              patches.shape[0], radius, sizes["memory_images"], mb)
     return {"architecture": sizes,
             "memory": {"patch_candidates": int(patches.shape[0]), **sizes, "coreset_radius": round(radius, 5),
-                       "megabytes": round(mb, 2)}}
+                       "megabytes": round(mb, 2), **report}}
 
 
 def training_report(detector, buffer: SliceBuffer) -> dict:
