@@ -103,6 +103,30 @@ def test_strongest_component_level_by_hand():
     assert strongest_component_level(scores, region, 1, 0.0) == pytest.approx(9.0, abs=1e-4)
 
 
+def brute_strongest_level(scores, region, min_voxels, floor):
+    """Every value of the scores from the top down, until one holds a large enough component."""
+    for level in np.unique(scores[region & (scores >= floor)])[::-1]:
+        if count_components(region & (scores >= level), min_voxels) > 0:
+            return float(level)
+    return float(floor)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_strongest_component_level_matches_brute_force(seed):
+    """Smoothed noise gives many components of many sizes at every level; the search per component of the floor's
+    mask must give exactly the level that trying every value gives."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    scores = ndi.gaussian_filter(rng.normal(size=(6, 24, 24)), 1.0).astype(np.float32)
+    region = np.ones_like(scores, bool)
+    region[:, :, :4] = False  # a region that cuts components
+    for min_voxels, floor in ((1, 0.0), (5, 0.0), (12, -0.05), (40, 0.02), (10_000, 0.0)):
+        got = strongest_component_level(scores, region, min_voxels, floor)
+        assert got == brute_strongest_level(scores, region, min_voxels, floor)
+    assert strongest_component_level(scores, region, 1, 99.0) == 99.0  # nothing above the floor
+
+
 def test_sensitivity_mapping():
     assert sensitivity_to_fp_per_volume(0.0) == pytest.approx(0.01)
     assert sensitivity_to_fp_per_volume(1.0) == pytest.approx(10.0)
