@@ -94,6 +94,22 @@ def test_volume_score_ranks_an_anomaly_above_normal(calibration):
     assert s_anom > 0.99
 
 
+def test_volume_p_value_orders_volumes_whose_scores_round_to_one(calibration):
+    """Two anomalies far beyond anything normal: both volume scores read 1.0, but the p-values (1 - score without
+    rounding) still put the stronger one first; for a normal slab score + p-value = 1."""
+    normal, region, spacing = normal_slabs(seed=9, n=1)[0]
+    p_normal = calibration.volume_p_value(normal, region, spacing)
+    assert p_normal + calibration.volume_score(normal, region, spacing) == pytest.approx(1.0, abs=1e-12)
+    strong, stronger = normal.copy(), normal.copy()
+    strong[8:12, 20:26, 20:26] += 60.0
+    stronger[8:12, 20:26, 20:26] += 90.0
+    assert calibration.volume_score(strong, region, spacing) == 1.0
+    assert calibration.volume_score(stronger, region, spacing) == 1.0
+    p_strong = calibration.volume_p_value(strong, region, spacing)
+    p_stronger = calibration.volume_p_value(stronger, region, spacing)
+    assert 0.0 < p_stronger < p_strong < 1e-12 < p_normal
+
+
 def test_strongest_component_level_by_hand():
     scores = np.zeros((5, 10, 10), np.float32)
     scores[2, 2:4, 2:4] = 5.0  # 4 voxels at 5

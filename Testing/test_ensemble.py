@@ -37,6 +37,9 @@ def test_ensemble_combines_calibrated_members(small_ct, combine):
     reduce = np.mean if combine == "mean" else np.max
     np.testing.assert_allclose(result.heatmap, reduce(np.stack([s.heatmap for s in singles]), 0), atol=1e-6)
     assert result.volume_score == pytest.approx(float(reduce([s.volume_score for s in singles])))
+    p_reduce = np.mean if combine == "mean" else np.min  # 1 - the combined score, kept unrounded
+    assert result.volume_p_value == pytest.approx(float(p_reduce([s.volume_p_value for s in singles])), rel=1e-9)
+    assert result.volume_p_value == pytest.approx(1.0 - result.volume_score, abs=1e-6)
     assert result.heatmap.shape == volume.hu.shape
     assert [m["name"] for m in result.model["members"]] == MEMBERS
     assert result.settings["ensemble"]["combine"] == combine

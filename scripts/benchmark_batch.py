@@ -19,6 +19,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from medanomaly.batch import ranking_key
 from medanomaly.bundle import resolve_model
 from medanomaly.metrics import roc_auc
 
@@ -123,7 +124,7 @@ def main() -> None:
                 run_batch(listing, out, 2, ranking_model)
                 normal = {c["volume"].split(".")[0]: c["normal"] for c in manifest["cases"]}
                 rows = [r for r in summary(out) if r["status"] == "ok"]
-                auroc = roc_auc([float(r["volume_score"]) for r in rows], [not normal[r["case"]] for r in rows])
+                auroc = roc_auc([-ranking_key(r)[1] for r in rows], [not normal[r["case"]] for r in rows])
                 print(f"summary ranking of the lab's {len(rows)} cases by {ranking_model}: volume AUROC {auroc:.3f} "
                       f"(anomalous vs normal slabs)")
 

@@ -54,6 +54,7 @@ class DetectionResult:
     output_dir: Path | None = None
     files: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # more fields for findings.json (batch hashes, for example)
+    volume_p_value: float = float("nan")  # 1 - volume_score without rounding: the ranking key of batches
 
     def summary(self) -> dict:
         return {
@@ -61,6 +62,7 @@ class DetectionResult:
             "input": self.volume.source,
             "series_uid": self.volume.series_uid,
             "volume_score": round(self.volume_score, 6),
+            "volume_p_value": float(f"{self.volume_p_value:.6g}"),
             "threshold": self.threshold,
             "findings": self.findings,
             "dropped_findings": self.dropped_findings,
@@ -112,22 +114,25 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     reorientation = Reorientation.for_image(volume.image)
     hu_canonical = reorientation.to_canonical(volume.hu)
     watch.lap("preprocess")
-    heatmaps, volume_scores, reconstruction, network_s, batch_size = [], [], None, 0.0, 0
+    heatmaps, volume_scores, volume_p_values, reconstruction, network_s, batch_size = [], [], [], None, 0.0, 0
     for index, detector in enumerate(members):
         member_notify = (lambda stage, fraction, i=index: notify(stage, (i + fraction) / len(members)))
-        heatmap, member_score, recon, engine = _score_member(detector, volume, reorientation, hu_canonical,
+        heatmap, (member_score, member_p), recon, engine = _score_member(detector, volume, reorientation, hu_canonical,
                                                               torch_device, memory_budget_mb, member_notify, cancel,
                                                               watch, want_reconstruction=reconstruction is None)
         heatmaps.append(heatmap)
         volume_scores.append(member_score)
+        volume_p_values.append(member_p)
         reconstruction = reconstruction if reconstruction is not None else recon
         network_s += engine.network_s
         batch_size = batch_size or engine.batch_size
     if isinstance(scorer, Ensemble):
         heatmap = scorer.combine_arrays(heatmaps)
         volume_score = float(scorer.combine_arrays([np.array([v]) for v in volume_scores])[0])
+        # 1 - score of the mean is the mean of 1 - score; of the maximum, the minimum
+        volume_p_value = float(np.mean(volume_p_values) if scorer.combine == "mean" else np.min(volume_p_values))
     else:
-        heatmap, volume_score = heatmaps[0], volume_scores[0]
+        heatmap, volume_score, volume_p_value = heatmaps[0], volume_scores[0], volume_p_values[0]
     del heatmaps
     calibration = calibration_of(scorer)
     card = scorer.card
@@ -155,6 +160,7 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
         model_info["members"] = card["members"]
     return DetectionResult(
         volume=volume, heatmap=heatmap, labels=labels, findings=findings, volume_score=volume_score,
+        volume_p_value=volume_p_value,
         threshold=threshold, reconstruction=reconstruction, timings=timings, dropped_findings=dropped,
         model=model_info, settings=settings,
     )
@@ -163,7 +169,7 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
 def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorientation, hu_canonical: np.ndarray,
                   device: torch.device, memory_budget_mb: float, notify, cancel, watch: "Stopwatch", *,
                   want_reconstruction: bool):
-    """One detector over the volume: its calibrated heatmap and volume score on the input grid, and its
+    """One detector over the volume: its calibrated heatmap, volume score and p-value on the input grid, and its
     pseudo-healthy reconstruction (HU on the input grid) when it makes one."""
     calibration = Calibration.from_card(detector.card["calibration"])
     slices = prepare_slices(hu_canonical, reorientation.canonical_spacing, detector.spec)
@@ -173,7 +179,8 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
     watch.lap("network_and_smoothing")
     notify("postprocess", 0.0)
     probability = calibration.voxel_probability(scores) * slices.region
-    volume_score = calibration.volume_score(scores, slices.region, slices.spacing_mm, engine.slice_scores)
+    log_expected = calibration.volume_log_expected(scores, slices.region, slices.spacing_mm, engine.slice_scores)
+    volume_score, volume_p_value = float(np.exp(-np.exp(log_expected))), float(-np.expm1(-np.exp(log_expected)))
     heatmap = np.ascontiguousarray(reorientation.to_input(to_native(probability, slices)))
     np.clip(heatmap, 0.0, 1.0, out=heatmap)
     reconstruction = None
@@ -184,7 +191,7 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
         native_delta = reorientation.to_input(to_native(delta, slices))
         reconstruction = np.clip(volume.hu + np.rint(native_delta), -32768, 32767).astype(np.int16)
     watch.lap("postprocess")
-    return heatmap, volume_score, reconstruction, engine
+    return heatmap, (volume_score, volume_p_value), reconstruction, engine
 
 
 def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = False, overview: bool = True) -> Path:

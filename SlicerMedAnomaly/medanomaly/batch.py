@@ -28,7 +28,7 @@ from .errors import InputError
 from .volumes import VOLUME_SUFFIXES, case_name_for
 
 log = logging.getLogger(__name__)
-SUMMARY_FIELDS = ["rank", "case", "input", "volume_score", "findings", "top_finding_probability",
+SUMMARY_FIELDS = ["rank", "case", "input", "volume_score", "volume_p_value", "findings", "top_finding_probability",
                   "top_finding_ras_mm", "top_finding_volume_mm3", "status", "error", "seconds"]
 
 
@@ -156,17 +156,27 @@ def run_case(path: str, case: str, output: str, model: str | None, options: dict
 
 def _summary_row(summary: dict) -> dict:
     top = summary["findings"][0] if summary["findings"] else None
-    return {"volume_score": summary["volume_score"], "findings": len(summary["findings"]),
+    return {"volume_score": summary["volume_score"], "volume_p_value": summary.get("volume_p_value", ""),
+            "findings": len(summary["findings"]),
             "top_finding_probability": top["max_probability"] if top else "",
             "top_finding_ras_mm": " ".join(f"{v:.1f}" for v in top["centroid_ras_mm"]) if top else "",
             "top_finding_volume_mm3": top["volume_mm3"] if top else ""}
 
 
+def ranking_key(row: dict) -> tuple:
+    """Failed cases last; the others by volume p-value, smallest (most unusual) first. The p-value is 1 - volume score
+    without rounding, so it keeps ordering volumes whose scores all read 1.0; a case written by a version without
+    it ranks by its volume score."""
+    failed = row["status"] != "ok" and row["status"] != "skipped"
+    for field, transform in (("volume_p_value", float), ("volume_score", lambda v: 1.0 - float(v))):
+        if row.get(field) not in ("", None):
+            return failed, transform(row[field])
+    return failed, 2.0
+
+
 def write_summary(rows: list[dict], output: Path) -> Path:
-    """summary.csv, ranked by volume score (failed cases last), written atomically."""
-    ranked = sorted(rows, key=lambda r: (r["status"] != "ok" and r["status"] != "skipped",
-                                         -(float(r["volume_score"]) if r.get("volume_score") not in ("", None)
-                                           else -1.0)))
+    """summary.csv, ranked by volume p-value (failed cases last), written atomically."""
+    ranked = sorted(rows, key=ranking_key)
     tmp = output / f".summary.csv.tmp{os.getpid()}"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")

@@ -184,15 +184,19 @@ class Calibration:
     def fp_rate(self, threshold: float | None = None, *, log_exceedance: float | None = None) -> float:
         """False-positive findings per cm at a probability threshold (or at log(1 - threshold)): the measured curve,
         log-linear between its knots (fp_knots), then its power-law tail."""
+        return float(np.exp(self.log_fp_rate(threshold, log_exceedance=log_exceedance)))
+
+    def log_fp_rate(self, threshold: float | None = None, *, log_exceedance: float | None = None) -> float:
+        """log of fp_rate, which keeps its resolution far out in the tail (-inf where no false finding was seen)."""
         knots = self.fp_knots()
         if knots.size == 0:
-            return 0.0
+            return float("-inf")
         x = np.log(1.0 - self.fp_thresholds[knots])
         y = np.log(self.fp_per_cm[knots])
         xt = log_exceedance if log_exceedance is not None else np.log(max(1.0 - threshold, 1e-300))
         if xt >= x[-1]:  # within the measured range (x decreases as the threshold rises)
-            return float(np.exp(np.interp(-xt, -x, y)))
-        return float(np.exp(y[-1] + self.fp_tail_slope * (xt - x[-1])))
+            return float(np.interp(-xt, -x, y))
+        return float(y[-1] + self.fp_tail_slope * (xt - x[-1]))
 
     def threshold_for(self, fp_per_volume: float, extent_cm: float) -> float:
         """The probability threshold at which a normal volume of this length expects `fp_per_volume` findings."""
@@ -202,17 +206,29 @@ class Calibration:
                      slice_scores: np.ndarray | None = None) -> float:
         """P(a normal volume of this length has no finding as strong as this one's strongest), in [0, 1]; from the
         slice scores when the model calibrated them (P(no normal slice of as many scores as high))."""
+        return float(np.exp(-np.exp(self.volume_log_expected(scores, region, spacing_mm, slice_scores))))
+
+    def volume_p_value(self, scores: np.ndarray, region: np.ndarray, spacing_mm,
+                       slice_scores: np.ndarray | None = None) -> float:
+        """1 - volume_score, computed without rounding: P(a normal volume of this length has a finding (slice) as
+        strong). Where the volume score rounds to 1.0 this still orders volumes, so it is the ranking key."""
+        return float(-np.expm1(-np.exp(self.volume_log_expected(scores, region, spacing_mm, slice_scores))))
+
+    def volume_log_expected(self, scores: np.ndarray, region: np.ndarray, spacing_mm,
+                            slice_scores: np.ndarray | None = None) -> float:
+        """log of the expected number of normal findings (or normal slices) at least as strong as this volume's
+        strongest, in a normal volume of this length (Poisson model)."""
         if slice_scores is not None and self.slice_quantiles is not None:
             counted = np.asarray(slice_scores)[region.reshape(region.shape[0], -1).any(1)]
             if counted.size:
                 log_exc = self.slice_log_exceedance(np.array([counted.max()]))[0]
-                return float(np.exp(-counted.size * np.exp(log_exc)))
+                return float(np.log(counted.size) + log_exc)
         min_voxels = max(1, int(np.ceil(self.min_size_mm3 / float(np.prod(spacing_mm)))))
         floor = float(np.interp(self.fp_thresholds[0], self.voxel_levels, self.voxel_quantiles))
         level = strongest_component_level(scores, region, min_voxels, floor)
         log_exc = float(self.log_exceedance(np.array([level]))[0])
         extent_cm = scores.shape[0] * spacing_mm[0] / 10.0
-        return float(np.exp(-self.fp_rate(log_exceedance=log_exc) * extent_cm))
+        return self.log_fp_rate(log_exceedance=log_exc) + float(np.log(extent_cm))
 
     @classmethod
     def fit(cls, references: list[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]],

@@ -148,7 +148,8 @@ class ProgressPrinter:
 
 
 def findings_table(result) -> str:
-    rows = [f"{result.volume.case_name}: volume score {result.volume_score:.3f}, {len(result.findings)} finding(s) "
+    rows = [f"{result.volume.case_name}: volume score {result.volume_score:.3f} (p {result.volume_p_value:.2g}), "
+            f"{len(result.findings)} finding(s) "
             f"at probability >= {result.threshold:.6f} ({result.output_dir or 'not written'})"]
     if result.findings:
         rows.append(f"{'id':>3} {'max p':>8} {'mean p':>8} {'vol mm3':>9} {'mean HU':>8}  centroid RAS mm         slices k")

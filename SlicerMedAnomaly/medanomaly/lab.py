@@ -201,9 +201,10 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         labels = (sitk.GetArrayFromImage(sitk.ReadImage(str(cases_dir / case["labels"])))
                   if case["labels"] else None)
         truth = labels > 0 if labels is not None else np.zeros(result.heatmap.shape, bool)
-        volume_scores.append(result.volume_score)
+        volume_scores.append(-result.volume_p_value)  # the ranking of the volume score, without its rounding
         case_scores.append({"case": case["case"], "normal": bool(case["normal"]),
-                            "volume_score": result.volume_score, "findings": len(result.findings)})
+                            "volume_score": result.volume_score, "volume_p_value": result.volume_p_value,
+                            "findings": len(result.findings)})
         volume_labels.append(not case["normal"])
         pooled.add(result.heatmap, truth)
         if case["normal"]:
