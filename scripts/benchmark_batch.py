@@ -114,7 +114,7 @@ def main() -> None:
         print(f"peak RSS per worker: max {max(peaks):.0f} MB, median {statistics.median(peaks):.0f} MB "
               f"(bound 2048 MB per worker)")
 
-        lab = Path(args.lab_cases)
+        lab = Path(args.lab_cases).resolve()  # the listing lives in a temporary folder
         if (lab / "cases.json").exists() and not args.skip_lab:
             manifest = json.loads((lab / "cases.json").read_text())
             listing = tmp / "lab.csv"
