@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .bundle import ModelBundle
-from .calibration import Calibration, sensitivity_to_fp_per_volume
+from .calibration import Calibration, score_and_p_value, sensitivity_to_fp_per_volume
 from .detectors import Detector
 from .ensemble import Ensemble, calibration_of, load_scorer
 from .engine import CancelCheck, ProgressCallback, pick_device, score_slices, to_native
@@ -179,8 +179,8 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
     watch.lap("network_and_smoothing")
     notify("postprocess", 0.0)
     probability = calibration.voxel_probability(scores) * slices.region
-    log_expected = calibration.volume_log_expected(scores, slices.region, slices.spacing_mm, engine.slice_scores)
-    volume_score, volume_p_value = float(np.exp(-np.exp(log_expected))), float(-np.expm1(-np.exp(log_expected)))
+    score_p = score_and_p_value(calibration.volume_log_expected(scores, slices.region, slices.spacing_mm,
+                                                                engine.slice_scores))
     heatmap = np.ascontiguousarray(reorientation.to_input(to_native(probability, slices)))
     np.clip(heatmap, 0.0, 1.0, out=heatmap)
     reconstruction = None
@@ -191,7 +191,7 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
         native_delta = reorientation.to_input(to_native(delta, slices))
         reconstruction = np.clip(volume.hu + np.rint(native_delta), -32768, 32767).astype(np.int16)
     watch.lap("postprocess")
-    return heatmap, (volume_score, volume_p_value), reconstruction, engine
+    return heatmap, score_p, reconstruction, engine
 
 
 def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = False, overview: bool = True) -> Path:

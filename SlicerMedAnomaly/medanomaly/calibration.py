@@ -71,6 +71,13 @@ def threshold_for_rate(fp_rate, fp_per_volume: float, extent_cm: float) -> float
     return float(1.0 - 10.0**lo)
 
 
+def score_and_p_value(log_expected: float) -> tuple[float, float]:
+    """Volume score exp(-m) and p-value 1 - exp(-m), without rounding, from log m: m is the expected number of normal
+    findings (or slices) as strong in a normal volume of the same length (Poisson model)."""
+    expected = np.exp(log_expected)
+    return float(np.exp(-expected)), float(-np.expm1(-expected))
+
+
 def count_components(mask: np.ndarray, min_voxels: int) -> int:
     labels, n = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
     if n == 0:
@@ -206,13 +213,13 @@ class Calibration:
                      slice_scores: np.ndarray | None = None) -> float:
         """P(a normal volume of this length has no finding as strong as this one's strongest), in [0, 1]; from the
         slice scores when the model calibrated them (P(no normal slice of as many scores as high))."""
-        return float(np.exp(-np.exp(self.volume_log_expected(scores, region, spacing_mm, slice_scores))))
+        return score_and_p_value(self.volume_log_expected(scores, region, spacing_mm, slice_scores))[0]
 
     def volume_p_value(self, scores: np.ndarray, region: np.ndarray, spacing_mm,
                        slice_scores: np.ndarray | None = None) -> float:
         """1 - volume_score, computed without rounding: P(a normal volume of this length has a finding (slice) as
         strong). Where the volume score rounds to 1.0 this still orders volumes, so it is the ranking key."""
-        return float(-np.expm1(-np.exp(self.volume_log_expected(scores, region, spacing_mm, slice_scores))))
+        return score_and_p_value(self.volume_log_expected(scores, region, spacing_mm, slice_scores))[1]
 
     def volume_log_expected(self, scores: np.ndarray, region: np.ndarray, spacing_mm,
                             slice_scores: np.ndarray | None = None) -> float:
