@@ -129,8 +129,7 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     if isinstance(scorer, Ensemble):
         heatmap = scorer.combine_arrays(heatmaps)
         volume_score = float(scorer.combine_arrays([np.array([v]) for v in volume_scores])[0])
-        # 1 - score of the mean is the mean of 1 - score; of the maximum, the minimum
-        volume_p_value = float(np.mean(volume_p_values) if scorer.combine == "mean" else np.min(volume_p_values))
+        volume_p_value = scorer.combine_p_values(volume_p_values)
     else:
         heatmap, volume_score, volume_p_value = heatmaps[0], volume_scores[0], volume_p_values[0]
     del heatmaps

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from .findings import CONNECTIVITY
+
 VOXEL_LEVELS = np.unique(np.concatenate([np.linspace(0.0, 0.99, 100), 1.0 - np.logspace(-2, -6, 41)]))
 FP_THRESHOLDS = 1.0 - np.logspace(-1, -6.5, 56)
 TAIL_LEVEL = VOXEL_LEVELS[-1]
@@ -79,7 +81,7 @@ def score_and_p_value(log_expected: float) -> tuple[float, float]:
 
 
 def count_components(mask: np.ndarray, min_voxels: int) -> int:
-    labels, n = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
+    labels, n = ndi.label(mask, structure=CONNECTIVITY)
     if n == 0:
         return 0
     sizes = np.bincount(labels.ravel())[1:]
@@ -94,8 +96,7 @@ def strongest_component_level(scores: np.ndarray, region: np.ndarray, min_voxels
     floor}, so each of those (of at least `min_voxels` voxels, highest peak first) is searched on its own bounding box
     by bisection over its values, and one whose peak does not beat the best level so far is skipped.
     """
-    structure = np.ones((3, 3, 3), bool)
-    labels, n = ndi.label(region & (scores >= floor), structure=structure)
+    labels, n = ndi.label(region & (scores >= floor), structure=CONNECTIVITY)
     if n == 0:
         return float(floor)
     inside = labels > 0

@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # only annotations: the training package imports this module 
     import SimpleITK as sitk
 
 MAX_FINDINGS = 255  # labels.nrrd stays uint8; weaker components beyond this are dropped and counted
+CONNECTIVITY = np.ones((3, 3, 3), bool)  # a finding is a 26-connected component (calibration and metrics count alike)
 
 
 def find_findings(heatmap: np.ndarray, hu: np.ndarray, image: sitk.Image, threshold: float,
@@ -23,7 +24,7 @@ def find_findings(heatmap: np.ndarray, hu: np.ndarray, image: sitk.Image, thresh
     """
     spacing = np.asarray(image.GetSpacing())
     voxel_mm3 = float(np.prod(spacing))
-    labels, n = ndi.label(heatmap >= threshold, structure=np.ones((3, 3, 3), bool))
+    labels, n = ndi.label(heatmap >= threshold, structure=CONNECTIVITY)
     flat_idx = np.flatnonzero(labels)
     if n == 0 or flat_idx.size == 0:
         return np.zeros(heatmap.shape, np.uint8), [], 0

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from scipy.stats import rankdata
 
+from .findings import CONNECTIVITY
+
 
 def _ranked(scores, labels):
     scores = np.asarray(scores, dtype=np.float64).ravel()
@@ -117,7 +119,7 @@ class FROC:
     def add_case(self, heatmap: np.ndarray, lesion_labels: np.ndarray | None, base_threshold: float,
                  min_voxels: int, lesion_info: dict[int, dict] | None = None, case: str = "") -> None:
         self.n_volumes += 1
-        components, n = ndi.label(heatmap >= base_threshold, structure=np.ones((3, 3, 3), bool))
+        components, n = ndi.label(heatmap >= base_threshold, structure=CONNECTIVITY)
         best = {}
         if n:
             idx = np.flatnonzero(components)

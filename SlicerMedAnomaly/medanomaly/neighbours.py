@@ -56,14 +56,15 @@ def knn(queries: torch.Tensor, memory: torch.Tensor, k: int = 1, *, chunk: int =
     indices = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
     memory = memory.float()
     memory_sq = (memory * memory).sum(1)
+    if excluding:
+        memory_origins = memory_origins.to(memory.device)
     for start in range(0, queries.shape[0], chunk):
         q = queries[start:start + chunk].float()
         # |q - m|^2 = |q|^2 - 2 q.m + |m|^2 finds the neighbours fast; their distances are then recomputed
         # directly, which the expansion's rounding would spoil for near-duplicates
         d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ memory.T + memory_sq[None]
         if excluding:
-            qo = query_origins[start:start + chunk].to(q.device)
-            mo = memory_origins.to(q.device)
+            qo, mo = query_origins[start:start + chunk].to(q.device), memory_origins
             near = (qo[:, None, 0] == mo[None, :, 0]) & ((qo[:, None, 1] - mo[None, :, 1]).abs() <= exclude_within)
             d2.masked_fill_(near, float("inf"))
         index = torch.topk(d2, k, dim=1, largest=False).indices
