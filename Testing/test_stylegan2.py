@@ -61,6 +61,41 @@ def test_modulated_convolution_equals_per_sample_weights():
     torch.testing.assert_close(conv(x, w), torch.cat(expected), rtol=1e-4, atol=1e-5)
 
 
+def test_augmentation_translation_equals_grid_sample_and_has_second_derivatives():
+    """DiffAugment's translation equals a translation-only F.grid_sample, and, unlike CUDA's grid sampler, it can be
+    differentiated twice (the R1 penalty's gradient of a gradient runs through it)."""
+    import torch.nn.functional as F
+
+    from medanomaly.training.stylegan2 import translate
+
+    x = torch.randn(4, 2, 32, 40, generator=torch.Generator().manual_seed(0))
+    shift = (torch.rand(4, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 0.25
+    theta = torch.zeros(4, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    reference = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    assert torch.allclose(translate(x, shift[:, 0] * 20, shift[:, 1] * 16), reference, atol=1e-4)
+    # integer shifts move pixels exactly, with zeros coming in
+    moved = translate(x, torch.tensor([3.0, 0, -2, 0]), torch.tensor([0.0, 1, 0, 0]))
+    assert torch.equal(moved[0, :, :, :-3], x[0, :, :, 3:]) and moved[0, :, :, -3:].abs().sum() == 0
+    assert torch.equal(moved[1, :, :-1], x[1, :, 1:]) and torch.equal(moved[3], x[3])
+    # second order: for the linear T = translate, d/dx |d/dx sum((Tx)^2)|^2 = 8 (T^T T)^2 x
+    def t(v):
+        return translate(v, shift[:, 0] * 20, shift[:, 1] * 16)
+
+    def t_adjoint(v):
+        z = torch.zeros_like(x, requires_grad=True)
+        return torch.autograd.grad(t(z), z, grad_outputs=v)[0]
+
+    xi = x.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(t(xi).pow(2).sum(), xi, create_graph=True)
+    grad.pow(2).sum().backward()
+    expected = 8 * t_adjoint(t(t_adjoint(t(x))))
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(xi.grad, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_patch_wasserstein_matches_scipy():
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(2, 1, 20, 24, generator=g), torch.rand(2, 1, 20, 24, generator=g) ** 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -80,6 +81,11 @@ def test_resume_from_checkpoint_matches_uninterrupted(training_volume, tmp_path)
               **TINY)
     assert (checkpoint / "checkpoint.json").is_file()
     assert json.loads((checkpoint / "checkpoint.json").read_text())["step"] == 20
+    # a run cut there can also be finished at the steps it reached; the card then says where steps 1-20 ran
+    shutil.copytree(checkpoint, tmp_path / "cut.checkpoint")
+    cut = train("vqvae-recon", [str(training_volume)], tmp_path / "cut", name="m", seed=4, split_block=10,
+                resume=True, **dict(TINY, steps=20))
+    assert cut.card["training"]["step_devices"] == [{"device": "cpu", "first_step": 1, "last_step": 20}]
     resumed = train("vqvae-recon", [str(training_volume)], out, name="m", seed=4, split_block=10, resume=True,
                     **TINY)
     wf, wr = load_file(str(full.path / "weights.safetensors")), load_file(str(resumed.path / "weights.safetensors"))

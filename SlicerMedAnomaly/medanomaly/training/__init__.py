@@ -228,6 +228,8 @@ def train(method: str, data: Sequence[str], output: str | Path, *, calibration_d
     if resume and (checkpoint_dir / "checkpoint.json").is_file():
         step, losses, seconds_before, devices = load_checkpoint(checkpoint_dir, model, optimizer, generator)
         t0 -= seconds_before  # the card reports the whole run's time
+        for entry in devices:  # a run cut after this checkpoint ran no further steps that count
+            entry["last_step"] = min(entry["last_step"], step)
         log.info("resumed from %s at step %d", checkpoint_dir, step)
     model.to(device).train()
     if step < config.steps:  # where these steps run, for the card

@@ -101,7 +101,8 @@ def _views(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     contrast = 1 + (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1) * 0.15
     brightness = (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1) * 0.05
     noise = torch.randn(x.shape, generator=generator) * 0.01
-    return (x * contrast + brightness + noise).clamp(0, 1)
+    # drawn on the CPU generator (the same views on every device), applied where the images are
+    return (x * contrast.to(x.device) + brightness.to(x.device) + noise.to(x.device)).clamp(0, 1)
 
 
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:

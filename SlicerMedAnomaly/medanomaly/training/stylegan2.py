@@ -96,6 +96,25 @@ def optimizer(model: GANPair, config) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, eps=1e-8)
 
 
+def translate(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Bilinear translation of each slice by (dx, dy) pixels, zeros outside: out[i, j] = x[i + dy, j + dx]. The same
+    as F.grid_sample with a translation-only affine grid (align_corners=False, zero padding), but made of padding and
+    indexing, which have gradients of every order on every device: the R1 penalty differentiates the discriminator's
+    gradient through this augmentation, and CUDA's grid sampler has no second derivative."""
+    b, _, h, w = x.shape
+    pad = int(math.ceil(max(float(dx.abs().max()), float(dy.abs().max())))) + 1
+    padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # [B, H', W', C]: one index picks a pixel
+    dx, dy = dx.to(x.device, x.dtype), dy.to(x.device, x.dtype)
+    bx, by = torch.floor(dx), torch.floor(dy)
+    fx, fy = (dx - bx).view(b, 1, 1, 1), (dy - by).view(b, 1, 1, 1)
+    rows = torch.arange(h, device=x.device)[None] + by.long()[:, None] + pad  # [B, H]
+    cols = torch.arange(w, device=x.device)[None] + bx.long()[:, None] + pad  # [B, W]
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    tap = lambda r, c: padded[batch, r[:, :, None], c[:, None, :]].permute(0, 3, 1, 2)  # noqa: E731
+    return ((1 - fy) * ((1 - fx) * tap(rows, cols) + fx * tap(rows, cols + 1))
+            + fy * ((1 - fx) * tap(rows + 1, cols) + fx * tap(rows + 1, cols + 1)))
+
+
 def diff_augment(x: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
     """Differentiable augmentation (Zhao et al. 2020): brightness, contrast, translation by up to 1/8, cutout of a
     quarter, each slice with probability p."""
@@ -106,11 +125,7 @@ def diff_augment(x: torch.Tensor, generator: torch.Generator, p: float) -> torch
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     y = (x - mean) * contrast + mean + brightness
     shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * 0.25  # grid units: 1/8 of the image
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1
-    theta[:, :, 2] = shift
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-    y = F.grid_sample(y + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+    y = translate(y + 1, shift[:, 0] * x.shape[-1] / 2, shift[:, 1] * x.shape[-2] / 2) - 1  # -1 (black) outside
     size = x.shape[-1]
     centre = torch.randint(0, size, (b, 2), generator=generator)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
