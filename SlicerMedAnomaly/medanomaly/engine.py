@@ -94,7 +94,8 @@ def run_detector(detector: Detector, slices: ModelSlices, *, device: torch.devic
             raise Cancelled("cancelled by the user; nothing was written")
         stop = min(z, start + batch)
         t0 = time.perf_counter()
-        out = score_batch(detector, image[start:stop], region[start:stop], device)
+        out = score_batch(detector, image[start:stop], region[start:stop], device,
+                          mixed_precision=detector.mixed_precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
         timings.network_s += time.perf_counter() - t0

@@ -33,6 +33,8 @@ class Detector(nn.Module):
     # faster than batches of 10 for the 256^2 flagship (scripts/benchmark_pipeline.py). None: the memory budget alone
     # decides (for methods whose per-batch optimization should not change with the device).
     cpu_batch_slices: ClassVar[int | None] = 1
+    # On CUDA, whether the networks run under float16 autocast (engine.network_precision).
+    mixed_precision: ClassVar[bool] = True
 
     def __init__(self, card: dict):
         super().__init__()
