@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .bundle import ModelBundle
-from .calibration import Calibration, score_and_p_value, sensitivity_to_fp_per_volume
+from .calibration import Calibration, sensitivity_to_fp_per_volume
 from .detectors import Detector
 from .ensemble import Ensemble, calibration_of, load_scorer
 from .engine import CancelCheck, ProgressCallback, pick_device, score_slices, to_native
@@ -114,24 +114,23 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     reorientation = Reorientation.for_image(volume.image)
     hu_canonical = reorientation.to_canonical(volume.hu)
     watch.lap("preprocess")
-    heatmaps, volume_scores, volume_p_values, reconstruction, network_s, batch_size = [], [], [], None, 0.0, 0
+    heatmaps, volume_p_values, reconstruction, network_s, batch_size = [], [], None, 0.0, 0
     for index, detector in enumerate(members):
         member_notify = (lambda stage, fraction, i=index: notify(stage, (i + fraction) / len(members)))
-        heatmap, (member_score, member_p), recon, engine = _score_member(detector, volume, reorientation, hu_canonical,
-                                                              torch_device, memory_budget_mb, member_notify, cancel,
-                                                              watch, want_reconstruction=reconstruction is None)
+        heatmap, member_p, recon, engine = _score_member(detector, volume, reorientation, hu_canonical, torch_device,
+                                                         memory_budget_mb, member_notify, cancel, watch,
+                                                         want_reconstruction=reconstruction is None)
         heatmaps.append(heatmap)
-        volume_scores.append(member_score)
         volume_p_values.append(member_p)
         reconstruction = reconstruction if reconstruction is not None else recon
         network_s += engine.network_s
         batch_size = batch_size or engine.batch_size
     if isinstance(scorer, Ensemble):
         heatmap = scorer.combine_arrays(heatmaps)
-        volume_score = float(scorer.combine_arrays([np.array([v]) for v in volume_scores])[0])
         volume_p_value = scorer.combine_p_values(volume_p_values)
     else:
-        heatmap, volume_score, volume_p_value = heatmaps[0], volume_scores[0], volume_p_values[0]
+        heatmap, volume_p_value = heatmaps[0], volume_p_values[0]
+    volume_score = 1.0 - volume_p_value  # P(no normal finding as strong); the p-value keeps what this rounds away
     del heatmaps
     calibration = calibration_of(scorer)
     card = scorer.card
@@ -155,7 +154,8 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
                 "model_size": first.spec.size, "region": first.spec.region}
     model_info = {"name": card["name"], "version": card["version"], "method": card["method"]}
     if isinstance(scorer, Ensemble):
-        settings["ensemble"] = {"combine": scorer.combine, "member_volume_scores": volume_scores}
+        settings["ensemble"] = {"combine": scorer.combine,
+                                "member_volume_scores": [1.0 - p for p in volume_p_values]}
         model_info["members"] = card["members"]
     return DetectionResult(
         volume=volume, heatmap=heatmap, labels=labels, findings=findings, volume_score=volume_score,
@@ -168,7 +168,7 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
 def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorientation, hu_canonical: np.ndarray,
                   device: torch.device, memory_budget_mb: float, notify, cancel, watch: "Stopwatch", *,
                   want_reconstruction: bool):
-    """One detector over the volume: its calibrated heatmap, volume score and p-value on the input grid, and its
+    """One detector over the volume: its calibrated heatmap on the input grid, its volume p-value, and its
     pseudo-healthy reconstruction (HU on the input grid) when it makes one."""
     calibration = Calibration.from_card(detector.card["calibration"])
     slices = prepare_slices(hu_canonical, reorientation.canonical_spacing, detector.spec)
@@ -178,8 +178,7 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
     watch.lap("network_and_smoothing")
     notify("postprocess", 0.0)
     probability = calibration.voxel_probability(scores) * slices.region
-    score_p = score_and_p_value(calibration.volume_log_expected(scores, slices.region, slices.spacing_mm,
-                                                                engine.slice_scores))
+    p_value = calibration.volume_p_value(scores, slices.region, slices.spacing_mm, engine.slice_scores)
     heatmap = np.ascontiguousarray(reorientation.to_input(to_native(probability, slices)))
     np.clip(heatmap, 0.0, 1.0, out=heatmap)
     reconstruction = None
@@ -190,7 +189,7 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
         native_delta = reorientation.to_input(to_native(delta, slices))
         reconstruction = np.clip(volume.hu + np.rint(native_delta), -32768, 32767).astype(np.int16)
     watch.lap("postprocess")
-    return heatmap, score_p, reconstruction, engine
+    return heatmap, p_value, reconstruction, engine
 
 
 def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = False, overview: bool = True) -> Path:

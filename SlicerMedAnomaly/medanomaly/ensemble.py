@@ -80,7 +80,7 @@ class Ensemble:
         return (stacked.max(0) if self.combine == "max" else stacked.mean(0)).astype(arrays[0].dtype)
 
     def combine_p_values(self, p_values: list[float]) -> float:
-        """The volume p-value (1 - volume score) of the combined volume score, kept unrounded: 1 - the mean of the
+        """The members' volume p-values (1 - volume score) combined as their volume scores are: 1 - the mean of the
         scores is the mean of the p-values, 1 - their maximum the minimum."""
         return float(np.min(p_values) if self.combine == "max" else np.mean(p_values))
 
