@@ -22,7 +22,7 @@ import numpy as np
 from scipy.stats import poisson
 
 from medanomaly.api import detect_volume
-from medanomaly.calibration import count_components
+from medanomaly.calibration import count_components, min_voxels_for
 from medanomaly.ensemble import calibration_of, load_scorer
 from medanomaly.lab import MANIFEST, cross_calibrated
 from medanomaly.metrics import roc_auc
@@ -47,7 +47,7 @@ def main() -> None:
         result = detect_volume(volume, scorer)
         cal = calibration_of(scorer)
         extent_cm = volume.hu.shape[r.axes[0]] * r.canonical_spacing[0] / 10.0
-        min_voxels = max(1, int(np.ceil(cal.min_size_mm3 / volume.voxel_volume_mm3)))
+        min_voxels = min_voxels_for(cal.min_size_mm3, volume.voxel_volume_mm3)
         counts = []
         for t in cal.fp_thresholds:
             n = count_components(result.heatmap >= t, min_voxels)

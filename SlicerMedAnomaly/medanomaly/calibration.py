@@ -80,6 +80,11 @@ def score_and_p_value(log_expected: float) -> tuple[float, float]:
     return float(np.exp(-expected)), float(-np.expm1(-expected))
 
 
+def min_voxels_for(min_size_mm3: float, voxel_mm3: float) -> int:
+    """The fewest voxels of this size that make a finding of at least `min_size_mm3` (at least 1)."""
+    return max(1, int(np.ceil(min_size_mm3 / float(voxel_mm3))))
+
+
 def count_components(mask: np.ndarray, min_voxels: int) -> int:
     labels, n = ndi.label(mask, structure=CONNECTIVITY)
     if n == 0:
@@ -231,7 +236,7 @@ class Calibration:
             if counted.size:
                 log_exc = self.slice_log_exceedance(np.array([counted.max()]))[0]
                 return float(np.log(counted.size) + log_exc)
-        min_voxels = max(1, int(np.ceil(self.min_size_mm3 / float(np.prod(spacing_mm)))))
+        min_voxels = min_voxels_for(self.min_size_mm3, np.prod(spacing_mm))
         floor = float(np.interp(self.fp_thresholds[0], self.voxel_levels, self.voxel_quantiles))
         level = strongest_component_level(scores, region, min_voxels, floor)
         log_exc = float(self.log_exceedance(np.array([level]))[0])
@@ -256,7 +261,7 @@ class Calibration:
         extent_cm, counts = 0.0, np.zeros_like(FP_THRESHOLDS)
         for scores, region, spacing in references:
             prob = cal.voxel_probability(scores, dtype=np.float64) * region
-            min_voxels = max(1, int(np.ceil(min_size_mm3 / float(np.prod(spacing)))))
+            min_voxels = min_voxels_for(min_size_mm3, np.prod(spacing))
             counts += [count_components(prob >= t, min_voxels) for t in FP_THRESHOLDS]
             extent_cm += scores.shape[0] * spacing[0] / 10.0
         # Component counts are not monotone in the threshold (low thresholds merge findings into one); the upper

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from . import __version__
 from .api import detect_volume, peak_rss_mb
 from .bundle import CARD_NAME, ModelBundle, atomic_write_text, sha256_of
-from .calibration import Calibration
+from .calibration import Calibration, min_voxels_for
 from .detectors import Detector
 from .engine import pick_device, score_slices
 from .ensemble import Ensemble, calibration_of, load_scorer
@@ -224,7 +224,7 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         extent_cm = volume.hu.shape[r.axes[0]] * r.canonical_spacing[0] / 10.0
         case_calibration = calibration_of(scorer)
         base = case_calibration.threshold_for(10.0, extent_cm)
-        min_voxels = max(1, int(np.ceil(case_calibration.min_size_mm3 / volume.voxel_volume_mm3)))
+        min_voxels = min_voxels_for(case_calibration.min_size_mm3, volume.voxel_volume_mm3)
         info = {lesion["label"]: {"kind": lesion["kind"], "size": _size_bin(lesion), "diameter_mm": _diameter(lesion)}
                 for lesion in case["lesions"]}
         froc.add_case(result.heatmap, labels, base, min_voxels, info, case["case"])
