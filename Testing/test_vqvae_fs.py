@@ -4,6 +4,7 @@ stage-2 regularizers (transformer dropout, augmentation strength) and the map's 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from medanomaly.detectors.vqvae_fs import (TokenClassifier, VQVAEFeatureSynthesisDetector, residual_weight, synthesize,
@@ -130,3 +131,65 @@ def test_engine_scores_one_slice_per_call_on_cpu_with_the_same_map():
     assert (timings_one.batch_size, timings_one.batches, timings_six.batch_size) == (1, 6, 256)
     np.testing.assert_allclose(one, six, rtol=1e-4, atol=1e-6)
     assert one.max() > 0
+
+
+def test_a_window_gets_its_own_part_of_the_positional_embeddings():
+    torch.manual_seed(0)
+    whole = TokenClassifier(embedding_dim=8, width=16, depth=1, heads=2, tokens=36).eval()  # a 6x6 token grid
+    window = TokenClassifier(embedding_dim=8, width=16, depth=1, heads=2, tokens=16).eval()  # a 4x4 one
+    state = dict(whole.state_dict())
+    state["position"] = whole.position.detach().view(1, 6, 6, 16)[:, 1:5, 2:6].reshape(1, 16, 16)
+    window.load_state_dict(state)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(whole(x, torch.tensor([[1, 2], [1, 2]])), window(x))
+        other = whole(x, torch.tensor([[1, 2], [0, 0]]))  # per-window offsets within one batch
+        assert torch.equal(other[0], whole(x[:1], torch.tensor([[1, 2]]))[0])
+        assert not torch.allclose(other[1], other[0])
+    with pytest.raises(AssertionError, match="leaves"):
+        whole(x[:1], torch.tensor([[3, 0]]))  # rows 3-6 of a 6-row grid
+
+
+def test_windowed_probability_blends_the_windows_that_cover_each_token():
+    torch.manual_seed(0)
+    classifier = TokenClassifier(embedding_dim=8, width=16, depth=1, heads=2, tokens=64).eval()  # 8x8 grid
+    x = torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier.probability(x, 8), classifier.probability(x, 0))  # one window: whole
+        blended = classifier.probability(x, 4)[0, 0]
+        # half overlap: windows start at tokens 0, 2 and 4 in each direction
+        low, high = torch.full((8, 8), 2.0), torch.full((8, 8), -1.0)
+        for top in (0, 2, 4):
+            for left in (0, 2, 4):
+                p = classifier(x[..., top:top + 4, left:left + 4], torch.tensor([[top, left]])).softmax(1)[0, 1]
+                area = (slice(top, top + 4), slice(left, left + 4))
+                low[area], high[area] = torch.minimum(low[area], p), torch.maximum(high[area], p)
+                if top == left == 0:
+                    corner = p[:2, :2]  # tokens that only this window covers
+    assert (blended >= low - 1e-6).all() and (blended <= high + 1e-6).all()
+    torch.testing.assert_close(blended[:2, :2], corner)
+    assert not torch.allclose(blended, classifier.probability(x, 0)[0, 0])  # the windows see less context
+
+
+def test_windowed_training_step_crops_both_stages_and_scores_whole_slices():
+    from medanomaly.training import TrainConfig
+    from medanomaly.training import vqvae_fs as trainer
+
+    detector = tiny_detector()  # 32x32 slices, stride 8: a 4x4 token grid
+    detector.arch.update(trainer.STAGE_DEFAULTS, train_window=2, stage1_fraction=0.5)
+    detector.train()
+    images, regions = torch.rand(3, 1, 32, 32), torch.ones(3, 1, 32, 32)
+    config = TrainConfig(method="vqvae-fs", steps=2)
+    seen = []
+    hook = detector.classifier.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    g = torch.Generator().manual_seed(0)
+    for step in (0, 1):
+        total, parts = trainer.loss(detector, images, regions, g, step=step, config=config)
+        total.backward()
+        assert torch.isfinite(total) and parts["stage"] == step + 1
+    assert seen == [(3, 8, 2, 2)], "stage 2's classifier saw one 2x2-token window per slice"
+    hook.remove()
+    assert detector.classifier.position.grad is not None
+    with torch.no_grad():
+        out = detector.eval().score(images, regions.bool())
+    assert out.score.shape == images.shape and out.reconstruction.shape == images.shape

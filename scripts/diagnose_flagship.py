@@ -60,10 +60,11 @@ def token_maps(detector, path: Path, batch: int = 16) -> dict:
             out["image"].append(x[:, 0].numpy())
             out["codes"].append(codes.numpy())
             out["qerr"].append((encodings - quantized).norm(dim=1).numpy())
-            out["p"].append(detector.classifier(quantized).float().softmax(1)[:, 1].numpy())
+            window = int(detector.arch["detection_window"])  # the token probability exactly as the map has it
+            out["p"].append(detector.classifier.probability(quantized, window)[:, 0].numpy())
             # shifted by half a token: its token (i, j) covers pixels from (i, j) of the unshifted grid plus half
             _, shifted, _ = detector.encode(torch.roll(x, (half, half), (2, 3)))
-            p = detector.classifier(shifted).float().softmax(1)[:, 1:2]
+            p = detector.classifier.probability(shifted, window)
             p = torch.nn.functional.interpolate(p, scale_factor=detector.stride, mode="nearest")
             p = torch.roll(p, (-half, -half), (2, 3))
             out["p_shifted"].append(torch.nn.functional.max_pool2d(p, detector.stride)[:, 0].numpy())

@@ -179,6 +179,22 @@ RECIPES = {
                     "slabs for calibration).",
         gpu=True, default=True,
     ),
+    # the same 256^2 flagship trained from nothing on 2 CPU cores in one run (47 min): training sees random
+    # 16x16-token crops (224 mm), each with its positional embeddings, so a stage-2 step costs about a fifth of a
+    # whole-grid step; detection sees the whole grid (scripts/benchmark_training.py; README, "Training on a CPU")
+    "chest-ct-vqvae-fs-256-cpu": dict(
+        method="vqvae-fs",
+        data=CHEST_DATA,
+        steps=10000, batch_size=16, learning_rate=1e-3, seed=0,
+        input=CHEST_INPUT_256,
+        architecture={"salient": 0.0, "stage1_fraction": 0.4, "train_window": 16},
+        checkpoint_every=1000,
+        description="VQ-VAE feature-space anomaly synthesis at 256^2 (1.75 mm pixels, 32x32 tokens of 14 mm) trained "
+                    "on 2 CPU cores: stage 1 VQ-VAE for 4000 steps and stage 2 (random token corruption, transformer "
+                    "token classifier, decoder from corrupted features, residual-weighted loss) for 6000, both on "
+                    "random 16x16-token crops (224 mm, the classifier with each crop's positional embeddings); "
+                    "detection on the whole grid (chest_ct_01, slab split with held-out slabs for calibration).",
+    ),
     "chest-ct-hu-outlier": dict(
         method="hu-outlier",
         data=CHEST_DATA,

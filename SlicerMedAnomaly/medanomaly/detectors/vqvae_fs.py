@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from monai.inferers import sliding_window_inference
 from monai.networks.nets import VQVAE
 from torch import nn
 
@@ -32,6 +33,13 @@ DEFAULT_ARCHITECTURE = {
     "classifier_dropout": 0.0,  # dropout in the transformer blocks while training (a regularizer; none at inference)
     "use_residual": True,  # map = probability x residual (True) or probability alone (False)
     "probability_power": 1.0,  # map = probability ** power x residual: above 1, only confident tokens keep their map
+    # W > 0: training sees random W x W-token crops (stage 1 the crop's pixels, stage 2 its tokens, each crop with its
+    # own positional embeddings): a stage-2 step then costs a fraction of a whole-grid one, which makes 256^2
+    # trainable on a CPU. 0: whole slices
+    "train_window": 0,
+    # W > 0: at detection the classifier sees overlapping W x W-token windows, Gaussian-blended by MONAI's sliding
+    # window inferer; 0: the whole grid at once (better in the lab even for a model trained on windows)
+    "detection_window": 0,
 }
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,13 +64,43 @@ class TokenClassifier(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, 2)
 
-    def forward(self, quantized: torch.Tensor) -> torch.Tensor:
-        """quantized: [B, C, h, w] -> logits [B, 2, h, w]."""
+    def forward(self, quantized: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """quantized: [B, C, h, w] -> logits [B, 2, h, w].
+
+        Without `offsets` the input is the whole (square) token grid. With `offsets` ([B, 2] integer top/left token
+        of each window in that grid) it is a window of it, and each window gets its own part of the positional
+        embeddings."""
         b, c, h, w = quantized.shape
-        assert h * w == self.position.shape[1], f"expected {self.position.shape[1]} tokens, got {h}x{w}"
-        x = self.project(rearrange(quantized, "b c h w -> b (h w) c")) + self.position
+        tokens = self.position.shape[1]
+        if offsets is None:
+            assert h * w == tokens, f"expected {tokens} tokens, got {h}x{w}"
+            position = self.position
+        else:
+            side = int(round(tokens**0.5))
+            offsets = torch.as_tensor(offsets, device=quantized.device).long().view(b, 2)
+            assert int(offsets.min()) >= 0 and int((offsets + torch.tensor([h, w], device=offsets.device)).max()) \
+                <= side, f"a {h}x{w} window at {offsets.tolist()} leaves the {side}x{side} token grid"
+            rows = offsets[:, :1] + torch.arange(h, device=offsets.device)  # [B, h]
+            cols = offsets[:, 1:] + torch.arange(w, device=offsets.device)  # [B, w]
+            index = (rows[:, :, None] * side + cols[:, None, :]).flatten(1)  # [B, h*w]
+            position = self.position[0][index]
+        x = self.project(rearrange(quantized, "b c h w -> b (h w) c")) + position
         x = self.head(self.norm(self.blocks(x)))
         return rearrange(x, "b (h w) k -> b k h w", h=h, w=w)
+
+    def probability(self, quantized: torch.Tensor, window: int = 0) -> torch.Tensor:
+        """P(corrupted) per token, [B, 1, h, w]: over the whole grid, or (window W > 0 smaller than the grid) over
+        overlapping W x W windows (half overlap) blended with Gaussian weights by MONAI's sliding-window inferer."""
+        side = quantized.shape[-1]
+        if window <= 0 or window >= side:
+            return self(quantized).float().softmax(1)[:, 1:2]
+
+        def windows(patches: torch.Tensor, where: list) -> torch.Tensor:
+            offsets = torch.tensor([[s[2].start, s[3].start] for s in where])
+            return self(patches, offsets).float().softmax(1)[:, 1:2]
+
+        return sliding_window_inference(quantized, (window, window), 64, windows, overlap=0.5, mode="gaussian",
+                                        sigma_scale=0.25, with_coord=True).float()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,7 +226,7 @@ class VQVAEFeatureSynthesisDetector(Detector):
     def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
         assert image.ndim == 4 and image.shape[1] == 1, f"expected [B, 1, H, W], got {tuple(image.shape)}"
         _, quantized, _ = self.encode(image)
-        probability = self.classifier(quantized).float().softmax(1)[:, 1:2]
+        probability = self.classifier.probability(quantized, int(self.arch["detection_window"]))
         probability = F.interpolate(probability, size=image.shape[-2:], mode="bilinear", align_corners=False)
         reconstruction = self.decoder_corrupted(quantized).float().clamp(0, 1)
         power = float(self.arch["probability_power"])

@@ -42,7 +42,13 @@ def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch
     x = augment(images, generator, max_rotation_deg=float(arch["augment_rotation_deg"]),
                 scale_range=float(arch["augment_scale"]), max_shift=float(arch["augment_shift"]))
     vqvae = detector.vqvae
+    window = int(arch["train_window"])
+    side = x.shape[-1] // detector.stride  # token grid of a whole slice
+    if not 0 < window < side:
+        window = 0
     if step < int(arch["stage1_fraction"] * config.steps):
+        if window:  # the VQ-VAE is convolutional: it learns as well from crops of the classifier's window
+            x = crop_tokens(x, random_offset(side, window, generator), window, detector.stride)
         encodings = vqvae.encode(x)
         quantized, commitment = vqvae.quantize(encodings)
         reconstruction = vqvae.decode(quantized)
@@ -53,8 +59,19 @@ def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch
     # stage 2: encoder and codebook frozen (no gradients, no EMA updates)
     vqvae.encoder.eval()
     vqvae.quantizer.eval()
+    offsets = None
     with torch.no_grad():
-        encodings, quantized, codes = detector.encode(x)
+        if window:  # one window per batch: encode it with a margin of tokens around it, as inside a whole slice
+            offset = random_offset(side, window, generator)
+            start = [max(0, o - CROP_MARGIN_TOKENS) for o in offset]
+            encoded = crop_tokens(x, start, window + 2 * CROP_MARGIN_TOKENS, detector.stride)
+            encodings, quantized, codes = detector.encode(encoded)
+            inside = [o - s for o, s in zip(offset, start)]
+            encodings, quantized, codes = (crop_tokens(t, inside, window, 1) for t in (encodings, quantized, codes))
+            x = crop_tokens(x, offset, window, detector.stride)
+            offsets = torch.tensor([offset] * x.shape[0])
+        else:
+            encodings, quantized, codes = detector.encode(x)
         blob = bool(torch.rand(1, generator=generator) < arch["blob_probability"])
         salient = bool(torch.rand(1, generator=generator) < float(arch["salient"]))
         corrupted, mask = synthesize(encodings, quantized, codes, detector.codebook, generator,
@@ -62,7 +79,7 @@ def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch
                                      blob=blob)
     reconstruction = vqvae.decode(quantized)  # decoder 1 keeps learning normal reconstruction
     repaired = detector.decoder_corrupted(corrupted)
-    logits = detector.classifier(corrupted)
+    logits = detector.classifier(corrupted, offsets)
     ce = F.cross_entropy(logits, mask.long(), reduction="none")  # [B, h, w]
     normal_ce = (ce * ~mask).sum() / (~mask).sum().clamp(min=1)
     if arch["residual_weighting"]:
@@ -80,6 +97,21 @@ def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch
     return total, {"loss": total.detach(), "stage": 2.0, "mse": mse.detach(), "mse_repaired": mse_repaired.detach(),
                    "ce_normal": normal_ce.detach(), "ce_corrupted": corrupted_ce.detach(),
                    "token_recall": recall, "token_false_alarm": false_alarm}
+
+
+CROP_MARGIN_TOKENS = 2  # tokens encoded around a training window, so its features see their neighbours' pixels
+
+
+def random_offset(side: int, window: int, generator: torch.Generator) -> list[int]:
+    """Top-left token of a random window x window crop of a side x side token grid."""
+    return torch.randint(0, side - window + 1, (2,), generator=generator).tolist()
+
+
+def crop_tokens(t: torch.Tensor, offset: list[int], window: int, stride: int) -> torch.Tensor:
+    """The window x window tokens at `offset` (top, left in tokens) of t's last two axes, where a token is `stride`
+    pixels; clipped at the grid's edge."""
+    (top, left), size = (o * stride for o in offset), window * stride
+    return t[..., top:top + size, left:left + size]
 
 
 def training_report(detector, buffer: SliceBuffer) -> dict:
