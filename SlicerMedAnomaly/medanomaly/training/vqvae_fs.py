@@ -47,7 +47,7 @@ def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch
     if not 0 < window < side:
         window = 0
     if step < int(arch["stage1_fraction"] * config.steps):
-        if window:  # the VQ-VAE is convolutional: it learns as well from crops of the classifier's window
+        if window:  # the VQ-VAE is convolutional: it learns as well from the training window's pixels
             x = crop_tokens(x, random_offset(side, window, generator), window, detector.stride)
         encodings = vqvae.encode(x)
         quantized, commitment = vqvae.quantize(encodings)
