@@ -73,13 +73,6 @@ def threshold_for_rate(fp_rate, fp_per_volume: float, extent_cm: float) -> float
     return float(1.0 - 10.0**lo)
 
 
-def score_and_p_value(log_expected: float) -> tuple[float, float]:
-    """Volume score exp(-m) and p-value 1 - exp(-m), without rounding, from log m: m is the expected number of normal
-    findings (or slices) as strong in a normal volume of the same length (Poisson model)."""
-    expected = np.exp(log_expected)
-    return float(np.exp(-expected)), float(-np.expm1(-expected))
-
-
 def min_voxels_for(min_size_mm3: float, voxel_mm3: float) -> int:
     """The fewest voxels of this size that make a finding of at least `min_size_mm3` (at least 1)."""
     return max(1, int(np.ceil(min_size_mm3 / float(voxel_mm3))))
@@ -218,14 +211,16 @@ class Calibration:
     def volume_score(self, scores: np.ndarray, region: np.ndarray, spacing_mm,
                      slice_scores: np.ndarray | None = None) -> float:
         """P(a normal volume of this length has no finding as strong as this one's strongest), in [0, 1]; from the
-        slice scores when the model calibrated them (P(no normal slice of as many scores as high))."""
-        return score_and_p_value(self.volume_log_expected(scores, region, spacing_mm, slice_scores))[0]
+        slice scores when the model calibrated them (P(no normal slice of as many scores as high)). 1 - the p-value,
+        as detect_volume reports it."""
+        return 1.0 - self.volume_p_value(scores, region, spacing_mm, slice_scores)
 
     def volume_p_value(self, scores: np.ndarray, region: np.ndarray, spacing_mm,
                        slice_scores: np.ndarray | None = None) -> float:
         """1 - volume_score, computed without rounding: P(a normal volume of this length has a finding (slice) as
-        strong). Where the volume score rounds to 1.0 this still orders volumes, so it is the ranking key."""
-        return score_and_p_value(self.volume_log_expected(scores, region, spacing_mm, slice_scores))[1]
+        strong). Where the volume score rounds to 1.0 this still orders volumes, so it is the ranking key. Poisson
+        model: 1 - exp(-m), m the expected number of normal findings (or slices) as strong in a volume this long."""
+        return float(-np.expm1(-np.exp(self.volume_log_expected(scores, region, spacing_mm, slice_scores))))
 
     def volume_log_expected(self, scores: np.ndarray, region: np.ndarray, spacing_mm,
                             slice_scores: np.ndarray | None = None) -> float:
