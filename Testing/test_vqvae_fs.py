@@ -201,32 +201,6 @@ def test_windowed_training_step_crops_both_stages_and_scores_whole_slices():
     assert out.score.shape == images.shape and out.reconstruction.shape == images.shape
 
 
-def test_training_windows_cover_edge_tokens_about_half_as_often_as_central_ones():
-    from medanomaly.training.vqvae_fs import window_offsets
-
-    side, window, n = 32, 16, 40000
-    offsets = window_offsets(side, window, n, torch.Generator().manual_seed(0))
-    assert offsets.shape == (n, 2) and int(offsets.min()) == 0 and int(offsets.max()) == side - window
-    tokens = torch.arange(side)
-    inside = (offsets[:, :1] <= tokens) & (tokens < offsets[:, :1] + window)  # [n, side]: rows each crop covers
-    coverage = inside.float().mean(0)
-    # drawn from [1 - W, side - 1] and clamped: an edge row is covered by W of the side + W - 1 draws, the central
-    # rows by 2W - 1 (inside the grid alone it would be 1 of side - W + 1 for the edge)
-    torch.testing.assert_close(coverage[[0, side - 1]], torch.full((2,), window / (side + window - 1)), atol=0.01,
-                               rtol=0)
-    torch.testing.assert_close(coverage[[15, 16]], torch.full((2,), (2 * window - 1) / (side + window - 1)),
-                               atol=0.01, rtol=0)
-    assert float(coverage.min()) > 0.3
-
-
-def test_crop_windows_takes_each_slice_at_its_own_offset():
-    from medanomaly.training.vqvae_fs import crop_windows
-
-    t = torch.arange(2 * 3 * 8 * 8).view(2, 3, 8, 8)
-    crops = crop_windows(t, torch.tensor([[0, 1], [2, 0]]), 2, 2)  # 2x2 tokens of 2 pixels
-    assert torch.equal(crops[0], t[0, :, 0:4, 2:6]) and torch.equal(crops[1], t[1, :, 4:8, 0:4])
-
-
 def test_bfloat16_stage2_step_trains_float32_weights_with_close_losses():
     from medanomaly.training import TrainConfig
     from medanomaly.training import vqvae_fs as trainer

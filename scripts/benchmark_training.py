@@ -6,12 +6,14 @@ every bundle it starts from) as stage-1 steps x median stage-1 step + stage-2 st
 the slices and calibration are not counted (a minute or two on the CPU).
 
     python scripts/benchmark_training.py [--recipe chest-ct-vqvae-fs-256] [--slices FILE] [--steps 20]
+                                         [--architecture-json '{"train_bfloat16": false}']
 
 Without --slices the recipe's training volumes are read from ../shared (scripts/train_default_models.py
 --prepare-slices writes a slices file).
 """
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -76,16 +78,22 @@ def main() -> None:
     ap.add_argument("--recipe", default="chest-ct-vqvae-fs-256")
     ap.add_argument("--slices", default=None, help="prepared training slices of the recipe (skips ../shared)")
     ap.add_argument("--steps", type=int, default=20, help="steps timed in each stage (the first 3 are warm-up)")
+    ap.add_argument("--architecture-json", default="{}",
+                    help="card settings that replace the recipe's for the timed steps (the step counts stay the "
+                         "recipe's), for example '{\"train_bfloat16\": false}'")
     args = ap.parse_args()
     names = chain(args.recipe)
     recipe = RECIPES[args.recipe]
+    overrides = json.loads(args.architecture_json)
+    recipe = dict(recipe, architecture={**recipe.get("architecture", {}), **overrides})
     if recipe["method"] != "vqvae-fs":
         raise SystemExit(f"{args.recipe} is a {recipe['method']} recipe; this benchmark times the flagship")
     spec = InputSpec.from_card(recipe["input"])
     slices = SliceBuffer.load(args.slices, spec, seed=recipe["seed"]) if args.slices else None
     times = step_seconds(recipe, args.steps, slices)
     median = {stage: statistics.median(t[3:]) for stage, t in times.items()}
-    print(f"{args.recipe}: {spec.size}x{spec.size} slices at {spec.spacing_mm} mm, batch {recipe['batch_size']}, "
+    label = f"{args.recipe} with {json.dumps(overrides)}" if overrides else args.recipe
+    print(f"{label}: {spec.size}x{spec.size} slices at {spec.spacing_mm} mm, batch {recipe['batch_size']}, "
           f"{torch.get_num_threads()} torch threads on {os.cpu_count()} cores; median of {args.steps - 3} steps: "
           f"stage 1 {median[1.0]:.3f} s/step, stage 2 {median[2.0]:.3f} s/step")
     total = 0.0

@@ -185,9 +185,9 @@ RECIPES = {
     "chest-ct-vqvae-fs-256-cpu": dict(
         method="vqvae-fs",
         data=CHEST_DATA,
-        steps=11500, batch_size=16, learning_rate=1e-3, seed=0, version="0.2.0",
+        steps=10000, batch_size=16, learning_rate=1e-3, seed=0,
         input=CHEST_INPUT_256,
-        architecture={"salient": 0.0, "stage1_fraction": 0.35, "train_window": 16, "train_bfloat16": True},
+        architecture={"salient": 0.0, "stage1_fraction": 0.4, "train_window": 16},
         checkpoint_every=1000,
         description="VQ-VAE feature-space anomaly synthesis at 256^2 (1.75 mm pixels, 32x32 tokens of 14 mm) trained "
                     "on 2 CPU cores: stage 1 VQ-VAE for 4000 steps and stage 2 (random token corruption, transformer "

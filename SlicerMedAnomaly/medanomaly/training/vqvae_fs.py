@@ -48,8 +48,8 @@ def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch
     if not 0 < window < side:
         window = 0
     if step < int(arch["stage1_fraction"] * config.steps):
-        if window:  # the VQ-VAE is convolutional: it learns as well from the training windows' pixels
-            x = crop_windows(x, window_offsets(side, window, x.shape[0], generator), window, detector.stride)
+        if window:  # the VQ-VAE is convolutional: it learns as well from the training window's pixels
+            x = crop_tokens(x, random_offset(side, window, generator), window, detector.stride)
         encodings = vqvae.encode(x)
         quantized, commitment = vqvae.quantize(encodings)
         reconstruction = vqvae.decode(quantized)
@@ -62,14 +62,15 @@ def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch
     vqvae.quantizer.eval()
     offsets = None
     with torch.no_grad():
-        if window:  # a window per slice, encoded with a margin of tokens around it as inside a whole slice
-            offsets = window_offsets(side, window, x.shape[0], generator)
-            span = min(window + 2 * CROP_MARGIN_TOKENS, side)
-            starts = (offsets - CROP_MARGIN_TOKENS).clamp(0, side - span)
-            encodings, quantized, codes = detector.encode(crop_windows(x, starts, span, detector.stride))
-            encodings, quantized, codes = (crop_windows(t, offsets - starts, window, 1)
-                                           for t in (encodings, quantized, codes))
-            x = crop_windows(x, offsets, window, detector.stride)
+        if window:  # one window per batch: encode it with a margin of tokens around it, as inside a whole slice
+            offset = random_offset(side, window, generator)
+            start = [max(0, o - CROP_MARGIN_TOKENS) for o in offset]
+            encoded = crop_tokens(x, start, window + 2 * CROP_MARGIN_TOKENS, detector.stride)
+            encodings, quantized, codes = detector.encode(encoded)
+            inside = [o - s for o, s in zip(offset, start)]
+            encodings, quantized, codes = (crop_tokens(t, inside, window, 1) for t in (encodings, quantized, codes))
+            x = crop_tokens(x, offset, window, detector.stride)
+            offsets = torch.tensor([offset] * x.shape[0])
         else:
             encodings, quantized, codes = detector.encode(x)
         blob = bool(torch.rand(1, generator=generator) < arch["blob_probability"])
@@ -77,8 +78,8 @@ def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch
         corrupted, mask = synthesize(encodings, quantized, codes, detector.codebook, generator,
                                      fraction=arch["corrupt_fraction"], k=arch["neighbours"], salient=salient,
                                      blob=blob)
-    # the trained networks may run in bfloat16 (about 1.3x faster steps on a CPU with AVX-512 BF16); the frozen
-    # encoding above and the losses stay in float32
+    # the trained networks may run in bfloat16 (about 1.2x faster stage-2 steps on a CPU with AVX-512 BF16); the
+    # frozen encoding above and the losses stay in float32
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(arch["train_bfloat16"])):
         reconstruction = vqvae.decode(quantized).float()  # decoder 1 keeps learning normal reconstruction
         repaired = detector.decoder_corrupted(corrupted).float()
@@ -105,22 +106,16 @@ def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch
 CROP_MARGIN_TOKENS = 2  # tokens encoded around a training window, so its features see their neighbours' pixels
 
 
-def window_offsets(side: int, window: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Top-left tokens ([count, 2]) of random window x window crops of a side x side token grid.
-
-    Each is drawn from [1 - window, side - 1] and clamped into the grid. A token at the grid's edge is then inside a
-    crop about half as often as one at its centre (0.34 against 0.66 for 16 of 32 tokens), where offsets drawn inside
-    the grid would reach an edge token once in side - window + 1 crops, a corner once in (side - window + 1)^2, and
-    leave the positional embeddings of the body's periphery barely trained."""
-    return torch.randint(1 - window, side, (count, 2), generator=generator).clamp(0, side - window)
+def random_offset(side: int, window: int, generator: torch.Generator) -> list[int]:
+    """Top-left token of a random window x window crop of a side x side token grid."""
+    return torch.randint(0, side - window + 1, (2,), generator=generator).tolist()
 
 
-def crop_windows(t: torch.Tensor, offsets: torch.Tensor, window: int, stride: int) -> torch.Tensor:
-    """Each item's window x window tokens at its offset (top, left in tokens, [B, 2]) of t's last two axes, where a
-    token is `stride` pixels."""
-    size = window * stride
-    return torch.stack([item[..., top:top + size, left:left + size]
-                        for item, (top, left) in zip(t, (offsets * stride).tolist())])
+def crop_tokens(t: torch.Tensor, offset: list[int], window: int, stride: int) -> torch.Tensor:
+    """The window x window tokens at `offset` (top, left in tokens) of t's last two axes, where a token is `stride`
+    pixels; clipped at the grid's edge."""
+    (top, left), size = (o * stride for o in offset), window * stride
+    return t[..., top:top + size, left:left + size]
 
 
 def training_report(detector, buffer: SliceBuffer) -> dict:
