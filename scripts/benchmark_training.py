@@ -6,7 +6,7 @@ every bundle it starts from) as stage-1 steps x median stage-1 step + stage-2 st
 the slices and calibration are not counted (a minute or two on the CPU).
 
     python scripts/benchmark_training.py [--recipe chest-ct-vqvae-fs-256] [--slices FILE] [--steps 20]
-                                         [--architecture-json '{"train_bfloat16": false}']
+                                         [--architecture-json '{"train_window": 16}']
 
 Without --slices the recipe's training volumes are read from ../shared (scripts/train_default_models.py
 --prepare-slices writes a slices file).
@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="steps timed in each stage (the first 3 are warm-up)")
     ap.add_argument("--architecture-json", default="{}",
                     help="card settings that replace the recipe's for the timed steps (the step counts stay the "
-                         "recipe's), for example '{\"train_bfloat16\": false}'")
+                         "recipe's), for example '{\"train_window\": 16}'")
     args = ap.parse_args()
     names = chain(args.recipe)
     recipe = RECIPES[args.recipe]

@@ -20,8 +20,7 @@ STAGE_DEFAULTS = {
     "neighbours": 20,  # k nearest codebook entries per salient token
     "salient": 1.0,  # chance that a batch corrupts the most salient tokens rather than random ones (0: ablation)
     "residual_weighting": True,  # False: plain CE on corrupted tokens (ablation)
-    "blob_probability": 0.5,
-    "train_bfloat16": False,  # stage 2's trained networks under bfloat16 autocast (encoding and losses float32)  # chance that a slice's corruption is grown into contiguous blobs
+    "blob_probability": 0.5,  # chance that a slice's corruption is grown into contiguous blobs
     # random rotation (degrees), scaling and shift (share of the field) of each training slice: the classifier's
     # learned positional embeddings meet the anatomy of unseen scans at other positions
     "augment_rotation_deg": 7.0,
@@ -78,12 +77,9 @@ def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch
         corrupted, mask = synthesize(encodings, quantized, codes, detector.codebook, generator,
                                      fraction=arch["corrupt_fraction"], k=arch["neighbours"], salient=salient,
                                      blob=blob)
-    # the trained networks may run in bfloat16 (about 1.2x faster stage-2 steps on a CPU with AVX-512 BF16); the
-    # frozen encoding above and the losses stay in float32
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bool(arch["train_bfloat16"])):
-        reconstruction = vqvae.decode(quantized).float()  # decoder 1 keeps learning normal reconstruction
-        repaired = detector.decoder_corrupted(corrupted).float()
-        logits = detector.classifier(corrupted, offsets).float()
+    reconstruction = vqvae.decode(quantized)  # decoder 1 keeps learning normal reconstruction
+    repaired = detector.decoder_corrupted(corrupted)
+    logits = detector.classifier(corrupted, offsets)
     ce = F.cross_entropy(logits, mask.long(), reduction="none")  # [B, h, w]
     normal_ce = (ce * ~mask).sum() / (~mask).sum().clamp(min=1)
     if arch["residual_weighting"]:
