@@ -199,4 +199,3 @@ def test_windowed_training_step_crops_both_stages_and_scores_whole_slices():
     with torch.no_grad():
         out = detector.eval().score(images, regions.bool())
     assert out.score.shape == images.shape and out.reconstruction.shape == images.shape
-
