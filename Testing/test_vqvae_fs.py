@@ -1,5 +1,6 @@
 """The flagship's pieces: vectorized saliency equals the per-token loop, feature synthesis, residual weights, the
-stage-2 regularizers (transformer dropout, augmentation strength) and the map's probability power."""
+stage-2 regularizers (transformer dropout, augmentation strength), the map's probability power, and training and
+detection on windows of the token grid."""
 
 from __future__ import annotations
 

@@ -52,6 +52,7 @@ def token_maps(detector, path: Path, batch: int = 16) -> dict:
     half = detector.stride // 2
     region = torch.from_numpy(slices.region[:, None])
     out = {"image": [], "codes": [], "qerr": [], "p": [], "p_shifted": [], "score": []}
+    window = int(detector.arch["detection_window"])  # the token probability exactly as the map has it
     with torch.inference_mode():
         for start in range(0, len(image), batch):
             x = image[start:start + batch]
@@ -60,7 +61,6 @@ def token_maps(detector, path: Path, batch: int = 16) -> dict:
             out["image"].append(x[:, 0].numpy())
             out["codes"].append(codes.numpy())
             out["qerr"].append((encodings - quantized).norm(dim=1).numpy())
-            window = int(detector.arch["detection_window"])  # the token probability exactly as the map has it
             out["p"].append(detector.classifier.probability(quantized, window)[:, 0].numpy())
             # shifted by half a token: its token (i, j) covers pixels from (i, j) of the unshifted grid plus half
             _, shifted, _ = detector.encode(torch.roll(x, (half, half), (2, 3)))

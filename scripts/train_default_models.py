@@ -181,7 +181,8 @@ RECIPES = {
     ),
     # the same 256^2 flagship trained from nothing on 2 CPU cores in one run (47 min): training sees random
     # 16x16-token crops (224 mm), each with its positional embeddings, so a stage-2 step costs about a fifth of a
-    # whole-grid step; detection sees the whole grid (scripts/benchmark_training.py; README, "Training on a CPU")
+    # whole-grid step; detection sees the whole grid (scripts/benchmark_training.py; README, "Training the 256^2
+    # flagship on a CPU")
     "chest-ct-vqvae-fs-256-cpu": dict(
         method="vqvae-fs",
         data=CHEST_DATA,
