@@ -224,7 +224,13 @@ class SlicerMedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if state.returncode == 0:
             self.results = self.logic.loadResults(self.casePath, self.ui.inputSelector.currentNode())
             self.ui.findingsTableView.setMRMLTableNode(self.results["table"])
-            self.ui.statusLabel.text = f"{len(self.results['findings'])} finding(s)."
+            text = f"{len(self.results['findings'])} finding(s)."
+            for warning in self.results["warnings"]:  # for example slices unlike the model's normal reference
+                logging.warning("medanomaly: %s", warning)
+            if self.results["warnings"]:
+                text += f" Warning: {self.results['warnings'][0]}"
+            self.ui.statusLabel.text = text
+            self.ui.statusLabel.toolTip = "\n\n".join(self.results["warnings"])
         else:
             slicer.util.errorDisplay(f"Anomaly detection failed: {state.error}", detailedText="\n".join(state.log))
             self.ui.statusLabel.text = "Failed; see the log."

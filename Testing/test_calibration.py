@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medanomaly.calibration import Calibration, count_components, sensitivity_to_fp_per_volume, strongest_component_level
+from medanomaly.calibration import (MIN_SLICE_REGION, REFERENCE_LEVEL, UNLIKE_FACTOR, Calibration, count_components,
+                                    sensitivity_to_fp_per_volume, strongest_component_level)
 
 
 def normal_slabs(seed=0, n=3, shape=(20, 48, 48)):
@@ -155,3 +156,44 @@ def test_card_round_trip(calibration):
     x = np.linspace(0, 5, 50)
     np.testing.assert_array_equal(again.voxel_probability(x), calibration.voxel_probability(x))
     assert again.threshold_for(0.3, 30) == calibration.threshold_for(0.3, 30)
+
+
+def test_reference_share_max_is_the_highest_share_of_any_reference_slice(calibration):
+    shares = []
+    for scores, region, _ in normal_slabs():
+        probability = calibration.voxel_probability(scores)
+        for z in range(scores.shape[0]):
+            inside = probability[z][region[z]]
+            shares.append(np.count_nonzero(inside >= REFERENCE_LEVEL) / inside.size)
+    assert calibration.reference_share_max == pytest.approx(max(shares), rel=1e-9)
+    # about 1% of normal voxels lie above the 99th percentile; the highest of 60 slices somewhat more
+    assert 0.01 < calibration.reference_share_max < 0.03
+    assert Calibration.from_card(calibration.to_card()).reference_share_max == calibration.reference_share_max
+
+
+def test_reference_check_flags_a_shifted_slice_but_not_a_focal_lesion(calibration):
+    scores, region, _ = normal_slabs(seed=7, n=1)[0]
+    scores = scores.copy()
+    scores[5][region[5]] += 0.8  # the whole slice scores higher: tissue unlike the reference (another region, kernel)
+    # a focal lesion of 4 voxels among 1600 (0.25%: a 20 mm nodule in a 256^2 slice of body at 1.75 mm is about 100
+    # of 40,000): a finding, not a different scan
+    scores[10, 20:22, 20:22] += 4.0
+    small = region.copy()
+    small[15] = False
+    small[15, 10:20, 10:20] = True  # 100 region voxels: too few to measure a share
+    assert small[15].sum() < MIN_SLICE_REGION
+    ratio = calibration.unlike_reference(calibration.voxel_probability(scores), small)
+    assert ratio.shape == (scores.shape[0],)
+    assert ratio[5] >= UNLIKE_FACTOR
+    assert np.isnan(ratio[15])
+    others = np.delete(ratio, [5, 15])
+    assert np.all(others < UNLIKE_FACTOR)
+    assert ratio[10] > np.median(others)  # the lesion does raise its slice's share, below the factor
+
+
+def test_calibration_without_reference_check_skips_it(calibration):
+    card = calibration.to_card()
+    del card["reference_share_max"]  # a bundle calibrated before the check existed
+    old = Calibration.from_card(card)
+    scores, region, _ = normal_slabs(seed=3, n=1)[0]
+    assert old.unlike_reference(old.voxel_probability(scores), region) is None

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
+import SimpleITK as sitk
 from conftest import DEMO_CT, ROOT
 
 import medanomaly
@@ -53,3 +56,35 @@ def test_installed_command_runs_quick_start(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "chest_ct_demo: volume score" in proc.stdout
     assert (tmp_path / "chest_ct_demo" / "overview.png").stat().st_size > 10000
+
+
+def test_detect_warns_about_slices_unlike_the_normal_reference(small_ct, small_ct_file, default_model, tmp_path):
+    """The reference check, through the real command in a child process: the real chest CT passes; the same CT
+    with every tissue voxel 250 HU denser (a scanner far off its HU calibration, say) is reported slice by slice."""
+    arr = sitk.GetArrayFromImage(small_ct)
+    shifted = sitk.GetImageFromArray(np.where(arr > -500, arr + 250, arr).astype(np.int16))
+    shifted.CopyInformation(small_ct)
+    sitk.WriteImage(shifted, str(tmp_path / "shifted.nrrd"))
+    exe = os.path.join(os.path.dirname(sys.executable), "medanomaly")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "medanomaly.cli"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
+    records = {}
+    for path in (small_ct_file, tmp_path / "shifted.nrrd"):
+        proc = subprocess.run([*cmd, "--quiet", "detect", str(path), "-o", str(tmp_path / "out"), "--model",
+                               str(default_model)], capture_output=True, encoding="utf-8", errors="replace",
+                              timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads((tmp_path / "out" / path.name.split(".")[0] / "findings.json").read_text())
+        records[path.name] = (summary, proc.stderr)
+    normal, normal_log = records["small_ct.nrrd"]
+    assert normal["reference_check"]["available"]
+    assert normal["reference_check"]["slices_checked"] == 24 and normal["reference_check"]["slices_unlike"] == 0
+    assert normal["warnings"] == [] and "unlike" not in normal_log
+    unusual, unusual_log = records["shifted.nrrd"]
+    check = unusual["reference_check"]
+    assert check["slices_unlike"] > 0 and check["max_ratio"] >= check["factor"]
+    z = sorted(shifted.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(shifted.GetDepth()))
+    assert all(z[0] <= lo <= hi <= z[-1] for lo, hi in check["unlike_s_mm"])
+    (warning,) = unusual["warnings"]
+    assert warning.startswith(f"{check['slices_unlike']} of 24 slices (S ")
+    assert "look unlike the model's normal reference" in warning and warning in unusual_log

@@ -116,6 +116,7 @@ def test_results_into_mrml_scene(case_from_real_command):
     summary = json.loads((case / "findings.json").read_text())
     findings = summary["findings"]
     assert findings
+    assert nodes["warnings"] == summary["warnings"]  # the module shows them under its status line
     # heatmap on the input's geometry
     heat = nodes["heatmap"]
     assert heat.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()

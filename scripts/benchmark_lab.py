@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 
 from medanomaly.bundle import list_models, resolve_model
+from medanomaly.calibration import contiguous_runs
 from medanomaly.ensemble import parse_spec
 from medanomaly.lab import (build_cases, evaluate, markdown_breakdown, markdown_table, pooled_localization,
                             record_in_card)
-from medanomaly.training.data import contiguous_runs, slab_split
+from medanomaly.training.data import slab_split
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CT = ROOT.parent / "shared" / "data" / "ct"

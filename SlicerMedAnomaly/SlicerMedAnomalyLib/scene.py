@@ -100,4 +100,4 @@ def load_case_into_scene(scene, case_dir, input_volume=None, heatmap_opacity=0.4
         slicer.util.setSliceViewerLayers(background=input_volume, foreground=heatmap,
                                          foregroundOpacity=heatmap_opacity)
     return {"heatmap": heatmap, "segmentation": segmentation, "table": table, "reconstruction": reconstruction,
-            "findings": summary["findings"]}
+            "findings": summary["findings"], "warnings": summary.get("warnings", [])}

@@ -16,7 +16,8 @@ import torch
 
 from . import __version__
 from .bundle import ModelBundle
-from .calibration import Calibration, sensitivity_to_fp_per_volume
+from .calibration import (REFERENCE_LEVEL, UNLIKE_FACTOR, Calibration, contiguous_runs,
+                          sensitivity_to_fp_per_volume)
 from .detectors import Detector
 from .ensemble import Ensemble, calibration_of, load_scorer
 from .engine import CancelCheck, ProgressCallback, pick_device, score_slices, to_native
@@ -55,6 +56,8 @@ class DetectionResult:
     files: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # more fields for findings.json (batch hashes, for example)
     volume_p_value: float = float("nan")  # 1 - volume_score without rounding: the ranking key of batches
+    reference_check: dict = field(default_factory=dict)  # slices unlike the model's normal reference (check_reference)
+    warnings: list[str] = field(default_factory=list)  # about the result; the volume's own are added in summary()
 
     def summary(self) -> dict:
         return {
@@ -74,7 +77,8 @@ class DetectionResult:
                          "direction": list(self.volume.image.GetDirection())},
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "peak_rss_mb": round(peak_rss_mb(), 1),
-            "warnings": self.volume.warnings,
+            "reference_check": self.reference_check,
+            "warnings": self.volume.warnings + self.warnings,
             "files": self.files,
             **self.extra,
         }
@@ -115,13 +119,15 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     hu_canonical = reorientation.to_canonical(volume.hu)
     watch.lap("preprocess")
     heatmaps, volume_p_values, reconstruction, network_s, batch_size = [], [], None, 0.0, 0
+    unlike = []  # per member: each canonical slice's exceedance share over its reference's (None: not calibrated)
     for index, detector in enumerate(members):
         member_notify = (lambda stage, fraction, i=index: notify(stage, (i + fraction) / len(members)))
-        heatmap, member_p, recon, engine = _score_member(detector, volume, reorientation, hu_canonical, torch_device,
-                                                         memory_budget_mb, member_notify, cancel, watch,
-                                                         want_reconstruction=reconstruction is None)
+        heatmap, member_p, recon, engine, ratio = _score_member(
+            detector, volume, reorientation, hu_canonical, torch_device, memory_budget_mb, member_notify, cancel,
+            watch, want_reconstruction=reconstruction is None)
         heatmaps.append(heatmap)
         volume_p_values.append(member_p)
+        unlike.append(ratio)
         reconstruction = reconstruction if reconstruction is not None else recon
         network_s += engine.network_s
         batch_size = batch_size or engine.batch_size
@@ -153,6 +159,7 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
                 "window_hu": list(first.spec.window_hu), "model_spacing_mm": first.spec.spacing_mm,
                 "model_size": first.spec.size, "region": first.spec.region}
     model_info = {"name": card["name"], "version": card["version"], "method": card["method"]}
+    reference_check, warnings = check_reference(unlike, volume, reorientation, hu_canonical.shape)
     if isinstance(scorer, Ensemble):
         settings["ensemble"] = {"combine": scorer.combine,
                                 "member_volume_scores": [1.0 - p for p in volume_p_values]}
@@ -161,15 +168,53 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
         volume=volume, heatmap=heatmap, labels=labels, findings=findings, volume_score=volume_score,
         volume_p_value=volume_p_value,
         threshold=threshold, reconstruction=reconstruction, timings=timings, dropped_findings=dropped,
-        model=model_info, settings=settings,
+        model=model_info, settings=settings, reference_check=reference_check, warnings=warnings,
     )
+
+
+def check_reference(unlike: list, volume: CTVolume, reorientation: Reorientation, canonical_shape
+                    ) -> tuple[dict, list[str]]:
+    """The reference check of detect_volume (calibration.Calibration.unlike_reference): which canonical slices have
+    UNLIKE_FACTOR times the highest share of high-probability voxels of any normal reference slice (for an
+    ensemble, of any member's), as a findings.json record and a warning naming their superior-inferior extent."""
+    ratios = [r for r in unlike if r is not None]
+    if not ratios:
+        return {"available": False, "reason": "the model's calibration predates the reference check; recalibrate it "
+                                              "with `medanomaly calibrate`"}, []
+    ratio = np.fmax.reduce(ratios) if len(ratios) > 1 else ratios[0]
+    checked = np.isfinite(ratio)
+    flagged = np.nonzero(checked & (ratio >= UNLIKE_FACTOR))[0]
+    ranges = []
+    for run in contiguous_runs(flagged):
+        ends = []
+        for z in (run[0], run[-1]):
+            k, j, i = reorientation.input_index([z, (canonical_shape[1] - 1) / 2, (canonical_shape[2] - 1) / 2],
+                                                canonical_shape)
+            ends.append(round(float(volume.image.TransformContinuousIndexToPhysicalPoint((i, j, k))[2]), 1))
+        ranges.append(sorted(ends))
+    record = {"available": True, "level": REFERENCE_LEVEL, "factor": UNLIKE_FACTOR,
+              "slices_checked": int(checked.sum()), "slices_unlike": int(flagged.size),
+              "max_ratio": round(float(np.nanmax(ratio)), 3) if checked.any() else None,
+              "unlike_s_mm": ranges}
+    warnings = []
+    if flagged.size:
+        where = ", ".join(f"S {a:g} to {b:g} mm" if a != b else f"S {a:g} mm" for a, b in ranges[:4])
+        where += f" and {len(ranges) - 4} more" if len(ranges) > 4 else ""
+        warnings.append(
+            f"{flagged.size} of {int(checked.sum())} slices ({where}) look unlike the model's normal reference: up "
+            f"to {record['max_ratio']:.1f}x as large a share of their tissue above the {REFERENCE_LEVEL * 100:g}th "
+            "percentile of normal tissue as any reference slice. The scan may differ from the model's training data "
+            "(body region, contrast, kernel, scanner) or hold widespread disease; read the findings there with care")
+        log.warning("%s: %s", volume.case_name, warnings[-1])
+    return record, warnings
 
 
 def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorientation, hu_canonical: np.ndarray,
                   device: torch.device, memory_budget_mb: float, notify, cancel, watch: "Stopwatch", *,
                   want_reconstruction: bool):
-    """One detector over the volume: its calibrated heatmap on the input grid, its volume p-value, and its
-    pseudo-healthy reconstruction (HU on the input grid) when it makes one."""
+    """One detector over the volume: its calibrated heatmap on the input grid, its volume p-value, its
+    pseudo-healthy reconstruction (HU on the input grid) when it makes one, the engine, and each canonical slice's
+    ratio to the normal reference (Calibration.unlike_reference)."""
     calibration = Calibration.from_card(detector.card["calibration"])
     slices = prepare_slices(hu_canonical, reorientation.canonical_spacing, detector.spec)
     watch.lap("preprocess")
@@ -179,6 +224,7 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
     notify("postprocess", 0.0)
     probability = calibration.voxel_probability(scores) * slices.region
     p_value = calibration.volume_p_value(scores, slices.region, slices.spacing_mm, engine.slice_scores)
+    unlike = calibration.unlike_reference(probability, slices.region)
     heatmap = np.ascontiguousarray(reorientation.to_input(to_native(probability, slices)))
     np.clip(heatmap, 0.0, 1.0, out=heatmap)
     reconstruction = None
@@ -189,7 +235,7 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
         native_delta = reorientation.to_input(to_native(delta, slices))
         reconstruction = np.clip(volume.hu + np.rint(native_delta), -32768, 32767).astype(np.int16)
     watch.lap("postprocess")
-    return heatmap, p_value, reconstruction, engine
+    return heatmap, p_value, reconstruction, engine, unlike
 
 
 def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = False, overview: bool = True) -> Path:

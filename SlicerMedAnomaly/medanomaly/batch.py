@@ -29,7 +29,8 @@ from .volumes import VOLUME_SUFFIXES, case_name_for
 
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ["rank", "case", "input", "volume_score", "volume_p_value", "findings", "top_finding_probability",
-                  "top_finding_ras_mm", "top_finding_volume_mm3", "status", "error", "seconds"]
+                  "top_finding_ras_mm", "top_finding_volume_mm3", "slices_unlike_reference", "status", "error",
+                  "seconds"]
 
 
 def _is_dicom_folder(folder: Path) -> bool:
@@ -160,7 +161,10 @@ def _summary_row(summary: dict) -> dict:
             "findings": len(summary["findings"]),
             "top_finding_probability": top["max_probability"] if top else "",
             "top_finding_ras_mm": " ".join(f"{v:.1f}" for v in top["centroid_ras_mm"]) if top else "",
-            "top_finding_volume_mm3": top["volume_mm3"] if top else ""}
+            "top_finding_volume_mm3": top["volume_mm3"] if top else "",
+            # slices that look unlike the model's normal reference (api.check_reference); empty where not checked
+            "slices_unlike_reference": (summary["reference_check"]["slices_unlike"]
+                                        if summary.get("reference_check", {}).get("available") else "")}
 
 
 def ranking_key(row: dict) -> tuple:

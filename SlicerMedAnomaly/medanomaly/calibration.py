@@ -10,6 +10,10 @@
 - Slice scores (methods with an image-level score): an empirical CDF of normal slices' scores; the volume score is
   then the probability that none of a normal volume's slices scores as high as this volume's highest,
   exp(-n_slices * P(normal slice > max)), which neighbouring slices' correlation makes conservative.
+- Reference check: the highest share of a reference slice's region at probability >= REFERENCE_LEVEL. A slice of a
+  new scan with UNLIKE_FACTOR times that share or more does not look like the normal reference as a whole (another
+  body region, contrast phase, reconstruction kernel or scanner, or widespread disease), which a focal finding does
+  not explain; detect warns about such slices.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from .findings import CONNECTIVITY
 VOXEL_LEVELS = np.unique(np.concatenate([np.linspace(0.0, 0.99, 100), 1.0 - np.logspace(-2, -6, 41)]))
 FP_THRESHOLDS = 1.0 - np.logspace(-1, -6.5, 56)
 TAIL_LEVEL = VOXEL_LEVELS[-1]
+REFERENCE_LEVEL = 0.99  # the reference check counts each slice's region voxels at this probability or above
+UNLIKE_FACTOR = 1.5  # a slice with this many times the highest share of any reference slice is unlike the reference
+MIN_SLICE_REGION = 500  # slices with fewer region voxels (on the model grid) are not checked: their shares are noise
 
 
 def sensitivity_to_fp_per_volume(sensitivity: float) -> float:
@@ -76,6 +83,22 @@ def threshold_for_rate(fp_rate, fp_per_volume: float, extent_cm: float) -> float
 def min_voxels_for(min_size_mm3: float, voxel_mm3: float) -> int:
     """The fewest voxels of this size that make a finding of at least `min_size_mm3` (at least 1)."""
     return max(1, int(np.ceil(min_size_mm3 / float(voxel_mm3))))
+
+
+def contiguous_runs(indices: np.ndarray) -> list[np.ndarray]:
+    """[3,4,5,9,10] -> [[3,4,5],[9,10]]"""
+    if indices.size == 0:
+        return []
+    breaks = np.nonzero(np.diff(indices) != 1)[0] + 1
+    return np.split(indices, breaks)
+
+
+def exceedance_shares(probability: np.ndarray, region: np.ndarray, level: float = REFERENCE_LEVEL) -> np.ndarray:
+    """Per slice of [Z, H, W] arrays: the share of region voxels at calibrated probability >= `level` (NaN for slices
+    with fewer than MIN_SLICE_REGION region voxels)."""
+    counted = region.reshape(region.shape[0], -1).sum(1)
+    above = ((probability >= level) & region).reshape(region.shape[0], -1).sum(1)
+    return np.where(counted >= MIN_SLICE_REGION, above / np.maximum(counted, 1), np.nan)
 
 
 def count_components(mask: np.ndarray, min_voxels: int) -> int:
@@ -138,6 +161,7 @@ class Calibration:
     min_size_mm3: float = 65.0
     slice_quantiles: np.ndarray | None = None  # raw slice score at each of voxel_levels on normal slices
     slice_tail_scale: float = 1e-6
+    reference_share_max: float | None = None  # highest exceedance_shares of a reference slice (the reference check)
 
     @classmethod
     def from_card(cls, cal: dict) -> "Calibration":
@@ -151,7 +175,9 @@ class Calibration:
                    min_size_mm3=float(cal["min_size_mm3"]),
                    slice_quantiles=(np.asarray(cal["slice_quantiles"], np.float64) if cal.get("slice_quantiles")
                                     else None),
-                   slice_tail_scale=float(cal.get("slice_tail_scale", 1e-6)))
+                   slice_tail_scale=float(cal.get("slice_tail_scale", 1e-6)),
+                   reference_share_max=(float(cal["reference_share_max"]) if "reference_share_max" in cal
+                                        else None))
 
     def to_card(self, **extra) -> dict:
         return {"voxel_quantiles": self.voxel_quantiles.tolist(), "voxel_levels": self.voxel_levels.tolist(),
@@ -160,7 +186,9 @@ class Calibration:
                 "default_fp_per_volume": self.default_fp_per_volume,
                 "min_size_mm3": self.min_size_mm3,
                 **({"slice_quantiles": self.slice_quantiles.tolist(), "slice_tail_scale": self.slice_tail_scale}
-                   if self.slice_quantiles is not None else {}), **extra}
+                   if self.slice_quantiles is not None else {}),
+                **({"reference_share_max": self.reference_share_max} if self.reference_share_max is not None else {}),
+                **extra}
 
     def log_exceedance(self, scores) -> np.ndarray:
         """log(1 - probability) of raw voxel scores (see tail_log_exceedance)."""
@@ -171,6 +199,14 @@ class Calibration:
         if self.slice_quantiles is None:
             raise ValueError("this calibration has no slice scores")
         return tail_log_exceedance(slice_scores, self.slice_quantiles, self.voxel_levels, self.slice_tail_scale)
+
+    def unlike_reference(self, probability: np.ndarray, region: np.ndarray) -> np.ndarray | None:
+        """Per slice: its exceedance share over the highest of any reference slice (NaN where not measured; None
+        when the calibration predates the reference check). Slices at UNLIKE_FACTOR or more are unlike the
+        reference."""
+        if self.reference_share_max is None:
+            return None
+        return exceedance_shares(probability, region) / max(self.reference_share_max, 1e-6)
 
     def voxel_probability(self, scores, dtype=np.float32) -> np.ndarray:
         """Raw (smoothed) scores -> calibrated probability in [0, 1]."""
@@ -253,15 +289,19 @@ class Calibration:
                   default_fp_per_volume=default_fp_per_volume, min_size_mm3=min_size_mm3)
         if slice_scores is not None and len(slice_scores) >= 10:  # a tail from fewer normal slices means nothing
             cal.slice_quantiles, cal.slice_tail_scale = fit_quantiles(slice_scores, tail_from=0.8)
-        extent_cm, counts = 0.0, np.zeros_like(FP_THRESHOLDS)
+        extent_cm, counts, shares = 0.0, np.zeros_like(FP_THRESHOLDS), []
         for scores, region, spacing in references:
             prob = cal.voxel_probability(scores, dtype=np.float64) * region
+            shares.append(exceedance_shares(prob, region))
             min_voxels = min_voxels_for(min_size_mm3, np.prod(spacing))
             counts += [count_components(prob >= t, min_voxels) for t in FP_THRESHOLDS]
             extent_cm += scores.shape[0] * spacing[0] / 10.0
         # Component counts are not monotone in the threshold (low thresholds merge findings into one); the upper
         # envelope from above keeps the curve conservative and invertible.
         cal.fp_per_cm = np.maximum.accumulate((counts / extent_cm)[::-1])[::-1]
+        shares = np.concatenate(shares)
+        if np.isfinite(shares).any():
+            cal.reference_share_max = float(np.nanmax(shares))
         observed = cal.fp_per_cm > 0
         if observed.sum() >= 3:  # slope of log(fp) against log(1 - t) over the observed tail, at least 0.25
             x, y = np.log(1.0 - FP_THRESHOLDS[observed]), np.log(cal.fp_per_cm[observed])

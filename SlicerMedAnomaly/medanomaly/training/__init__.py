@@ -23,12 +23,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__
 from ..bundle import CARD_FORMAT, CARD_NAME, ModelBundle, replace_dir, sha256_of, staging_dir
-from ..calibration import Calibration
+from ..calibration import Calibration, contiguous_runs
 from ..detectors import Detector, build_detector as build_detector_from, detector_class
 from ..engine import pick_device, score_slices
 from ..errors import InputError
 from ..preprocess import InputSpec
-from .data import SliceBuffer, contiguous_runs
+from .data import SliceBuffer
 
 log = logging.getLogger(__name__)
 

@@ -35,14 +35,6 @@ def slab_split(n_slices: int, block: int = 20, every: int = 3, margin: int = 3) 
     return z[train], z[held]
 
 
-def contiguous_runs(indices: np.ndarray) -> list[np.ndarray]:
-    """[3,4,5,9,10] -> [[3,4,5],[9,10]]"""
-    if indices.size == 0:
-        return []
-    breaks = np.nonzero(np.diff(indices) != 1)[0] + 1
-    return np.split(indices, breaks)
-
-
 @dataclass
 class SourceVolume:
     path: str
