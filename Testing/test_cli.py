@@ -16,6 +16,14 @@ import medanomaly
 from medanomaly.cli import _parser, main
 
 
+def run_command(*args: str) -> subprocess.CompletedProcess:
+    """The installed `medanomaly` console script (or `python -m medanomaly.cli`) as a real child process."""
+    exe = os.path.join(os.path.dirname(sys.executable), "medanomaly")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "medanomaly.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, encoding="utf-8", errors="replace", timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly")))
+
+
 def test_detect_prints_findings_table(small_ct_file, default_model, tmp_path, capsys):
     code = main(["-q", "detect", str(small_ct_file), "-o", str(tmp_path), "--model", str(default_model)])
     assert code == 0
@@ -49,10 +57,7 @@ def test_models_list_show_and_info(capsys):
 
 def test_installed_command_runs_quick_start(tmp_path):
     """The README's quick-start detection, as a real child process of the installed console script."""
-    exe = os.path.join(os.path.dirname(sys.executable), "medanomaly")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "medanomaly.cli"]
-    proc = subprocess.run([*cmd, "detect", str(DEMO_CT), "-o", str(tmp_path)], capture_output=True,
-                          encoding="utf-8", errors="replace", timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly")))
+    proc = run_command("detect", str(DEMO_CT), "-o", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "chest_ct_demo: volume score" in proc.stdout
     assert (tmp_path / "chest_ct_demo" / "overview.png").stat().st_size > 10000
@@ -65,14 +70,9 @@ def test_detect_warns_about_slices_unlike_the_normal_reference(small_ct, small_c
     shifted = sitk.GetImageFromArray(np.where(arr > -500, arr + 250, arr).astype(np.int16))
     shifted.CopyInformation(small_ct)
     sitk.WriteImage(shifted, str(tmp_path / "shifted.nrrd"))
-    exe = os.path.join(os.path.dirname(sys.executable), "medanomaly")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "medanomaly.cli"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
     records = {}
     for path in (small_ct_file, tmp_path / "shifted.nrrd"):
-        proc = subprocess.run([*cmd, "--quiet", "detect", str(path), "-o", str(tmp_path / "out"), "--model",
-                               str(default_model)], capture_output=True, encoding="utf-8", errors="replace",
-                              timeout=300, env=env)
+        proc = run_command("--quiet", "detect", str(path), "-o", str(tmp_path / "out"), "--model", str(default_model))
         assert proc.returncode == 0, proc.stderr
         summary = json.loads((tmp_path / "out" / path.name.split(".")[0] / "findings.json").read_text())
         records[path.name] = (summary, proc.stderr)
