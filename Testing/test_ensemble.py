@@ -45,6 +45,11 @@ def test_ensemble_combines_calibrated_members(small_ct, combine):
     assert result.settings["ensemble"]["combine"] == combine
     # the union bound: the ensemble's threshold is above every member's for the same target
     assert all(result.threshold >= s.threshold - 1e-12 for s in singles)
+    # the reference check: a slice is unlike the reference when it is unlike any member's
+    check = result.reference_check
+    assert check["available"] and check["slices_checked"] == max(s.reference_check["slices_checked"] for s in singles)
+    assert check["max_ratio"] == max(s.reference_check["max_ratio"] for s in singles)
+    assert check["slices_unlike"] >= max(s.reference_check["slices_unlike"] for s in singles)
 
 
 def test_union_bound_threshold_meets_the_target():

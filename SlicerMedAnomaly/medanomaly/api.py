@@ -258,7 +258,10 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
                                reorientation.to_canonical(result.heatmap), reorientation.canonical_spacing,
                                result.threshold, centres,
                                title=f"{volume.case_name}: volume score {result.volume_score:.3f}, "
-                                     f"{len(result.findings)} finding(s), model {result.model['name']}")
+                                     f"{len(result.findings)} finding(s), model {result.model['name']}"
+                                     + (f"\nwarning: {result.reference_check['slices_unlike']} slice(s) look "
+                                        "unlike the model's normal reference (findings.json)"
+                                        if result.reference_check.get("slices_unlike") else ""))
             result.files = {name: name for name in sorted(p.name for p in staging.path.iterdir())}
             if mood:
                 result.files["mood"] = write_mood(result.heatmap, image, result.volume_score, Path(output_dir),
