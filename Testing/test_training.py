@@ -54,8 +54,10 @@ def test_train_writes_calibrated_bundle_used_by_detect(training_volume, tmp_path
     assert card["training"]["codebook"]["used"] >= 1
     losses = [entry["loss"] for entry in card["training"]["losses"]]
     assert losses, "losses are logged"
+    assert 0.0 < card["calibration"]["reference_share_max"] < 1.0  # the reference check's normal share
     (result,) = medanomaly.detect(training_volume, tmp_path / "out", model=str(bundle.path))
     assert result.model["name"] == "tiny"
+    assert result.reference_check["available"] and result.reference_check["slices_checked"] > 0
     assert not (tmp_path / "tiny.checkpoint").exists(), "the checkpoint is removed once the bundle is written"
 
 
