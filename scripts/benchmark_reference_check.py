@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from medanomaly.api import detect_volume
+from medanomaly.calibration import REFERENCE_LEVEL, UNLIKE_FACTOR
 from medanomaly.ensemble import load_scorer
 from medanomaly.lab import MANIFEST, cross_calibrated
 from medanomaly.volumes import read_volume
@@ -46,14 +47,13 @@ def main() -> None:
     cases_dir = Path(args.cases)
     cases = json.loads((cases_dir / MANIFEST).read_text())["cases"]
     cts = args.ct if args.ct is not None else sorted(str(p) for p in SHARED_CT.iterdir())
-    out = {"factor_and_level": None, "models": {}}
+    out = {"factor_and_level": [UNLIKE_FACTOR, REFERENCE_LEVEL], "models": {}}
     for name in args.models:
         scorer = load_scorer(name)
         crossed = cross_calibrated(scorer, cases_dir, cases)
         rows = []
         for case in cases:
             record = check(read_volume(cases_dir / case["volume"]), crossed[case["group"]])
-            out["factor_and_level"] = [record["factor"], record["level"]]
             rows.append({"case": case["case"], "normal": bool(case["normal"]), **record})
         whole = []
         for path in cts:
