@@ -11,7 +11,9 @@ import slicerio
 from conftest import reoriented
 
 import medanomaly
+from medanomaly.api import detect_volume
 from medanomaly.orientation import Reorientation
+from medanomaly.volumes import volume_from_image
 
 KINDS = ["lps", "ras", "flipped_z", "sagittal", "coronal", "oblique"]
 
@@ -105,3 +107,24 @@ def test_nrrd_header_is_slicer_readable(results):
     _, result, _, _ = results["oblique"]
     _, header = nrrd.read(str(result.output_dir / "heatmap.nrrd"))
     assert header["space"] == "left-posterior-superior"
+
+
+def test_reference_check_names_the_same_slices_in_any_storage_order(small_ct, default_model):
+    """The reference check's slice ranges are superior-inferior positions in mm, so the same CT stored axially,
+    flipped, sagittally or coronally reports the same ones. Here its inferior half reads 250 HU denser."""
+    arr = sitk.GetArrayFromImage(small_ct)
+    dense = arr.copy()
+    dense[:12] = np.where(arr[:12] > -500, arr[:12] + 250, arr[:12])
+    image = sitk.GetImageFromArray(dense.astype(np.int16))
+    image.CopyInformation(small_ct)
+    z = [image.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(image.GetDepth())]
+    checks = {kind: detect_volume(volume_from_image(reoriented(image, kind)[0], name=kind), str(default_model),
+                                  device="cpu").reference_check for kind in ("lps", "flipped_z", "sagittal", "coronal")}
+    base = checks["lps"]
+    assert base["slices_unlike"] > 0
+    for lo, hi in base["unlike_s_mm"]:  # only slices of the denser half
+        assert min(z[:12]) - 0.01 <= lo <= hi <= max(z[:12]) + 0.01
+    for kind, check in checks.items():
+        assert check["unlike_s_mm"] == base["unlike_s_mm"], kind
+        assert check["slices_unlike"] == base["slices_unlike"] and check["slices_checked"] == base["slices_checked"]
+        assert check["max_ratio"] == pytest.approx(base["max_ratio"], abs=2e-3)
