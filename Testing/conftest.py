@@ -47,6 +47,20 @@ def default_model() -> Path:
     return DEFAULT_MODEL
 
 
+def denser_tissue(image: sitk.Image, hu: float = 250.0, slices: slice = slice(None)) -> sitk.Image:
+    """The CT with every tissue voxel (above -500 HU, the body threshold) of the given slices `hu` denser: unlike
+    any normal CT as a whole, as from a scanner far off its HU calibration (the reference check's test input)."""
+    from medanomaly.preprocess import BODY_THRESHOLD_HU
+
+    arr = sitk.GetArrayFromImage(image)
+    dense = arr.copy()
+    part = arr[slices]
+    dense[slices] = np.where(part > BODY_THRESHOLD_HU, part + hu, part)
+    out = sitk.GetImageFromArray(dense.astype(np.int16))
+    out.CopyInformation(image)
+    return out
+
+
 def write_dicom_series(image: sitk.Image, folder: Path, modality: str = "CT", series_uid: str | None = None,
                        description: str = "test series", suffix: str = "") -> list[Path]:
     """Write a 3D image as a DICOM series (one file per slice, optionally without a suffix)."""

@@ -8,9 +8,8 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import SimpleITK as sitk
-from conftest import DEMO_CT, ROOT
+from conftest import DEMO_CT, ROOT, denser_tissue
 
 import medanomaly
 from medanomaly.cli import _parser, main
@@ -66,9 +65,7 @@ def test_installed_command_runs_quick_start(tmp_path):
 def test_detect_warns_about_slices_unlike_the_normal_reference(small_ct, small_ct_file, default_model, tmp_path):
     """The reference check, through the real command in a child process: the real chest CT passes; the same CT
     with every tissue voxel 250 HU denser (a scanner far off its HU calibration, say) is reported slice by slice."""
-    arr = sitk.GetArrayFromImage(small_ct)
-    shifted = sitk.GetImageFromArray(np.where(arr > -500, arr + 250, arr).astype(np.int16))
-    shifted.CopyInformation(small_ct)
+    shifted = denser_tissue(small_ct)
     sitk.WriteImage(shifted, str(tmp_path / "shifted.nrrd"))
     records = {}
     for path in (small_ct_file, tmp_path / "shifted.nrrd"):

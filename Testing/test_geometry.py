@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-from conftest import reoriented
+from conftest import denser_tissue, reoriented
 
 import medanomaly
 from medanomaly.api import detect_volume
@@ -112,11 +112,7 @@ def test_nrrd_header_is_slicer_readable(results):
 def test_reference_check_names_the_same_slices_in_any_storage_order(small_ct, default_model):
     """The reference check's slice ranges are superior-inferior positions in mm, so the same CT stored axially,
     flipped, sagittally or coronally reports the same ones. Here its inferior half reads 250 HU denser."""
-    arr = sitk.GetArrayFromImage(small_ct)
-    dense = arr.copy()
-    dense[:12] = np.where(arr[:12] > -500, arr[:12] + 250, arr[:12])
-    image = sitk.GetImageFromArray(dense.astype(np.int16))
-    image.CopyInformation(small_ct)
+    image = denser_tissue(small_ct, slices=slice(0, 12))
     z = [image.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(image.GetDepth())]
     checks = {kind: detect_volume(volume_from_image(reoriented(image, kind)[0], name=kind), str(default_model),
                                   device="cpu").reference_check for kind in ("lps", "flipped_z", "sagittal", "coronal")}

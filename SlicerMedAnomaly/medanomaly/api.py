@@ -181,7 +181,7 @@ def check_reference(unlike: list, volume: CTVolume, reorientation: Reorientation
     if not ratios:
         return {"available": False, "reason": "the model's calibration predates the reference check; recalibrate it "
                                               "with `medanomaly calibrate`"}, []
-    ratio = np.fmax.reduce(ratios) if len(ratios) > 1 else ratios[0]
+    ratio = np.fmax.reduce(ratios)  # NaN only where no member measured the slice
     checked = np.isfinite(ratio)
     flagged = np.nonzero(checked & (ratio >= UNLIKE_FACTOR))[0]
     ranges = []
