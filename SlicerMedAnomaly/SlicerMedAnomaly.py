@@ -6,6 +6,7 @@ is SlicerMedAnomalyLib.process; both are tested outside Slicer.
 """
 
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -224,6 +225,11 @@ class SlicerMedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if state.returncode == 0:
             self.results = self.logic.loadResults(self.casePath, self.ui.inputSelector.currentNode())
             self.ui.findingsTableView.setMRMLTableNode(self.results["table"])
+            lower = self.results["heatmap"].GetDisplayNode().GetLowerThreshold()  # the detection threshold
+            slider_value = lower if self.results["heatmap_units"] == "significance" else -math.log10(1.0 - lower)
+            wasBlocked = self.ui.heatmapThresholdSlider.blockSignals(True)
+            self.ui.heatmapThresholdSlider.value = slider_value
+            self.ui.heatmapThresholdSlider.blockSignals(wasBlocked)
             text = f"{len(self.results['findings'])} finding(s)."
             for warning in self.results["warnings"]:  # for example slices unlike the model's normal reference
                 logging.warning("medanomaly: %s", warning)
@@ -252,8 +258,10 @@ class SlicerMedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             composite.SetForegroundOpacity(value)
 
     def onThreshold(self, value):
+        """The slider is in significance, -log10(1 - probability): 3 shows voxels above 99.9% of normal tissue."""
         if self.results:
-            self.results["heatmap"].GetDisplayNode().SetLowerThreshold(value)
+            level = value if self.results["heatmap_units"] == "significance" else 1.0 - 10.0 ** -value
+            self.results["heatmap"].GetDisplayNode().SetLowerThreshold(level)
 
     def onShowReconstruction(self, show):
         if not self.results or self.results["reconstruction"] is None:

@@ -53,6 +53,22 @@ def test_fp_curve_decreases_and_thresholds_follow_targets(calibration):
     assert calibration.fp_rate(t_low) * 20.0 == pytest.approx(5.0, rel=0.05)
 
 
+def test_thresholds_far_beyond_float32_resolution_stay_distinct(calibration):
+    """Targets of 1e-12 false findings per volume need thresholds of 1 - 1e-20 and more, which neither a float32
+    nor a float64 probability resolves; in significance they stay distinct, and each finding strength's expected
+    count is the target that puts the threshold there."""
+    levels = [calibration.threshold_significance(f, 20.0) for f in (3.0, 0.3, 1e-3, 1e-6, 1e-12)]
+    assert all(a < b for a, b in zip(levels, levels[1:]))
+    assert levels[2] > -np.log10(np.finfo(np.float32).eps)  # past what a float32 probability tells from 1
+    for target, level in zip((3.0, 0.3, 1e-3, 1e-6, 1e-12), levels):
+        assert np.exp(calibration.log_expected_findings(level, 20.0)) == pytest.approx(target, rel=1e-6)
+    assert calibration.threshold_for(0.3, 20.0) == pytest.approx(1.0 - 10.0 ** -levels[1], abs=1e-15)
+    scores = calibration.voxel_quantiles[-1] * np.array([0.5, 1.0, 2.0, 8.0, 40.0])
+    significance = calibration.voxel_significance(scores)
+    assert significance.dtype == np.float32 and np.all(np.diff(significance) > 0)
+    np.testing.assert_allclose(significance, -calibration.log_exceedance(scores) / np.log(10.0), rtol=1e-6)
+
+
 def test_fp_curve_is_conservative_and_strictly_decreasing_past_the_first_plateau():
     """Few reference findings make plateaus; the curve interpolates between plateau ends, so it never under-states
     the measured rate and never ties two volume scores or thresholds on a plateau."""

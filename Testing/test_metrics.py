@@ -33,7 +33,7 @@ def test_pooled_voxel_curve_matches_sklearn_over_cases():
         y = rng.random((4, 8, 8)) < 0.1
         s = np.clip(rng.random((4, 8, 8)) * 0.7 + y * 0.3, 0, 0.9999).astype(np.float32)
         s = np.round(s, 3)
-        curve.add(s, y)
+        curve.add(-np.log10(1.0 - s.astype(np.float64)), y)
         all_s.append(s.ravel())
         all_y.append(y.ravel())
     s, y = np.concatenate(all_s), np.concatenate(all_y)
@@ -45,7 +45,7 @@ def test_best_dice_by_hand():
     curve = PooledVoxelCurve()
     y = np.array([1, 1, 1, 0, 0, 0, 0, 0], bool)
     s = np.array([0.9, 0.8, 0.3, 0.85, 0.2, 0.1, 0.1, 0.1])
-    curve.add(s, y)
+    curve.add(-np.log10(1.0 - s), y)
     # thresholds: >=0.9 -> TP1 FP0 FN2: 2/4; >=0.85 -> TP1 FP1: 2/5; >=0.8 -> TP2 FP1 FN1: 4/6; >=0.3 -> TP3 FP1: 6/7
     dice, threshold = curve.best_dice()
     assert dice == pytest.approx(6 / 7)

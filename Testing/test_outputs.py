@@ -13,7 +13,8 @@ from scipy import ndimage as ndi
 
 import medanomaly
 from medanomaly.errors import Cancelled
-from medanomaly.volumes import read_volume
+from medanomaly.calibration import count_components, min_voxels_for
+from medanomaly.volumes import read_volume, volume_from_image
 from medanomaly.outputs import FINDING_TERMINOLOGY
 
 
@@ -126,7 +127,8 @@ def test_findings_json(nodule_case):
     assert summary["peak_rss_mb"] > 0
     top = summary["findings"][0]
     for key in ("id", "centroid_lps_mm", "centroid_ras_mm", "bbox_ijk", "slice_range_k", "volume_mm3",
-                "max_probability", "mean_probability", "mean_hu"):
+                "max_probability", "mean_probability", "mean_hu", "peak_significance", "significance",
+                "expected_normal_findings", "p_value"):
         assert key in top
     # measurements agree with the label map
     labels = result.labels
@@ -142,8 +144,39 @@ def test_findings_json(nodule_case):
         hu = sitk.GetArrayFromImage(image)[region].mean()
         assert f["mean_hu"] == pytest.approx(hu, abs=0.06)
         assert f["max_probability"] >= summary["threshold"]
-    ranks = [(f["max_probability"], f["volume_mm3"]) for f in summary["findings"]]
-    assert ranks == sorted(ranks, key=lambda r: (-r[0], -r[1]))
+        assert f["peak_significance"] >= f["significance"] >= summary["threshold_significance"] - 1e-6
+        assert f["p_value"] == pytest.approx(-np.expm1(-f["expected_normal_findings"]), rel=1e-3)
+    ranks = [(f["significance"], f["peak_significance"], f["volume_mm3"]) for f in summary["findings"]]
+    assert ranks == sorted(ranks, key=lambda r: (-r[0], -r[1], -r[2]))
+
+
+def test_finding_strength_is_the_highest_level_that_keeps_its_minimum_size(nodule_case):
+    """Brute force over the finding's own values: the highest significance at which some 26-connected part of it
+    still has the minimum size."""
+    result, _, image, _, _ = nodule_case
+    min_voxels = min_voxels_for(result.settings["min_size_mm3"], float(np.prod(image.GetSpacing())))
+    for f in result.findings[:3]:
+        region = result.labels == f["label"]
+        for level in np.unique(result.significance[region])[::-1]:
+            if count_components(region & (result.significance >= level), min_voxels):
+                break
+        assert f["significance"] == pytest.approx(float(level), abs=1e-3)
+
+
+def test_a_findings_expected_count_is_the_fp_rate_at_which_it_drops_out(nodule_case, default_model):
+    """Asked for fewer false findings per normal volume than a finding's expected count, detect drops it; asked for
+    a few more, it keeps it. Far in the tail (thresholds beyond float32 probability), where a float32 heatmap
+    could not tell the two apart."""
+    result, _, image, _, _ = nodule_case
+    top = result.findings[0]
+    expected = top["expected_normal_findings"]
+    assert top["significance"] > 8, "the dense mass lies beyond what a float32 probability resolves"
+    volume = volume_from_image(image, name="nodule_ct")
+    kept = medanomaly.detect_volume(volume, str(default_model), device="cpu", fp_rate=expected * 1.05)
+    dropped = medanomaly.detect_volume(volume, str(default_model), device="cpu", fp_rate=expected * 0.95)
+    assert any(f["significance"] == top["significance"] for f in kept.findings)
+    assert all(f["significance"] < top["significance"] for f in dropped.findings)
+    assert np.float32(kept.threshold) == np.float32(dropped.threshold), "a float32 probability cannot separate them"
 
 
 def test_mood_files(nodule_case):

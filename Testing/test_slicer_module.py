@@ -126,7 +126,16 @@ def test_results_into_mrml_scene(case_from_real_command):
     heat.GetIJKToRASMatrix(a)
     volume.GetIJKToRASMatrix(b)
     assert all(abs(a.GetElement(r, c) - b.GetElement(r, c)) < 1e-6 for r in range(4) for c in range(4))
-    assert heat.GetDisplayNode().GetLowerThreshold() == pytest.approx(summary["threshold"])
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    # shown as significance from the detection threshold up: every finding voxel is shown, colours up to the peak
+    assert nodes["heatmap_units"] == "significance"
+    display = heat.GetDisplayNode()
+    assert summary["threshold_significance"] - 0.01 <= display.GetLowerThreshold() <= summary["threshold_significance"]
+    shown = vtk_to_numpy(heat.GetImageData().GetPointData().GetScalars()) >= display.GetLowerThreshold()
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "labels.nrrd"))).ravel()
+    assert shown[labels > 0].all()
+    assert display.GetWindowLevelMax() >= max(f["peak_significance"] for f in findings) - 0.01
     # segmentation: names, terminology, reference geometry from the input
     segmentation = nodes["segmentation"].GetSegmentation()
     assert segmentation.GetNumberOfSegments() == len(findings)
@@ -141,10 +150,12 @@ def test_results_into_mrml_scene(case_from_real_command):
     table = nodes["table"].GetTable()
     assert table.GetNumberOfRows() == len(findings)
     assert [table.GetColumn(i).GetName() for i in range(table.GetNumberOfColumns())] == [c for c, _ in TABLE_COLUMNS]
+    column = {table.GetColumn(i).GetName(): i for i in range(table.GetNumberOfColumns())}
     for row, f in enumerate(findings):
-        assert table.GetValue(row, 1).ToString() == f["name"]
-        assert table.GetValue(row, 4).ToDouble() == pytest.approx(f["volume_mm3"])
-        assert table.GetValue(row, 6).ToDouble() == pytest.approx(f["centroid_ras_mm"][0])
+        assert table.GetValue(row, column["name"]).ToString() == f["name"]
+        assert table.GetValue(row, column["p_value"]).ToDouble() == pytest.approx(f["p_value"])
+        assert table.GetValue(row, column["volume_mm3"]).ToDouble() == pytest.approx(f["volume_mm3"])
+        assert table.GetValue(row, column["r_mm"]).ToDouble() == pytest.approx(f["centroid_ras_mm"][0])
     assert nodes["reconstruction"] is not None
     # everything sits beside the input in the subject hierarchy
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)

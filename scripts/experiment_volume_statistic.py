@@ -50,7 +50,7 @@ def main() -> None:
         min_voxels = min_voxels_for(cal.min_size_mm3, volume.voxel_volume_mm3)
         counts = []
         for t in cal.fp_thresholds:
-            n = count_components(result.heatmap >= t, min_voxels)
+            n = count_components(result.significance >= -np.log10(1.0 - t), min_voxels)
             expected = cal.fp_rate(t) * extent_cm
             counts.append({"threshold": float(t), "findings": n, "expected": expected,
                            "log_p": float(poisson.logsf(n - 1, expected)) if n > 0 else 0.0})

@@ -2,13 +2,16 @@
 the reconstruction. MRML API only, so tests run it on a real scene from PyPI's slicer-core."""
 
 import json
+import math
 import os
+import struct
 
 import slicer
 
 HEATMAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeInferno", "vtkMRMLColorTableNodeFileInferno.txt",
                           "vtkMRMLColorTableNodeRainbow")
-TABLE_COLUMNS = [("id", "int"), ("name", "string"), ("max_probability", "double"), ("mean_probability", "double"),
+TABLE_COLUMNS = [("id", "int"), ("name", "string"), ("p_value", "double"), ("significance", "double"),
+                 ("max_probability", "double"), ("mean_probability", "double"),
                  ("volume_mm3", "double"), ("mean_hu", "double"), ("r_mm", "double"), ("a_mm", "double"),
                  ("s_mm", "double"), ("slice_first", "int"), ("slice_last", "int")]
 
@@ -50,7 +53,8 @@ def findings_table(scene, findings, name):
         columns.append(array)
     for f in findings:
         r, a, s = f["centroid_ras_mm"]
-        values = [f["id"], f["name"], f["max_probability"], f["mean_probability"], f["volume_mm3"], f["mean_hu"],
+        values = [f["id"], f["name"], f.get("p_value", float("nan")), f.get("significance", float("nan")),
+                  f["max_probability"], f["mean_probability"], f["volume_mm3"], f["mean_hu"],
                   r, a, s, f["slice_range_k"][0], f["slice_range_k"][1]]
         for array, value in zip(columns, values):
             array.InsertNextValue(value)
@@ -71,22 +75,42 @@ def place_under_study(scene, input_volume, nodes):
     return parent
 
 
-def load_case_into_scene(scene, case_dir, input_volume=None, heatmap_opacity=0.4):
-    """Load OUT/<case>/ into `scene`; returns {"heatmap", "segmentation", "table", "reconstruction", "findings"}."""
-    with open(os.path.join(case_dir, "findings.json")) as f:
-        summary = json.load(f)
+def _read_heatmap(scene, case_dir, summary):
+    """The heatmap node to show over the CT, and its units. significance.nrrd (-log10(1 - probability), which keeps
+    the calibrated tail that a float32 probability rounds to 1) where the case has it, else heatmap.nrrd. Shown from
+    the detection threshold up (every finding's voxels included), coloured up to the volume's peak."""
     case = summary["case"]
-    heatmap = _read_volume(scene, os.path.join(case_dir, "heatmap.nrrd"), f"{case} anomaly heatmap")
-    display = heatmap.GetDisplayNode()
+    path = os.path.join(case_dir, "significance.nrrd")
+    if "threshold_significance" in summary and os.path.exists(path):
+        node = _read_volume(scene, path, f"{case} anomaly heatmap (significance)")
+        lower = math.floor(summary["threshold_significance"] * 100.0) / 100.0  # the file holds 0.01 steps
+        top = max(node.GetImageData().GetScalarRange()[1], lower + 1.0)
+        units = "significance"
+    else:
+        node = _read_volume(scene, os.path.join(case_dir, "heatmap.nrrd"), f"{case} anomaly heatmap")
+        lower = float(struct.unpack("f", struct.pack("f", summary["threshold"]))[0])  # as the float32 file rounds
+        lower, top = min(lower, summary["threshold"]), 1.0
+        units = "probability"
+    display = node.GetDisplayNode()
     for color_id in HEATMAP_COLOR_NODE_IDS:
         if scene.GetNodeByID(color_id) is not None:
             display.SetAndObserveColorNodeID(color_id)
             break
     display.SetAutoWindowLevel(False)
-    display.SetWindowLevelMinMax(summary["threshold"], 1.0)
+    display.SetWindowLevelMinMax(lower, top)
     display.SetApplyThreshold(True)
-    display.SetLowerThreshold(summary["threshold"])
-    display.SetUpperThreshold(1.0)
+    display.SetLowerThreshold(lower)
+    display.SetUpperThreshold(max(top, 1e6 if units == "significance" else 1.0))
+    return node, units
+
+
+def load_case_into_scene(scene, case_dir, input_volume=None, heatmap_opacity=0.4):
+    """Load OUT/<case>/ into `scene`; returns {"heatmap", "heatmap_units", "segmentation", "table", "reconstruction",
+    "findings", "warnings"}."""
+    with open(os.path.join(case_dir, "findings.json")) as f:
+        summary = json.load(f)
+    case = summary["case"]
+    heatmap, units = _read_heatmap(scene, case_dir, summary)
     segmentation = _read_segmentation(scene, os.path.join(case_dir, "anomalies.seg.nrrd"), f"{case} anomalies",
                                       input_volume)
     table = findings_table(scene, summary["findings"], f"{case} findings")
@@ -99,5 +123,6 @@ def load_case_into_scene(scene, case_dir, input_volume=None, heatmap_opacity=0.4
     if getattr(slicer, "app", None) is not None and input_volume is not None:  # inside Slicer: heatmap over the CT
         slicer.util.setSliceViewerLayers(background=input_volume, foreground=heatmap,
                                          foregroundOpacity=heatmap_opacity)
-    return {"heatmap": heatmap, "segmentation": segmentation, "table": table, "reconstruction": reconstruction,
-            "findings": summary["findings"], "warnings": summary.get("warnings", [])}
+    return {"heatmap": heatmap, "heatmap_units": units, "segmentation": segmentation, "table": table,
+            "reconstruction": reconstruction, "findings": summary["findings"],
+            "warnings": summary.get("warnings", [])}

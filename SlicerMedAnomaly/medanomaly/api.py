@@ -26,6 +26,7 @@ from .findings import find_findings
 from .orientation import Reorientation
 from .outputs import CaseStaging, write_image, write_json, write_mood, write_overview, write_segmentation
 from .preprocess import prepare_slices
+from .significance import probability_of_significance
 from .volumes import CTVolume, read_volume
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class DetectionResult:
     """Everything `detect_volume` computed for one volume; arrays lie on the input's [k, j, i] grid."""
 
     volume: CTVolume
-    heatmap: np.ndarray  # float32 probability in [0, 1]
+    heatmap: np.ndarray  # float32 probability in [0, 1] (rounds to 1 above 1 - 6e-8: rank and threshold by significance)
     labels: np.ndarray  # uint8, finding i has label i
     findings: list[dict]
     volume_score: float
@@ -58,6 +59,8 @@ class DetectionResult:
     volume_p_value: float = float("nan")  # 1 - volume_score without rounding: the ranking key of batches
     reference_check: dict = field(default_factory=dict)  # slices unlike the model's normal reference (check_reference)
     warnings: list[str] = field(default_factory=list)  # about the result; the volume's own are added in summary()
+    significance: np.ndarray | None = None  # float32 -log10(1 - probability): the heatmap with its tail resolved
+    threshold_significance: float = float("nan")  # -log10(1 - threshold): findings are significance >= this
 
     def summary(self) -> dict:
         return {
@@ -67,6 +70,7 @@ class DetectionResult:
             "volume_score": round(self.volume_score, 6),
             "volume_p_value": float(f"{self.volume_p_value:.6g}"),
             "threshold": self.threshold,
+            "threshold_significance": round(self.threshold_significance, 6),
             "findings": self.findings,
             "dropped_findings": self.dropped_findings,
             "model": self.model,
@@ -82,6 +86,9 @@ class DetectionResult:
             "files": self.files,
             **self.extra,
         }
+
+
+SIGNIFICANCE_DECIMALS = 2  # significance.nrrd is for display: 0.01 of -log10(1 - p) keeps it a third of the size
 
 
 class Stopwatch:
@@ -118,35 +125,38 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     reorientation = Reorientation.for_image(volume.image)
     hu_canonical = reorientation.to_canonical(volume.hu)
     watch.lap("preprocess")
-    heatmaps, volume_p_values, reconstruction, network_s, batch_size = [], [], None, 0.0, 0
+    maps, volume_p_values, reconstruction, network_s, batch_size = [], [], None, 0.0, 0
     unlike = []  # per member: each canonical slice's exceedance share over its reference's (None: not calibrated)
     for index, detector in enumerate(members):
         member_notify = (lambda stage, fraction, i=index: notify(stage, (i + fraction) / len(members)))
-        heatmap, member_p, recon, engine, ratio = _score_member(
+        significance, member_p, recon, engine, ratio = _score_member(
             detector, volume, reorientation, hu_canonical, torch_device, memory_budget_mb, member_notify, cancel,
             watch, want_reconstruction=reconstruction is None)
-        heatmaps.append(heatmap)
+        maps.append(significance)
         volume_p_values.append(member_p)
         unlike.append(ratio)
         reconstruction = reconstruction if reconstruction is not None else recon
         network_s += engine.network_s
         batch_size = batch_size or engine.batch_size
     if isinstance(scorer, Ensemble):
-        heatmap = scorer.combine_arrays(heatmaps)
+        significance = scorer.combine_significance(maps)
         volume_p_value = scorer.combine_p_values(volume_p_values)
     else:
-        heatmap, volume_p_value = heatmaps[0], volume_p_values[0]
+        significance, volume_p_value = maps[0], volume_p_values[0]
     volume_score = 1.0 - volume_p_value  # P(no normal finding as strong); the p-value keeps what this rounds away
-    del heatmaps
+    del maps
     calibration = calibration_of(scorer)
     card = scorer.card
 
     extent_cm = hu_canonical.shape[0] * reorientation.canonical_spacing[0] / 10.0
     target_fp = fp_rate if fp_rate is not None else (
         sensitivity_to_fp_per_volume(sensitivity) if sensitivity is not None else calibration.default_fp_per_volume)
-    threshold = calibration.threshold_for(target_fp, extent_cm)
+    threshold_significance = calibration.threshold_significance(target_fp, extent_cm)
+    threshold = float(probability_of_significance(threshold_significance, np.float64))
     min_size = calibration.min_size_mm3 if min_size_mm3 is None else float(min_size_mm3)
-    labels, findings, dropped = find_findings(heatmap, volume.hu, volume.image, threshold, min_size)
+    labels, findings, dropped = find_findings(significance, volume.hu, volume.image, threshold_significance, min_size,
+                                              lambda s: calibration.log_expected_findings(s, extent_cm))
+    heatmap = probability_of_significance(significance)
     watch.lap("findings")
     notify("postprocess", 1.0)
 
@@ -168,6 +178,7 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
         volume=volume, heatmap=heatmap, labels=labels, findings=findings, volume_score=volume_score,
         volume_p_value=volume_p_value,
         threshold=threshold, reconstruction=reconstruction, timings=timings, dropped_findings=dropped,
+        significance=significance, threshold_significance=threshold_significance,
         model=model_info, settings=settings, reference_check=reference_check, warnings=warnings,
     )
 
@@ -212,7 +223,7 @@ def check_reference(unlike: list, volume: CTVolume, reorientation: Reorientation
 def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorientation, hu_canonical: np.ndarray,
                   device: torch.device, memory_budget_mb: float, notify, cancel, watch: "Stopwatch", *,
                   want_reconstruction: bool):
-    """One detector over the volume: its calibrated heatmap on the input grid, its volume p-value, its
+    """One detector over the volume: its calibrated heatmap as significance on the input grid, its volume p-value, its
     pseudo-healthy reconstruction (HU on the input grid) when it makes one, the engine, and each canonical slice's
     ratio to the normal reference (Calibration.unlike_reference)."""
     calibration = Calibration.from_card(detector.card["calibration"])
@@ -222,11 +233,11 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
                                          progress=notify, cancel=cancel)
     watch.lap("network_and_smoothing")
     notify("postprocess", 0.0)
-    probability = calibration.voxel_probability(scores) * slices.region
+    significance = calibration.voxel_significance(scores) * slices.region
     p_value = calibration.volume_p_value(scores, slices.region, slices.spacing_mm, engine.slice_scores)
-    unlike = calibration.unlike_reference(probability, slices.region)
-    heatmap = np.ascontiguousarray(reorientation.to_input(to_native(probability, slices)))
-    np.clip(heatmap, 0.0, 1.0, out=heatmap)
+    unlike = calibration.unlike_reference(probability_of_significance(significance), slices.region)
+    native = np.ascontiguousarray(reorientation.to_input(to_native(significance, slices)))
+    np.maximum(native, 0.0, out=native)
     reconstruction = None
     if recon is not None and want_reconstruction:
         lo, hi = detector.spec.window_hu
@@ -235,7 +246,7 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
         native_delta = reorientation.to_input(to_native(delta, slices))
         reconstruction = np.clip(volume.hu + np.rint(native_delta), -32768, 32767).astype(np.int16)
     watch.lap("postprocess")
-    return heatmap, p_value, reconstruction, engine, unlike
+    return native, p_value, reconstruction, engine, unlike
 
 
 def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = False, overview: bool = True) -> Path:
@@ -245,6 +256,9 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
     with CaseStaging(Path(output_dir), volume.case_name) as staging:
         try:
             write_image(result.heatmap, image, staging.path / "heatmap.nrrd")
+            if result.significance is not None:  # the heatmap's tail, which float32 probability rounds to 1
+                write_image(np.round(result.significance, SIGNIFICANCE_DECIMALS), image,
+                            staging.path / "significance.nrrd")
             write_image(result.labels, image, staging.path / "labels.nrrd")
             write_segmentation(result.labels, result.findings, image, staging.path / "anomalies.seg.nrrd")
             if result.reconstruction is not None:
@@ -255,8 +269,8 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
                 centres = [(f["id"], reorientation.canonical_index(f["centroid_ijk"][::-1], hu_canonical.shape))
                            for f in result.findings]
                 write_overview(staging.path / "overview.png", hu_canonical,
-                               reorientation.to_canonical(result.heatmap), reorientation.canonical_spacing,
-                               result.threshold, centres,
+                               reorientation.to_canonical(result.significance), reorientation.canonical_spacing,
+                               result.threshold_significance, centres,
                                title=f"{volume.case_name}: volume score {result.volume_score:.3f}, "
                                      f"{len(result.findings)} finding(s), model {result.model['name']}"
                                      + (f"\nwarning: {result.reference_check['slices_unlike']} slice(s) look "

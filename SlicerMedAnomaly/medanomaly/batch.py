@@ -29,7 +29,7 @@ from .volumes import VOLUME_SUFFIXES, case_name_for
 
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ["rank", "case", "input", "volume_score", "volume_p_value", "findings", "top_finding_probability",
-                  "top_finding_ras_mm", "top_finding_volume_mm3", "slices_unlike_reference", "status", "error",
+                  "top_finding_p_value", "top_finding_ras_mm", "top_finding_volume_mm3", "slices_unlike_reference", "status", "error",
                   "seconds"]
 
 
@@ -160,6 +160,8 @@ def _summary_row(summary: dict) -> dict:
     return {"volume_score": summary["volume_score"], "volume_p_value": summary.get("volume_p_value", ""),
             "findings": len(summary["findings"]),
             "top_finding_probability": top["max_probability"] if top else "",
+            # the chance that a normal volume of this length has a finding as strong (findings.find_findings)
+            "top_finding_p_value": top.get("p_value", "") if top else "",
             "top_finding_ras_mm": " ".join(f"{v:.1f}" for v in top["centroid_ras_mm"]) if top else "",
             "top_finding_volume_mm3": top["volume_mm3"] if top else "",
             # slices that look unlike the model's normal reference (api.check_reference); empty where not checked

@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage as ndi
 
-from .findings import CONNECTIVITY
+from .findings import count_components, min_voxels_for, strongest_component_level  # noqa: F401
+from .significance import LN10, FalseFindingCurve
 
 VOXEL_LEVELS = np.unique(np.concatenate([np.linspace(0.0, 0.99, 100), 1.0 - np.logspace(-2, -6, 41)]))
 FP_THRESHOLDS = 1.0 - np.logspace(-1, -6.5, 56)
@@ -66,25 +66,6 @@ def tail_log_exceedance(scores, quantiles: np.ndarray, levels: np.ndarray, tail_
     return out
 
 
-def threshold_for_rate(fp_rate, fp_per_volume: float, extent_cm: float) -> float:
-    """The lowest probability threshold t with fp_rate(t) * extent_cm <= fp_per_volume, for a non-increasing
-    false-findings-per-cm curve fp_rate (bisection on log10(1 - t), t from 0 to 1 - 1e-14)."""
-    allowed = fp_per_volume / max(extent_cm, 1e-6)
-    lo, hi = -14.0, 0.0
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if fp_rate(1.0 - 10.0**mid) > allowed:
-            hi = mid
-        else:
-            lo = mid
-    return float(1.0 - 10.0**lo)
-
-
-def min_voxels_for(min_size_mm3: float, voxel_mm3: float) -> int:
-    """The fewest voxels of this size that make a finding of at least `min_size_mm3` (at least 1)."""
-    return max(1, int(np.ceil(min_size_mm3 / float(voxel_mm3))))
-
-
 def contiguous_runs(indices: np.ndarray) -> list[np.ndarray]:
     """[3,4,5,9,10] -> [[3,4,5],[9,10]]"""
     if indices.size == 0:
@@ -101,56 +82,8 @@ def exceedance_shares(probability: np.ndarray, region: np.ndarray, level: float 
     return np.where(counted >= MIN_SLICE_REGION, above / np.maximum(counted, 1), np.nan)
 
 
-def count_components(mask: np.ndarray, min_voxels: int) -> int:
-    labels, n = ndi.label(mask, structure=CONNECTIVITY)
-    if n == 0:
-        return 0
-    sizes = np.bincount(labels.ravel())[1:]
-    return int((sizes >= min_voxels).sum())
-
-
-def strongest_component_level(scores: np.ndarray, region: np.ndarray, min_voxels: int, floor: float) -> float:
-    """The highest score level s at which {scores >= s} inside the region still holds a 26-connected component of at
-    least `min_voxels` voxels (`floor` when there is none even there).
-
-    Exact: s is one of the scores' values. A component above any level lies inside one component of {scores >=
-    floor}, so each of those (of at least `min_voxels` voxels, highest peak first) is searched on its own bounding box
-    by bisection over its values, and one whose peak does not beat the best level so far is skipped.
-    """
-    labels, n = ndi.label(region & (scores >= floor), structure=CONNECTIVITY)
-    if n == 0:
-        return float(floor)
-    inside = labels > 0
-    found = labels[inside] - 1
-    sizes = np.bincount(found, minlength=n)
-    peaks = np.full(n, -np.inf)
-    np.maximum.at(peaks, found, scores[inside])  # (ndi.maximum with an index takes seconds on a volume)
-    boxes = ndi.find_objects(labels)
-    best = float(floor)
-    for i in np.argsort(-peaks, kind="stable"):
-        if peaks[i] <= best:
-            break  # sorted by peak: no later component can beat it
-        if sizes[i] < min_voxels:
-            continue
-        box = boxes[i]
-        component = np.where(labels[box] == i + 1, scores[box], -np.inf)
-        levels = np.unique(component[component > best])  # ascending; the answer is one of them or best itself
-        holds = lambda level: count_components(component >= level, min_voxels) > 0  # noqa: E731
-        if not holds(levels[0]):
-            continue
-        lo, hi = 0, len(levels) - 1  # holds(levels[lo]) is true; find the last level that holds
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if holds(levels[mid]):
-                lo = mid
-            else:
-                hi = mid - 1
-        best = float(levels[lo])
-    return best
-
-
 @dataclass
-class Calibration:
+class Calibration(FalseFindingCurve):
     voxel_quantiles: np.ndarray  # raw score at each of voxel_levels on normal reference voxels
     voxel_levels: np.ndarray
     fp_thresholds: np.ndarray  # probability thresholds, increasing
@@ -208,6 +141,11 @@ class Calibration:
             return None
         return exceedance_shares(probability, region) / max(self.reference_share_max, 1e-6)
 
+    def voxel_significance(self, scores) -> np.ndarray:
+        """Raw (smoothed) scores -> significance -log10(1 - probability), float32: unlike a float32 probability,
+        which cannot tell 1 - 1e-8 from 1, it keeps the calibrated tail's order and resolution."""
+        return (self.log_exceedance(scores) / -LN10).astype(np.float32)
+
     def voxel_probability(self, scores, dtype=np.float32) -> np.ndarray:
         """Raw (smoothed) scores -> calibrated probability in [0, 1]."""
         return (-np.expm1(self.log_exceedance(scores))).astype(dtype)
@@ -223,11 +161,6 @@ class Calibration:
         fp = self.fp_per_cm[: observed[-1] + 1]
         return np.unique(np.r_[0, np.nonzero(fp[1:] < fp[:-1])[0], fp.size - 1])
 
-    def fp_rate(self, threshold: float | None = None, *, log_exceedance: float | None = None) -> float:
-        """False-positive findings per cm at a probability threshold (or at log(1 - threshold)): the measured curve,
-        log-linear between its knots (fp_knots), then its power-law tail."""
-        return float(np.exp(self.log_fp_rate(threshold, log_exceedance=log_exceedance)))
-
     def log_fp_rate(self, threshold: float | None = None, *, log_exceedance: float | None = None) -> float:
         """log of fp_rate, which keeps its resolution far out in the tail (-inf where no false finding was seen)."""
         knots = self.fp_knots()
@@ -239,10 +172,6 @@ class Calibration:
         if xt >= x[-1]:  # within the measured range (x decreases as the threshold rises)
             return float(np.interp(-xt, -x, y))
         return float(y[-1] + self.fp_tail_slope * (xt - x[-1]))
-
-    def threshold_for(self, fp_per_volume: float, extent_cm: float) -> float:
-        """The probability threshold at which a normal volume of this length expects `fp_per_volume` findings."""
-        return threshold_for_rate(self.fp_rate, fp_per_volume, extent_cm)
 
     def volume_score(self, scores: np.ndarray, region: np.ndarray, spacing_mm,
                      slice_scores: np.ndarray | None = None) -> float:

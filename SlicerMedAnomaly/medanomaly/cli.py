@@ -147,18 +147,27 @@ class ProgressPrinter:
             self.bar = None
 
 
+def format_probability(significance: float) -> str:
+    """A probability given as its significance -log10(1 - p): 0.9990 or, far in the tail, 1 - 6.6e-08."""
+    return f"{1.0 - 10.0 ** -significance:.4f}" if significance < 4 else f"1 - {10.0 ** -significance:.2g}"
+
+
 def findings_table(result) -> str:
     rows = [f"{result.volume.case_name}: volume score {result.volume_score:.3f} (p {result.volume_p_value:.2g}), "
-            f"{len(result.findings)} finding(s) "
-            f"at probability >= {result.threshold:.6f} ({result.output_dir or 'not written'})"]
+            f"{len(result.findings)} finding(s) at probability >= {format_probability(result.threshold_significance)}"
+            f" ({result.output_dir or 'not written'})"]
     if result.findings:
-        rows.append(f"{'id':>3} {'max p':>8} {'mean p':>8} {'vol mm3':>9} {'mean HU':>8}  centroid RAS mm         slices k")
+        rows.append(f"{'id':>3} {'p-value':>8} {'max p':>13} {'vol mm3':>9} {'mean HU':>8}  centroid RAS mm"
+                    "            slices k")
         for f in result.findings[:20]:
             ras = ", ".join(f"{v:7.1f}" for v in f["centroid_ras_mm"])
-            rows.append(f"{f['id']:>3} {f['max_probability']:8.5f} {f['mean_probability']:8.5f} {f['volume_mm3']:9.1f} "
-                        f"{f['mean_hu']:8.1f}  ({ras})  {f['slice_range_k'][0]}-{f['slice_range_k'][1]}")
+            p_value = f"{f['p_value']:8.2g}" if "p_value" in f else f"{'':8}"
+            rows.append(f"{f['id']:>3} {p_value} {format_probability(f['peak_significance']):>13} "
+                        f"{f['volume_mm3']:9.1f} {f['mean_hu']:8.1f}  ({ras})  "
+                        f"{f['slice_range_k'][0]}-{f['slice_range_k'][1]}")
         if len(result.findings) > 20:
             rows.append(f"... {len(result.findings) - 20} more in findings.json")
+        rows.append("p-value: the chance that a normal volume of this length has a finding as strong")
     return "\n".join(rows)
 
 

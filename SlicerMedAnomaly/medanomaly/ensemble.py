@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .bundle import ModelBundle, resolve_model
+from .significance import FalseFindingCurve
 from .errors import InputError
 
 if TYPE_CHECKING:  # the detectors (torch) load with a scorer: naming and hashing models (batch's main process) is light
@@ -42,7 +43,7 @@ def parse_spec(model: str | None) -> tuple[str, list[str]] | None:
     return None
 
 
-class EnsembleCalibration:
+class EnsembleCalibration(FalseFindingCurve):
     """What the pipeline asks of a calibration, for an ensemble: thresholds by the union bound over members."""
 
     def __init__(self, members: list[Calibration]):
@@ -50,13 +51,10 @@ class EnsembleCalibration:
         self.min_size_mm3 = min(c.min_size_mm3 for c in members)
         self.default_fp_per_volume = float(np.mean([c.default_fp_per_volume for c in members]))
 
-    def fp_rate(self, threshold: float) -> float:
-        return float(sum(c.fp_rate(threshold) for c in self.members))
-
-    def threshold_for(self, fp_per_volume: float, extent_cm: float) -> float:
-        from .calibration import threshold_for_rate
-
-        return threshold_for_rate(self.fp_rate, fp_per_volume, extent_cm)
+    def log_fp_rate(self, threshold: float | None = None, *, log_exceedance: float | None = None) -> float:
+        """log of the members' summed false-findings-per-cm rates (a voxel at t has some member at t or more)."""
+        return float(np.logaddexp.reduce([c.log_fp_rate(threshold, log_exceedance=log_exceedance)
+                                          for c in self.members]))
 
 
 @dataclass
@@ -75,9 +73,16 @@ class Ensemble:
 
         self.calibration = EnsembleCalibration([Calibration.from_card(m.card["calibration"]) for m in self.members])
 
-    def combine_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
-        stacked = np.stack(arrays)
-        return (stacked.max(0) if self.combine == "max" else stacked.mean(0)).astype(arrays[0].dtype)
+    def combine_significance(self, maps: list[np.ndarray]) -> np.ndarray:
+        """The members' significance maps (-log10(1 - p)) combined as their probabilities are: the maximum, or
+        the mean probability (-log10 of the mean of 1 - p, which keeps the tail's resolution)."""
+        if self.combine == "max":
+            return np.maximum.reduce(maps)
+        low = np.minimum.reduce(maps)  # each term 10^-(m - low) <= 1: no underflow however far out in the tail
+        total = np.zeros_like(low)
+        for m in maps:
+            total += np.power(np.float32(10.0), low - m, dtype=np.float32)
+        return low - np.log10(total / np.float32(len(maps)))
 
     def combine_p_values(self, p_values: list[float]) -> float:
         """The members' volume p-values (1 - volume score) combined as their volume scores are: 1 - the mean of the

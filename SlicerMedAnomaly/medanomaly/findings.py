@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage as ndi
 
+from .significance import probability_of_significance
+
 if TYPE_CHECKING:  # only annotations: the training package imports this module and never reads images
     import SimpleITK as sitk
 
@@ -14,44 +16,109 @@ MAX_FINDINGS = 255  # labels.nrrd stays uint8; weaker components beyond this are
 CONNECTIVITY = np.ones((3, 3, 3), bool)  # a finding is a 26-connected component (calibration and metrics count alike)
 
 
-def find_findings(heatmap: np.ndarray, hu: np.ndarray, image: sitk.Image, threshold: float,
-                  min_size_mm3: float) -> tuple[np.ndarray, list[dict], int]:
-    """Threshold `heatmap` ([k, j, i] on `image`'s grid), keep 26-connected components of at least `min_size_mm3`,
-    rank them by peak probability (then volume), and measure each one.
+def min_voxels_for(min_size_mm3: float, voxel_mm3: float) -> int:
+    """The fewest voxels of this size that make a finding of at least `min_size_mm3` (at least 1)."""
+    return max(1, int(np.ceil(min_size_mm3 / float(voxel_mm3))))
+
+
+def count_components(mask: np.ndarray, min_voxels: int) -> int:
+    labels, n = ndi.label(mask, structure=CONNECTIVITY)
+    if n == 0:
+        return 0
+    sizes = np.bincount(labels.ravel())[1:]
+    return int((sizes >= min_voxels).sum())
+
+
+def strongest_component_level(scores: np.ndarray, region: np.ndarray, min_voxels: int, floor: float) -> float:
+    """The highest score level s at which {scores >= s} inside the region still holds a 26-connected component of at
+    least `min_voxels` voxels (`floor` when there is none even there).
+
+    Exact: s is one of the scores' values. A component above any level lies inside one component of {scores >=
+    floor}, so each of those (of at least `min_voxels` voxels, highest peak first) is searched on its own bounding box
+    by bisection over its values, and one whose peak does not beat the best level so far is skipped.
+    """
+    labels, n = ndi.label(region & (scores >= floor), structure=CONNECTIVITY)
+    if n == 0:
+        return float(floor)
+    inside = labels > 0
+    found = labels[inside] - 1
+    sizes = np.bincount(found, minlength=n)
+    peaks = np.full(n, -np.inf)
+    np.maximum.at(peaks, found, scores[inside])  # (ndi.maximum with an index takes seconds on a volume)
+    boxes = ndi.find_objects(labels)
+    best = float(floor)
+    for i in np.argsort(-peaks, kind="stable"):
+        if peaks[i] <= best:
+            break  # sorted by peak: no later component can beat it
+        if sizes[i] < min_voxels:
+            continue
+        box = boxes[i]
+        component = np.where(labels[box] == i + 1, scores[box], -np.inf)
+        levels = np.unique(component[component > best])  # ascending; the answer is one of them or best itself
+        holds = lambda level: count_components(component >= level, min_voxels) > 0  # noqa: E731
+        if not holds(levels[0]):
+            continue
+        lo, hi = 0, len(levels) - 1  # holds(levels[lo]) is true; find the last level that holds
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if holds(levels[mid]):
+                lo = mid
+            else:
+                hi = mid - 1
+        best = float(levels[lo])
+    return best
+
+
+def find_findings(significance: np.ndarray, hu: np.ndarray, image: sitk.Image, threshold: float,
+                  min_size_mm3: float, log_expected=None) -> tuple[np.ndarray, list[dict], int]:
+    """Threshold the heatmap's `significance` (-log10(1 - probability), [k, j, i] on `image`'s grid) at
+    `threshold` (the same units), keep 26-connected components of at least `min_size_mm3`, and measure each one.
+
+    A finding's strength is the highest significance at which it still holds a component of the minimum size: the
+    level at which calibration counts a normal finding as strong. Findings are ranked by it (then by peak and
+    volume). `log_expected(strength)`, when given, is the log of the number of normal findings at least as strong
+    expected in a normal volume of this length; each finding then carries it and its p-value.
 
     Returns the label map (finding i has label i), the findings and the number of components dropped beyond
     MAX_FINDINGS.
     """
     spacing = np.asarray(image.GetSpacing())
     voxel_mm3 = float(np.prod(spacing))
-    labels, n = ndi.label(heatmap >= threshold, structure=CONNECTIVITY)
+    min_voxels = min_voxels_for(min_size_mm3, voxel_mm3)
+    labels, n = ndi.label(significance >= threshold, structure=CONNECTIVITY)
     flat_idx = np.flatnonzero(labels)
     if n == 0 or flat_idx.size == 0:
-        return np.zeros(heatmap.shape, np.uint8), [], 0
+        return np.zeros(significance.shape, np.uint8), [], 0
     lab = labels.ravel()[flat_idx]
-    del labels
     counts = np.bincount(lab, minlength=n + 1)
-    prob = heatmap.ravel()[flat_idx]
+    sig = significance.ravel()[flat_idx]
     peak = np.zeros(n + 1)
-    np.maximum.at(peak, lab, prob)
-    keep = np.nonzero(counts * voxel_mm3 >= min_size_mm3)[0]
+    np.maximum.at(peak, lab, sig)
+    keep = np.nonzero(counts >= min_voxels)[0]
     keep = keep[keep > 0]
-    order = keep[np.lexsort((-counts[keep], -peak[keep]))]
+    boxes = ndi.find_objects(labels)
+    strength = np.zeros(n + 1)
+    for c in keep:
+        box = boxes[c - 1]
+        inside = labels[box] == c
+        strength[c] = strongest_component_level(significance[box], inside, min_voxels, float(threshold))
+    del labels
+    order = keep[np.lexsort((-counts[keep], -peak[keep], -strength[keep]))]
     dropped = max(0, order.size - MAX_FINDINGS)
     order = order[:MAX_FINDINGS]
     rank = np.zeros(n + 1, np.int64)
     rank[order] = np.arange(1, order.size + 1)
     new = rank[lab]
     sel = new > 0
-    flat_idx, new, prob = flat_idx[sel], new[sel], prob[sel]
-    out = np.zeros(heatmap.size, np.uint8)
+    flat_idx, new, sig = flat_idx[sel], new[sel], sig[sel]
+    out = np.zeros(significance.size, np.uint8)
     out[flat_idx] = new
-    out = out.reshape(heatmap.shape)
+    out = out.reshape(significance.shape)
     m = order.size + 1
     count = np.bincount(new, minlength=m).astype(np.float64)
     hu_sum = np.bincount(new, weights=hu.ravel()[flat_idx].astype(np.float64), minlength=m)
-    prob_sum = np.bincount(new, weights=prob, minlength=m)
-    coords = np.unravel_index(flat_idx, heatmap.shape)  # k, j, i
+    prob_sum = np.bincount(new, weights=probability_of_significance(sig, np.float64), minlength=m)
+    coords = np.unravel_index(flat_idx, significance.shape)  # k, j, i
     centroid = [np.bincount(new, weights=c, minlength=m) / np.maximum(count, 1) for c in coords]
     findings = []
     for i, box in enumerate(ndi.find_objects(out, max_label=order.size), start=1):
@@ -59,7 +126,8 @@ def find_findings(heatmap: np.ndarray, hu: np.ndarray, image: sitk.Image, thresh
         k1, j1, i1 = (s.stop - 1 for s in box)
         cidx = (float(centroid[2][i]), float(centroid[1][i]), float(centroid[0][i]))
         lps = np.asarray(image.TransformContinuousIndexToPhysicalPoint(cidx))
-        findings.append({
+        c = order[i - 1]
+        finding = {
             "id": i,
             "label": i,
             "name": f"Anomaly {i}",
@@ -70,8 +138,15 @@ def find_findings(heatmap: np.ndarray, hu: np.ndarray, image: sitk.Image, thresh
             "slice_range_k": [int(k0), int(k1)],
             "volume_mm3": round(float(count[i] * voxel_mm3), 2),
             "voxels": int(count[i]),
-            "max_probability": round(float(peak[order[i - 1]]), 6),
+            "max_probability": round(float(probability_of_significance(peak[c], np.float64)), 6),
             "mean_probability": round(float(prob_sum[i] / count[i]), 6),
             "mean_hu": round(float(hu_sum[i] / count[i]), 1),
-        })
+            "peak_significance": round(float(peak[c]), 3),
+            "significance": round(float(strength[c]), 3),
+        }
+        if log_expected is not None:
+            expected = float(np.exp(log_expected(float(strength[c]))))
+            finding["expected_normal_findings"] = float(f"{expected:.4g}")
+            finding["p_value"] = float(f"{-np.expm1(-expected):.4g}")
+        findings.append(finding)
     return out, findings, dropped

@@ -200,20 +200,20 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         seconds.append(time.perf_counter() - t0)
         labels = (sitk.GetArrayFromImage(sitk.ReadImage(str(cases_dir / case["labels"])))
                   if case["labels"] else None)
-        truth = labels > 0 if labels is not None else np.zeros(result.heatmap.shape, bool)
+        truth = labels > 0 if labels is not None else np.zeros(result.significance.shape, bool)
         volume_scores.append(-result.volume_p_value)  # the ranking of the volume score, without its rounding
         case_scores.append({"case": case["case"], "normal": bool(case["normal"]),
                             "volume_score": result.volume_score, "volume_p_value": result.volume_p_value,
                             "findings": len(result.findings)})
         volume_labels.append(not case["normal"])
-        pooled.add(result.heatmap, truth)
+        pooled.add(result.significance, truth)
         if case["normal"]:
-            normal_curve.add(result.heatmap, truth)
+            normal_curve.add(result.significance, truth)
             normal_findings.append(len(result.findings))
         else:
             for lesion in case["lesions"]:
                 curve = kind_curves.setdefault(lesion["kind"], PooledVoxelCurve())
-                curve.add(result.heatmap, labels == lesion["label"])
+                curve.add(result.significance, labels == lesion["label"])
                 found = bool(np.any(result.labels[labels == lesion["label"]]))
                 default_hits.append({"kind": lesion["kind"], "size": _size_bin(lesion), "found": found})
             heat_c, truth_c = r.to_canonical(result.heatmap), r.to_canonical(truth)
@@ -223,11 +223,11 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
             localization.setdefault(kind, []).extend(bool(h) for h in hits)
         extent_cm = volume.hu.shape[r.axes[0]] * r.canonical_spacing[0] / 10.0
         case_calibration = calibration_of(scorer)
-        base = case_calibration.threshold_for(10.0, extent_cm)
+        base = case_calibration.threshold_significance(10.0, extent_cm)
         min_voxels = min_voxels_for(case_calibration.min_size_mm3, volume.voxel_volume_mm3)
         info = {lesion["label"]: {"kind": lesion["kind"], "size": _size_bin(lesion), "diameter_mm": _diameter(lesion)}
                 for lesion in case["lesions"]}
-        froc.add_case(result.heatmap, labels, base, min_voxels, info, case["case"])
+        froc.add_case(result.significance, labels, base, min_voxels, info, case["case"])
         if progress is not None:
             progress("evaluate", (n + 1) / len(manifest["cases"]))
     for kind, curve in kind_curves.items():

@@ -51,22 +51,22 @@ def average_precision(scores, labels) -> float:
 class PooledVoxelCurve:
     """Positive and negative voxel counts per score bin, accumulated over cases.
 
-    Scores in [0, 1] are binned on u = -log10(1 - p) in [0, 8) with `bins` bins, which resolves both the bulk and
-    the far tail of calibrated probabilities.
+    Scores are significance, u = -log10(1 - p) of calibrated probabilities p (what detection thresholds), binned
+    on [0, max_u) with `bins` bins: that resolves both the bulk and the far tail, which a float32 probability
+    rounds to 1 above 1 - 6e-8.
     """
 
-    def __init__(self, bins: int = 1 << 16, max_u: float = 8.0):
+    def __init__(self, bins: int = 1 << 18, max_u: float = 20.0):
         self.bins, self.max_u = bins, max_u
         self.pos = np.zeros(bins, np.int64)
         self.neg = np.zeros(bins, np.int64)
 
-    def bin_of(self, scores: np.ndarray) -> np.ndarray:
-        p = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
-        u = -np.log10(np.maximum(1.0 - p, 10.0 ** -self.max_u))
+    def bin_of(self, significance: np.ndarray) -> np.ndarray:
+        u = np.clip(np.asarray(significance, dtype=np.float64), 0.0, self.max_u)
         return np.minimum((u / self.max_u * self.bins).astype(np.int64), self.bins - 1)
 
-    def add(self, scores: np.ndarray, labels: np.ndarray) -> None:
-        b = self.bin_of(scores.ravel())
+    def add(self, significance: np.ndarray, labels: np.ndarray) -> None:
+        b = self.bin_of(significance.ravel())
         y = np.asarray(labels).ravel().astype(bool)
         self.pos += np.bincount(b[y], minlength=self.bins)
         self.neg += np.bincount(b[~y], minlength=self.bins)
@@ -93,7 +93,7 @@ class PooledVoxelCurve:
         return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
     def best_dice(self) -> tuple[float, float]:
-        """Strict Dice (no dilation of the ground truth) at the best threshold, and that threshold."""
+        """Strict Dice (no dilation of the ground truth) at the best threshold, and that threshold (a probability)."""
         tp = np.cumsum(self.pos[::-1])
         fp = np.cumsum(self.neg[::-1])
         total = self.pos.sum()

@@ -117,7 +117,8 @@ def write_mood(probability: np.ndarray, reference: sitk.Image, volume_score: flo
 def write_overview(path: Path, hu_canonical: np.ndarray, heat_canonical: np.ndarray, spacing_canonical,
                    threshold: float, findings_canonical: list[tuple[int, np.ndarray]], window_hu=(-1000, 400),
                    title: str = "") -> None:
-    """Axial and coronal views through the top finding (or the hottest slice), heatmap above threshold overlaid."""
+    """Axial and coronal views through the top finding (or the hottest slice), the heatmap's significance
+    (-log10(1 - probability)) above the threshold (the same units) overlaid, coloured up to the volume's peak."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,11 +134,12 @@ def write_overview(path: Path, hu_canonical: np.ndarray, heat_canonical: np.ndar
     views = [("Axial", hu_canonical[cz], heat_canonical[cz], sy / sx, lambda c: (c[2], c[1]), 0),
              ("Coronal", hu_canonical[:, cy][::-1], heat_canonical[:, cy][::-1], sz / sx,
               lambda c: (c[2], hu_canonical.shape[0] - 1 - c[0]), 1)]
+    top = max(float(heat_canonical.max()), threshold + 1.0)
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4), dpi=100)
     for ax, (name, ct, heat, aspect, xy, axis) in zip(axes, views):
         ax.imshow(ct, cmap="gray", vmin=window_hu[0], vmax=window_hu[1], aspect=aspect, interpolation="bilinear")
         overlay = np.ma.masked_less(heat, threshold)
-        ax.imshow(overlay, cmap="inferno", vmin=threshold, vmax=1.0, alpha=0.6, aspect=aspect)
+        ax.imshow(overlay, cmap="inferno", vmin=threshold, vmax=top, alpha=0.6, aspect=aspect)
         for fid, c in findings_canonical[:10]:
             if abs(c[axis] - (cz if axis == 0 else cy)) <= 3:
                 x, y = xy(c)
