@@ -100,7 +100,7 @@ def _read_heatmap(scene, case_dir, summary):
     display.SetWindowLevelMinMax(lower, top)
     display.SetApplyThreshold(True)
     display.SetLowerThreshold(lower)
-    display.SetUpperThreshold(max(top, 1e6 if units == "significance" else 1.0))
+    display.SetUpperThreshold(1e6 if units == "significance" else 1.0)  # everything above the lower threshold
     return node, units
 
 
