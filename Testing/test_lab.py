@@ -119,6 +119,9 @@ def test_evaluate_runs_every_metric_and_prints_tables(demo_image, tmp_path):
             assert np.isfinite(r[key]), key
         assert 0 <= r["voxel_ap"] <= 1 and 0 <= r["volume_auroc"] <= 1
         assert set(r["froc"]) == {"0.5", "1.0", "2.0", "4.0"}
+        findings = [r["findings_froc"][rate] for rate in ("0.5", "1.0", "2.0", "4.0")]
+        assert all(0 <= a <= b <= 1 for a, b in zip(findings, findings[1:]))  # more false findings allowed, no fewer hits
+        assert r["target_sensitivity_at_2fp_findings"]["needles"]["lesions"] == 2
         assert set(r["per_kind"]) == {"nodule_solid", "needle", "mood_intensity"}
         assert r["provenance"]["sources"][0]["sha256"]
         # the flagship's target subsets: nodules of at least 6 mm (here the 12 mm ones) and needles, at 2 FP
@@ -135,6 +138,7 @@ def test_evaluate_runs_every_metric_and_prints_tables(demo_image, tmp_path):
     record_in_card(copy, results[1])
     card = ModelBundle.load(copy).card
     assert card["evaluation"]["lab"]["voxel_ap"] == results[1]["voxel_ap"]
+    assert card["evaluation"]["lab"]["findings_froc"] == results[1]["findings_froc"]
     assert card["evaluation"]["lab"]["cases_manifest_sha256"] == results[1]["provenance"]["manifest_sha256"]
     ModelBundle.load(copy).verify()
     with pytest.raises(InputError):

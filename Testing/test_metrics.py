@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from medanomaly.metrics import FROC, PooledVoxelCurve, average_precision, localization_hits, roc_auc
+from medanomaly.metrics import FROC, FindingsFROC, PooledVoxelCurve, average_precision, localization_hits, roc_auc
 
 
 def test_auroc_and_ap_by_hand():
@@ -84,6 +84,34 @@ def test_froc_sprawling_candidate_claims_no_lesion():
     froc = FROC()
     froc.add_case(heat, lesions, base_threshold=0.5, min_voxels=1)
     assert froc.sensitivity_at(100.0) == 0.0 and froc.false_positive_scores == [pytest.approx(0.9)]
+
+
+def test_findings_froc_judges_every_level():
+    """A lesion merged at low levels with a larger, stronger normal region is found at a level where the two have come
+    apart (FROC's single-level candidate loses it); false findings are counted per level as detect would report them."""
+    sig = np.zeros((3, 20, 20), np.float32)
+    lesions = np.zeros((3, 20, 20), np.uint8)
+    lesions[1, 2:4, 2:4] = 1
+    sig[1, 2:4, 2:4] = 6.0  # the lesion
+    sig[1, 4:12, 2:12] = 3.0  # normal tissue touching it, larger, below the lesion at higher levels
+    sig[1, 10, 10] = 8.0  # and its peak, stronger than the lesion
+    sig[0, 15:17, 15:17] = 4.0  # a separate false finding of 4 voxels
+    levels = np.array([2.0, 3.5, 5.0, 7.0, 9.0])
+    froc = FindingsFROC(levels=levels)
+    froc.add_case(sig, lesions, min_voxels=2, case="a")
+    froc.add_case(np.zeros_like(sig), None, min_voxels=2, case="n")
+    # level 2: one merged component (peak outside the lesion, lesion 4 of 84 voxels) + the 4-voxel one: 2 FP, no hit
+    # level 3.5: the lesion alone (hit) + the 4-voxel one (FP); level 5: the lesion alone; 7 and 9: nothing
+    assert froc.false_findings.tolist() == [2, 1, 0, 0, 0]
+    assert froc.lesions[0]["hit"].tolist() == [False, True, True, False, False]
+    assert froc.sensitivity_at(0.0) == 1.0  # level 5: no false finding in either volume
+    old = FROC()
+    old.add_case(sig, lesions, base_threshold=2.0, min_voxels=2)
+    assert old.sensitivity_at(100.0) == 0.0
+    # a minimum size above the lesion's 4 voxels leaves only false findings
+    sized = FindingsFROC(levels=levels)
+    sized.add_case(sig, lesions, min_voxels=5, case="a")
+    assert sized.false_findings.tolist() == [1, 0, 0, 0, 0] and sized.sensitivity_at(10.0) == 0.0
 
 
 def test_localization_by_hand():

@@ -73,6 +73,9 @@ def main() -> None:
         targets = "; ".join(f"{name} {t['sensitivity']:.2f} (of {t['lesions']})"
                             for name, t in r.get("target_sensitivity_at_2fp", {}).items())
         print(f"{r['model']['name']}: sensitivity at 2 false positives per slab, {targets}")
+        targets = "; ".join(f"{name} {t['sensitivity']:.2f} (of {t['lesions']})"
+                            for name, t in r.get("target_sensitivity_at_2fp_findings", {}).items())
+        print(f"{r['model']['name']}: the same with detect's findings at every level, {targets}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
 

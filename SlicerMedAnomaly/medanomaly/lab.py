@@ -21,7 +21,7 @@ from .detectors import Detector
 from .engine import pick_device, score_slices
 from .ensemble import Ensemble, calibration_of, load_scorer
 from .errors import InputError
-from .metrics import FROC, PooledVoxelCurve, average_precision, localization_hits, roc_auc
+from .metrics import FROC, FindingsFROC, PooledVoxelCurve, average_precision, localization_hits, roc_auc
 from .orientation import Reorientation
 from .preprocess import prepare_slices
 from .synth import LesionInserter
@@ -187,7 +187,7 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
                else {g: detector for g in groups})
     pooled, normal_curve = PooledVoxelCurve(), PooledVoxelCurve()
     kind_curves: dict[str, PooledVoxelCurve] = {}
-    froc = FROC()
+    froc, findings_froc = FROC(), FindingsFROC()
     volume_scores, volume_labels, seconds, normal_findings, default_hits = [], [], [], [], []
     case_scores: list[dict] = []
     localization: dict[str, list[bool]] = {}
@@ -228,6 +228,7 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         info = {lesion["label"]: {"kind": lesion["kind"], "size": _size_bin(lesion), "diameter_mm": _diameter(lesion)}
                 for lesion in case["lesions"]}
         froc.add_case(result.significance, labels, base, min_voxels, info, case["case"])
+        findings_froc.add_case(result.significance, labels, min_voxels, info, case["case"])
         if progress is not None:
             progress("evaluate", (n + 1) / len(manifest["cases"]))
     for kind, curve in kind_curves.items():
@@ -260,6 +261,8 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         "voxel_ap": pooled.average_precision(), "voxel_auroc": pooled.auroc(),
         "dice_best": dice, "dice_threshold": dice_threshold,
         "froc": {str(rate): froc.sensitivity_at(rate) for rate in FROC_RATES},
+        # the same lesions and rates, with the findings detect reports at every level (metrics.FindingsFROC)
+        "findings_froc": {str(rate): findings_froc.sensitivity_at(rate) for rate in FROC_RATES},
         "localization_rate": float(np.mean(all_loc)) if all_loc else float("nan"),
         "localization_slices": len(all_loc),
         "fp_findings_per_normal_volume": float(np.mean(normal_findings)) if normal_findings else float("nan"),
@@ -268,6 +271,9 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         "target_sensitivity_at_2fp": {name: {"lesions": sum(map(subset, froc.lesions)),
                                              "sensitivity": froc.sensitivity_at(2.0, subset)}
                                       for name, subset in TARGET_SUBSETS.items()},
+        "target_sensitivity_at_2fp_findings": {name: {"lesions": sum(map(subset, findings_froc.lesions)),
+                                                      "sensitivity": findings_froc.sensitivity_at(2.0, subset)}
+                                               for name, subset in TARGET_SUBSETS.items()},
         "seconds_per_volume_median": statistics.median(seconds) if seconds else float("nan"),
         "peak_rss_mb": peak_rss_mb(),
         "calibration": ("cross-group: each group scored with the model recalibrated on the other groups' normal cases"
@@ -300,8 +306,9 @@ def record_in_card(bundle_path: str | Path, result: dict) -> None:
                                                                       "localization_rate", "localization_slices")}
                        for kind, row in result["per_kind"].items()}
     lab["localization_rate_needle_and_fluid"] = pooled_localization(result)
-    if "target_sensitivity_at_2fp" in result:
-        lab["target_sensitivity_at_2fp"] = result["target_sensitivity_at_2fp"]
+    for key in ("target_sensitivity_at_2fp", "target_sensitivity_at_2fp_findings", "findings_froc"):
+        if key in result:
+            lab[key] = result[key]
     lab["cases_manifest_sha256"] = result["provenance"]["manifest_sha256"]
     lab["calibration"] = result.get("calibration", "model card")
     lab["medanomaly_version"] = __version__
@@ -314,13 +321,16 @@ def record_in_card(bundle_path: str | Path, result: dict) -> None:
 def markdown_table(results: list[dict]) -> str:
     """One row per detector: the lab's headline numbers."""
     header = ["detector", "method", "volume AUROC", "volume AP", "voxel AP", "voxel AUROC", "Dice (best)",
-              "sens @0.5/1/2/4 FP", "localization", "FP/normal vol (default)", "s/volume"]
+              "sens @0.5/1/2/4 FP", "findings sens @0.5/1/2/4 FP", "localization", "FP/normal vol (default)",
+              "s/volume"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         froc = "/".join(f"{r['froc'][str(rate)]:.2f}" for rate in FROC_RATES)
+        findings_froc = ("/".join(f"{r['findings_froc'][str(rate)]:.2f}" for rate in FROC_RATES)
+                         if "findings_froc" in r else "-")
         rows.append(f"| {r['model']['name']} | {r['model']['method']} | {r['volume_auroc']:.3f} | "
                     f"{r['volume_ap']:.3f} | {r['voxel_ap']:.4f} | {r['voxel_auroc']:.3f} | {r['dice_best']:.3f} | "
-                    f"{froc} | {r['localization_rate']:.2f} | {r['fp_findings_per_normal_volume']:.2f} | "
+                    f"{froc} | {findings_froc} | {r['localization_rate']:.2f} | {r['fp_findings_per_normal_volume']:.2f} | "
                     f"{r['seconds_per_volume_median']:.2f} |")
     return "\n".join(rows)
 

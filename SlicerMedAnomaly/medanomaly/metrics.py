@@ -105,6 +105,34 @@ class PooledVoxelCurve:
         return float(dice[best]), float(1.0 - 10.0 ** (-threshold_bin * self.max_u / self.bins))
 
 
+def _match_components(components: np.ndarray, n: int, values: np.ndarray, lesion_labels: np.ndarray | None,
+                      min_voxels: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """For labelled components (1..n) of a score map: which have at least `min_voxels` voxels, each one's peak score,
+    and the (component, lesion) pairs where the component hits the lesion (its peak voxel lies in the lesion, or at
+    least a quarter of it does; only components of the minimum size)."""
+    idx = np.flatnonzero(components)
+    comp = components.ravel()[idx]
+    sizes = np.bincount(comp, minlength=n + 1)
+    score = values.ravel()[idx]
+    peak = np.zeros(n + 1)
+    np.maximum.at(peak, comp, score)
+    valid = sizes >= min_voxels
+    valid[0] = False
+    hits = []
+    if lesion_labels is not None:
+        lab = lesion_labels.ravel()[idx]
+        order = np.lexsort((score, comp))  # within each component, its peak voxel comes last
+        last = np.r_[np.nonzero(np.diff(comp[order]))[0], order.size - 1]
+        peak_label = np.zeros(n + 1, np.int64)
+        peak_label[comp[order[last]]] = lab[order[last]]
+        inside = lab > 0
+        if inside.any():
+            pairs, overlap = np.unique(np.stack([comp[inside], lab[inside]], 1), axis=0, return_counts=True)
+            hits = [(int(c), int(lesion)) for (c, lesion), count in zip(pairs, overlap)
+                    if valid[c] and (peak_label[c] == lesion or count >= 0.25 * sizes[c])]
+    return valid, peak, hits
+
+
 @dataclass
 class FROC:
     """Lesion-level FROC from scored candidates (components of the heatmap above a low base threshold, scored by
@@ -122,29 +150,12 @@ class FROC:
         components, n = ndi.label(heatmap >= base_threshold, structure=CONNECTIVITY)
         best = {}
         if n:
-            idx = np.flatnonzero(components)
-            comp = components.ravel()[idx]
-            sizes = np.bincount(comp, minlength=n + 1)
-            peak = np.zeros(n + 1)
-            np.maximum.at(peak, comp, heatmap.ravel()[idx])
-            valid = sizes >= min_voxels
+            valid, peak, hits = _match_components(components, n, heatmap, lesion_labels, min_voxels)
             hits_any = np.zeros(n + 1, bool)
-            if lesion_labels is not None:
-                lab = lesion_labels.ravel()[idx]
-                values = heatmap.ravel()[idx]
-                order = np.lexsort((values, comp))  # within each component, its peak voxel comes last
-                last = np.r_[np.nonzero(np.diff(comp[order]))[0], order.size - 1]
-                peak_label = np.zeros(n + 1, np.int64)
-                peak_label[comp[order[last]]] = lab[order[last]]
-                inside = lab > 0
-                pairs, overlap = (np.unique(np.stack([comp[inside], lab[inside]], 1), axis=0, return_counts=True)
-                                  if inside.any() else ([], []))
-                for (c, lesion), count in zip(pairs, overlap):
-                    if valid[c] and (peak_label[c] == lesion or count >= 0.25 * sizes[c]):
-                        hits_any[c] = True
-                        best[int(lesion)] = max(best.get(int(lesion), -1.0), float(peak[c]))
-            fp = np.nonzero(valid & ~hits_any)[0]
-            self.false_positive_scores.extend(float(peak[c]) for c in fp if c > 0)
+            for c, lesion in hits:
+                hits_any[c] = True
+                best[lesion] = max(best.get(lesion, -1.0), float(peak[c]))
+            self.false_positive_scores.extend(float(peak[c]) for c in np.nonzero(valid & ~hits_any)[0])
         if lesion_labels is not None:
             for lesion in np.unique(lesion_labels[lesion_labels > 0]):
                 info = (lesion_info or {}).get(int(lesion), {})
@@ -168,6 +179,62 @@ class FROC:
         if not lesions:
             return float("nan")
         return float(np.mean([lesion["best"] >= t for lesion in lesions]))
+
+
+FINDING_LEVELS = np.unique(np.r_[np.arange(1.0, 15.0, 0.05), np.arange(15.0, 301.0, 1.0)])
+
+
+@dataclass
+class FindingsFROC:
+    """Lesion-level FROC of the findings detect reports. At each significance level (FINDING_LEVELS, -log10(1 - p))
+    the findings are the 26-connected components of at least the minimum size, as detect thresholds them; a finding
+    hits a lesion by FROC's rule (its peak in the lesion, or a quarter of it), and one that hits none is a false
+    finding. The sensitivity at a rate of false findings per volume is the best over the levels that stay within it.
+    Unlike FROC's candidates, which come from one low level, a component that merges a lesion with normal tissue
+    there is judged again at every level where they have come apart."""
+
+    levels: np.ndarray = field(default_factory=lambda: FINDING_LEVELS.copy())
+    n_volumes: int = 0
+    false_findings: np.ndarray | None = None  # per level, summed over volumes
+    lesions: list[dict] = field(default_factory=list)  # {"case", "label", "hit": bool per level, ...}
+
+    def __post_init__(self):
+        if self.false_findings is None:
+            self.false_findings = np.zeros(len(self.levels), np.int64)
+
+    def add_case(self, significance: np.ndarray, lesion_labels: np.ndarray | None, min_voxels: int,
+                 lesion_info: dict[int, dict] | None = None, case: str = "") -> None:
+        self.n_volumes += 1
+        ids = [int(v) for v in np.unique(lesion_labels[lesion_labels > 0])] if lesion_labels is not None else []
+        hit = {lesion: np.zeros(len(self.levels), bool) for lesion in ids}
+        box = tuple(slice(0, n) for n in significance.shape)
+        for i, level in enumerate(self.levels):
+            mask = significance[box] >= level
+            if not mask.any():
+                break  # no finding at this level or above
+            (inner,) = ndi.find_objects(mask.astype(np.uint8))  # the levels only rise: crop to what is left
+            box = tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(box, inner))
+            components, n = ndi.label(mask[inner], structure=CONNECTIVITY)
+            valid, _, pairs = _match_components(components, n, significance[box],
+                                                None if lesion_labels is None else lesion_labels[box], min_voxels)
+            hitting = {c for c, _ in pairs}
+            self.false_findings[i] += int(sum(1 for c in np.nonzero(valid)[0] if c not in hitting))
+            for _, lesion in pairs:
+                hit[lesion][i] = True
+        for lesion in ids:
+            info = (lesion_info or {}).get(lesion, {})
+            self.lesions.append({"case": case, "label": lesion, "hit": hit[lesion], **info})
+
+    def sensitivity_at(self, fp_per_volume: float, subset=None) -> float:
+        """Highest sensitivity (over `subset` of lesions if given) at a level with no more than `fp_per_volume`
+        false findings per volume."""
+        lesions = [lesion for lesion in self.lesions if subset is None or subset(lesion)]
+        if not lesions:
+            return float("nan")
+        within = self.false_findings / max(self.n_volumes, 1) <= fp_per_volume
+        if not within.any():
+            return 0.0
+        return float(np.mean([lesion["hit"] for lesion in lesions], axis=0)[within].max())
 
 
 def localization_hits(heatmap_slices: np.ndarray, lesion_slices: np.ndarray, patch: int = 32) -> np.ndarray:
