@@ -278,7 +278,7 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
                                         if result.reference_check.get("slices_unlike") else ""))
             result.files = {name: name for name in sorted(p.name for p in staging.path.iterdir())}
             if mood:
-                result.files["mood"] = write_mood(result.heatmap, image, result.volume_score, Path(output_dir),
+                result.files["mood"] = write_mood(result.significance, image, result.volume_p_value, Path(output_dir),
                                                   Path(volume.source).name)
             result.timings["write"] = time.perf_counter() - t0
             result.files["findings.json"] = "findings.json"

@@ -96,9 +96,18 @@ class CaseStaging:
         return self.target
 
 
-def write_mood(probability: np.ndarray, reference: sitk.Image, volume_score: float, output_dir: Path,
+def mood_score(significance):
+    """s / (1 + s) of significance s = -log10(1 - p): in [0, 1), in the order of p, and without the ties at 1 that
+    a float32 probability (or a score printed to 6 decimals) makes of everything far in the tail. MOOD's metrics (AP
+    over voxels and over cases) use only the order."""
+    s = np.maximum(np.asarray(significance, np.float64), 0.0)
+    return s / (1.0 + s)
+
+
+def write_mood(significance: np.ndarray, reference: sitk.Image, volume_p_value: float, output_dir: Path,
                input_name: str) -> dict:
-    """MOOD challenge files: `mood/pixel/<input>.nii.gz` (voxel map in [0, 1]) and `mood/sample/<input>.txt`."""
+    """MOOD challenge files: `mood/pixel/<input>.nii.gz` (voxel scores in [0, 1]) and `mood/sample/<input>.txt`
+    (the volume's score), both mood_score of the significance (the volume's: -log10 of its p-value)."""
     base = Path(input_name).name
     stem = base if base.endswith((".nii.gz", ".nii")) else f"{base}.nii.gz"
     pixel_dir, sample_dir = Path(output_dir) / "mood" / "pixel", Path(output_dir) / "mood" / "sample"
@@ -106,10 +115,11 @@ def write_mood(probability: np.ndarray, reference: sitk.Image, volume_score: flo
     sample_dir.mkdir(parents=True, exist_ok=True)
     pixel, sample = pixel_dir / stem, sample_dir / f"{base}.txt"
     tmp_pixel = pixel_dir / f".{stem}.tmp{os.getpid()}.nii.gz"
-    sitk.WriteImage(image_like(np.clip(probability, 0, 1).astype(np.float32), reference), str(tmp_pixel), True)
+    sitk.WriteImage(image_like(mood_score(significance).astype(np.float32), reference), str(tmp_pixel), True)
     os.replace(tmp_pixel, pixel)
     tmp_sample = sample_dir / f".{base}.tmp{os.getpid()}"
-    tmp_sample.write_text(f"{min(max(volume_score, 0.0), 1.0):.6f}\n")
+    volume_significance = -np.log10(min(max(volume_p_value, 1e-300), 1.0))
+    tmp_sample.write_text(f"{float(mood_score(volume_significance)):.9f}\n")
     os.replace(tmp_sample, sample)
     return {"pixel": str(pixel), "sample": str(sample)}
 
