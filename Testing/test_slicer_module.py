@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -162,6 +163,31 @@ def test_results_into_mrml_scene(case_from_real_command):
     parent = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(volume))
     for key in ("heatmap", "segmentation", "table", "reconstruction"):
         assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(nodes[key])) == parent
+
+
+def test_results_of_an_earlier_version_show_the_probability_heatmap(case_from_real_command, tmp_path):
+    """A case written before significance.nrrd existed: the probability heatmap is shown, from its threshold as the
+    float32 file holds it, so that every finding voxel shows."""
+    slicer = pytest.importorskip("slicer")
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    from SlicerMedAnomalyLib.scene import load_case_into_scene
+
+    case, _ = case_from_real_command
+    old = tmp_path / "old"
+    shutil.copytree(case, old)
+    (old / "significance.nrrd").unlink()
+    summary = json.loads((old / "findings.json").read_text())
+    del summary["threshold_significance"]
+    (old / "findings.json").write_text(json.dumps(summary))
+    scene = slicer.vtkMRMLScene()
+    nodes = load_case_into_scene(scene, str(old))
+    assert nodes["heatmap_units"] == "probability"
+    display = nodes["heatmap"].GetDisplayNode()
+    assert display.GetLowerThreshold() == float(np.float32(summary["threshold"]))
+    heat = vtk_to_numpy(nodes["heatmap"].GetImageData().GetPointData().GetScalars())
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(old / "labels.nrrd"))).ravel()
+    assert (heat[labels > 0] >= display.GetLowerThreshold()).all()
 
 
 def test_detect_command_matches_the_cli():

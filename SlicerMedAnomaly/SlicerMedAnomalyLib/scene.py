@@ -88,8 +88,9 @@ def _read_heatmap(scene, case_dir, summary):
         units = "significance"
     else:
         node = _read_volume(scene, os.path.join(case_dir, "heatmap.nrrd"), f"{case} anomaly heatmap")
-        lower = float(struct.unpack("f", struct.pack("f", summary["threshold"]))[0])  # as the float32 file rounds
-        lower, top = min(lower, summary["threshold"]), 1.0
+        # the threshold as the float32 file rounds it: rounding is monotone, so every voxel at or above the
+        # threshold reads at or above this
+        lower, top = struct.unpack("f", struct.pack("f", summary["threshold"]))[0], 1.0
         units = "probability"
     display = node.GetDisplayNode()
     for color_id in HEATMAP_COLOR_NODE_IDS:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .bundle import ModelBundle, resolve_model
-from .significance import FalseFindingCurve
 from .errors import InputError
+from .significance import FalseFindingCurve
 
 if TYPE_CHECKING:  # the detectors (torch) load with a scorer: naming and hashing models (batch's main process) is light
     from .calibration import Calibration
