@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import json
 import os
 import signal
 import socket
@@ -73,6 +74,10 @@ def test_local_workers_rank_record_failures_and_skip_on_rerun(repository, defaul
         assert (out / case / "heatmap.nrrd").is_file()
     again = batch([str(repository)], out, model=str(default_model), workers=1, sensitivity=0.9, overview=False)
     assert sorted(r["status"] for r in again) == ["failed", "skipped", "skipped", "skipped"]
+    # other settings would write other findings: the cases run again, and the files say which settings made them
+    stricter = batch([str(repository)], out, model=str(default_model), workers=1, sensitivity=0.2, overview=False)
+    assert sorted(r["status"] for r in stricter) == ["failed", "ok", "ok", "ok"]
+    assert json.loads((out / "mass" / "findings.json").read_text())["settings"]["sensitivity"] == 0.2
 
 
 def test_largest_cases_run_first(small_ct, default_model, tmp_path):

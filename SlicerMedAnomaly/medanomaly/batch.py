@@ -93,7 +93,22 @@ def input_bytes(path: str) -> int:
     return os.path.getsize(path)
 
 
-def completed(case_dir: Path, input_hash: str, model_id: str) -> dict | None:
+# the options that change what a case's files hold (device and threads do not): with the software version, a re-run
+# with any of them changed recomputes its cases instead of skipping them
+OUTPUT_SETTINGS = ("sensitivity", "fp_rate", "min_size_mm3", "allow_non_hu", "mood", "overview")
+
+
+def settings_identity(options: dict) -> str:
+    """SHA-256 over the software version and the options in OUTPUT_SETTINGS."""
+    from . import __version__
+
+    defaults = {"allow_non_hu": False, "mood": False, "overview": True}  # as run_case and detect take them
+    settings = {"medanomaly": __version__, **{k: options.get(k, defaults.get(k)) for k in OUTPUT_SETTINGS}}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def completed(case_dir: Path, input_hash: str, model_id: str, settings_id: str) -> dict | None:
+    """The case's findings.json when it was written for this input, model, software version and settings."""
     file = case_dir / "findings.json"
     if not file.is_file():
         return None
@@ -102,7 +117,8 @@ def completed(case_dir: Path, input_hash: str, model_id: str) -> dict | None:
     except json.JSONDecodeError:
         return None
     batch = summary.get("batch", {})
-    if batch.get("input_sha256") == input_hash and batch.get("model_hash") == model_id:
+    if (batch.get("input_sha256"), batch.get("model_hash"), batch.get("settings_hash")) == (input_hash, model_id,
+                                                                                            settings_id):
         return summary
     return None
 
@@ -125,7 +141,7 @@ def worker_scorer(model: str | None, freeze: bool = False):
 
 
 def run_case(path: str, case: str, output: str, model: str | None, options: dict, model_id: str,
-             input_hash: str) -> dict:
+             input_hash: str, settings_id: str) -> dict:
     """One case in a worker: detect, record the hashes in findings.json, return the summary row."""
     from .api import detect_volume, write_case
     from .errors import MedAnomalyError
@@ -144,7 +160,7 @@ def run_case(path: str, case: str, output: str, model: str | None, options: dict
         result = detect_volume(volume, scorer, device=options.get("device", "cpu"),
                                sensitivity=options.get("sensitivity"), fp_rate=options.get("fp_rate"),
                                min_size_mm3=options.get("min_size_mm3"))
-        result.extra["batch"] = {"input_sha256": input_hash, "model_hash": model_id}
+        result.extra["batch"] = {"input_sha256": input_hash, "model_hash": model_id, "settings_hash": settings_id}
         write_case(result, output, mood=options.get("mood", False), overview=options.get("overview", True))
         row.update(_summary_row(result.summary()))
     except MedAnomalyError as exc:
@@ -273,7 +289,7 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
         shutil.rmtree(stale, ignore_errors=True)
     paths = find_inputs(inputs)
     model_path = resolved_spec(model)
-    model_id = model_identity(model)
+    model_id, settings_id = model_identity(model), settings_identity(options)
     names = unique_case_names(paths)
     rows, todo = [], []
     for path in paths:
@@ -283,7 +299,7 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
             rows.append({"case": names[path], "input": path, "status": "failed", "seconds": "",
                          "error": f"cannot read {path}: {exc.strerror or exc}; check the path"})
             continue
-        done = completed(output / names[path], input_hash, model_id)
+        done = completed(output / names[path], input_hash, model_id, settings_id)
         if done is not None:
             rows.append({"case": names[path], "input": path, "status": "skipped", "error": "", "seconds": 0.0,
                          **_summary_row(done)})
@@ -306,7 +322,7 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
             if scheduler:  # local workers share this filesystem and are spawned without Dask's malloc setting
                 check_cluster(client, [str(f) for f in model_folders(model)])
             futures = {client.submit(run_case, path, names[path], str(output), model_path, options, model_id,
-                                     input_hash, pure=False, key=f"medanomaly-{names[path]}-{time.time_ns()}"): path
+                                     input_hash, settings_id, pure=False, key=f"medanomaly-{names[path]}-{time.time_ns()}"): path
                        for path, input_hash in todo}
             for n, future in enumerate(as_completed(futures), start=1):
                 try:
