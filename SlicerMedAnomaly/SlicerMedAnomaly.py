@@ -230,7 +230,10 @@ class SlicerMedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = self.ui.heatmapThresholdSlider.blockSignals(True)
             self.ui.heatmapThresholdSlider.value = slider_value
             self.ui.heatmapThresholdSlider.blockSignals(wasBlocked)
-            text = f"{len(self.results['findings'])} finding(s)."
+            findings = self.results["findings"]
+            text = f"{len(findings)} finding(s)."
+            if findings and "p_value" in findings[0]:  # the chance that a normal scan this long has one as strong
+                text = f"{len(findings)} finding(s); the strongest has p = {findings[0]['p_value']:.2g}."
             for warning in self.results["warnings"]:  # for example slices unlike the model's normal reference
                 logging.warning("medanomaly: %s", warning)
             if self.results["warnings"]:
