@@ -145,11 +145,12 @@ def write_overview(path: Path, hu_canonical: np.ndarray, heat_canonical: np.ndar
              ("Coronal", hu_canonical[:, cy][::-1], heat_canonical[:, cy][::-1], sz / sx,
               lambda c: (c[2], hu_canonical.shape[0] - 1 - c[0]), 1)]
     top = max(float(heat_canonical.max()), threshold + 1.0)
+    floor = threshold - 0.3 * (top - threshold)  # the weakest shown voxel in dark red, not in inferno's black
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4), dpi=100)
     for ax, (name, ct, heat, aspect, xy, axis) in zip(axes, views):
         ax.imshow(ct, cmap="gray", vmin=window_hu[0], vmax=window_hu[1], aspect=aspect, interpolation="bilinear")
         overlay = np.ma.masked_less(heat, threshold)
-        ax.imshow(overlay, cmap="inferno", vmin=threshold, vmax=top, alpha=0.6, aspect=aspect)
+        ax.imshow(overlay, cmap="inferno", vmin=floor, vmax=top, alpha=0.6, aspect=aspect)
         for fid, c in findings_canonical[:10]:
             if abs(c[axis] - (cz if axis == 0 else cy)) <= 3:
                 x, y = xy(c)
