@@ -98,7 +98,7 @@ def _read_heatmap(scene, case_dir, summary):
             display.SetAndObserveColorNodeID(color_id)
             break
     display.SetAutoWindowLevel(False)
-    display.SetWindowLevelMinMax(lower, top)
+    display.SetWindowLevelMinMax(lower - 0.3 * (top - lower), top)  # the weakest shown voxel dark red, not black
     display.SetApplyThreshold(True)
     display.SetLowerThreshold(lower)
     display.SetUpperThreshold(1e6 if units == "significance" else 1.0)  # everything above the lower threshold
