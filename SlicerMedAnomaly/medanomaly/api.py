@@ -43,7 +43,7 @@ class DetectionResult:
     """Everything `detect_volume` computed for one volume; arrays lie on the input's [k, j, i] grid."""
 
     volume: CTVolume
-    heatmap: np.ndarray  # float32 probability in [0, 1] (rounds to 1 above 1 - 6e-8: rank and threshold by significance)
+    significance: np.ndarray  # float32 -log10(1 - probability): the calibrated heatmap, its tail resolved
     labels: np.ndarray  # uint8, finding i has label i
     findings: list[dict]
     volume_score: float
@@ -59,8 +59,13 @@ class DetectionResult:
     volume_p_value: float = float("nan")  # 1 - volume_score without rounding: the ranking key of batches
     reference_check: dict = field(default_factory=dict)  # slices unlike the model's normal reference (check_reference)
     warnings: list[str] = field(default_factory=list)  # about the result; the volume's own are added in summary()
-    significance: np.ndarray | None = None  # float32 -log10(1 - probability): the heatmap with its tail resolved
     threshold_significance: float = float("nan")  # -log10(1 - threshold): findings are significance >= this
+
+    @property
+    def heatmap(self) -> np.ndarray:
+        """float32 probability in [0, 1], computed from `significance` on each access (keep it if you need it
+        often). It rounds everything above 1 - 6e-8 to 1: rank and threshold by significance."""
+        return probability_of_significance(self.significance)
 
     def summary(self) -> dict:
         return {
@@ -156,7 +161,6 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     min_size = calibration.min_size_mm3 if min_size_mm3 is None else float(min_size_mm3)
     labels, findings, dropped = find_findings(significance, volume.hu, volume.image, threshold_significance, min_size,
                                               lambda s: calibration.log_expected_findings(s, extent_cm))
-    heatmap = probability_of_significance(significance)
     watch.lap("findings")
     notify("postprocess", 1.0)
 
@@ -175,10 +179,10 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
                                 "member_volume_scores": [1.0 - p for p in volume_p_values]}
         model_info["members"] = card["members"]
     return DetectionResult(
-        volume=volume, heatmap=heatmap, labels=labels, findings=findings, volume_score=volume_score,
+        volume=volume, significance=significance, labels=labels, findings=findings, volume_score=volume_score,
         volume_p_value=volume_p_value,
         threshold=threshold, reconstruction=reconstruction, timings=timings, dropped_findings=dropped,
-        significance=significance, threshold_significance=threshold_significance,
+        threshold_significance=threshold_significance,
         model=model_info, settings=settings, reference_check=reference_check, warnings=warnings,
     )
 
@@ -256,9 +260,8 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
     with CaseStaging(Path(output_dir), volume.case_name) as staging:
         try:
             write_image(result.heatmap, image, staging.path / "heatmap.nrrd")
-            if result.significance is not None:  # the heatmap's tail, which float32 probability rounds to 1
-                write_image(np.round(result.significance, SIGNIFICANCE_DECIMALS), image,
-                            staging.path / "significance.nrrd")
+            # the heatmap's tail, which the float32 probability rounds to 1
+            write_image(np.round(result.significance, SIGNIFICANCE_DECIMALS), image, staging.path / "significance.nrrd")
             write_image(result.labels, image, staging.path / "labels.nrrd")
             write_segmentation(result.labels, result.findings, image, staging.path / "anomalies.seg.nrrd")
             if result.reconstruction is not None:

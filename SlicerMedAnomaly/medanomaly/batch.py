@@ -29,8 +29,8 @@ from .volumes import VOLUME_SUFFIXES, case_name_for
 
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ["rank", "case", "input", "volume_score", "volume_p_value", "findings", "top_finding_probability",
-                  "top_finding_p_value", "top_finding_ras_mm", "top_finding_volume_mm3", "slices_unlike_reference", "status", "error",
-                  "seconds"]
+                  "top_finding_p_value", "top_finding_ras_mm", "top_finding_volume_mm3", "slices_unlike_reference",
+                  "status", "error", "seconds"]
 
 
 def _is_dicom_folder(folder: Path) -> bool:
@@ -322,7 +322,8 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
             if scheduler:  # local workers share this filesystem and are spawned without Dask's malloc setting
                 check_cluster(client, [str(f) for f in model_folders(model)])
             futures = {client.submit(run_case, path, names[path], str(output), model_path, options, model_id,
-                                     input_hash, settings_id, pure=False, key=f"medanomaly-{names[path]}-{time.time_ns()}"): path
+                                     input_hash, settings_id, pure=False,
+                                     key=f"medanomaly-{names[path]}-{time.time_ns()}"): path
                        for path, input_hash in todo}
             for n, future in enumerate(as_completed(futures), start=1):
                 try:
