@@ -22,6 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
+from . import __version__
 from .bundle import content_hash
 from .ensemble import model_folders, model_identity, resolved_spec
 from .errors import InputError
@@ -100,8 +101,6 @@ OUTPUT_SETTINGS = ("sensitivity", "fp_rate", "min_size_mm3", "allow_non_hu", "mo
 
 def settings_identity(options: dict) -> str:
     """SHA-256 over the software version and the options in OUTPUT_SETTINGS."""
-    from . import __version__
-
     defaults = {"allow_non_hu": False, "mood": False, "overview": True}  # as run_case and detect take them
     settings = {"medanomaly": __version__, **{k: options.get(k, defaults.get(k)) for k in OUTPUT_SETTINGS}}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

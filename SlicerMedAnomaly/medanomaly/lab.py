@@ -330,8 +330,8 @@ def markdown_table(results: list[dict]) -> str:
                          if "findings_froc" in r else "-")
         rows.append(f"| {r['model']['name']} | {r['model']['method']} | {r['volume_auroc']:.3f} | "
                     f"{r['volume_ap']:.3f} | {r['voxel_ap']:.4f} | {r['voxel_auroc']:.3f} | {r['dice_best']:.3f} | "
-                    f"{froc} | {findings_froc} | {r['localization_rate']:.2f} | {r['fp_findings_per_normal_volume']:.2f} | "
-                    f"{r['seconds_per_volume_median']:.2f} |")
+                    f"{froc} | {findings_froc} | {r['localization_rate']:.2f} | "
+                    f"{r['fp_findings_per_normal_volume']:.2f} | {r['seconds_per_volume_median']:.2f} |")
     return "\n".join(rows)
 
 

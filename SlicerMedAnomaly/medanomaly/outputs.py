@@ -100,7 +100,7 @@ def mood_score(significance):
     """s / (1 + s) of significance s = -log10(1 - p): in [0, 1), in the order of p, and without the ties at 1 that
     a float32 probability (or a score printed to 6 decimals) makes of everything far in the tail. MOOD's metrics (AP
     over voxels and over cases) use only the order."""
-    s = np.maximum(np.asarray(significance, np.float64), 0.0)
+    s = np.maximum(np.asarray(significance, np.result_type(significance, np.float32)), 0.0)  # a map stays float32
     return s / (1.0 + s)
 
 
@@ -115,7 +115,7 @@ def write_mood(significance: np.ndarray, reference: sitk.Image, volume_p_value: 
     sample_dir.mkdir(parents=True, exist_ok=True)
     pixel, sample = pixel_dir / stem, sample_dir / f"{base}.txt"
     tmp_pixel = pixel_dir / f".{stem}.tmp{os.getpid()}.nii.gz"
-    sitk.WriteImage(image_like(mood_score(significance).astype(np.float32), reference), str(tmp_pixel), True)
+    sitk.WriteImage(image_like(mood_score(significance), reference), str(tmp_pixel), True)
     os.replace(tmp_pixel, pixel)
     tmp_sample = sample_dir / f".{base}.tmp{os.getpid()}"
     volume_significance = -np.log10(min(max(volume_p_value, 1e-300), 1.0))
