@@ -144,3 +144,4 @@ def reoriented(image: sitk.Image, kind: str):
     out.SetDirection(new_dir.ravel().tolist())
     out.SetOrigin(new_origin)
     return out, perm, flips
+

@@ -13,6 +13,7 @@ from conftest import denser_tissue, reoriented
 import medanomaly
 from medanomaly.api import detect_volume
 from medanomaly.orientation import Reorientation
+from medanomaly.synth import thinner_slices
 from medanomaly.volumes import volume_from_image
 
 KINDS = ["lps", "ras", "flipped_z", "sagittal", "coronal", "oblique"]
@@ -124,3 +125,22 @@ def test_reference_check_names_the_same_slices_in_any_storage_order(small_ct, de
         assert check["unlike_s_mm"] == base["unlike_s_mm"], kind
         assert check["slices_unlike"] == base["slices_unlike"] and check["slices_checked"] == base["slices_checked"]
         assert check["max_ratio"] == pytest.approx(base["max_ratio"], abs=2e-3)
+
+
+def test_thin_slices_run_at_the_model_thickness_and_come_back_on_the_input_grid(small_ct, default_model, tmp_path):
+    """The same CT at 0.5 mm slices (4x thinner): the model scores 2 mm slices, as it was trained, and every output
+    lies on the thin input grid; the heatmap and the strongest finding agree with those of the 2 mm original."""
+    thin = thinner_slices(small_ct, 4)
+    path = tmp_path / "thin.nrrd"
+    sitk.WriteImage(thin, str(path))
+    (result,) = medanomaly.detect(path, tmp_path / "out", model=str(default_model), sensitivity=1.0)
+    base = detect_volume(volume_from_image(small_ct), str(default_model), sensitivity=1.0)
+    assert result.settings["model_slices"] == small_ct.GetSize()[2] == base.settings["model_slices"]
+    assert result.settings["model_slice_spacing_mm"] == pytest.approx(2.0)
+    for name in ("heatmap.nrrd", "significance.nrrd", "labels.nrrd", "reconstruction.nrrd"):
+        assert geometry(sitk.ReadImage(str(result.output_dir / name))) == geometry(thin), name
+    assert result.reference_check["slices_checked"] == thin.GetSize()[2]
+    expected = np.repeat(base.significance, 4, axis=0)  # each 2 mm slice covers 4 thin ones
+    assert np.corrcoef(expected.ravel(), result.significance.ravel())[0, 1] > 0.98
+    assert result.findings and base.findings
+    np.testing.assert_allclose(result.findings[0]["centroid_lps_mm"], base.findings[0]["centroid_lps_mm"], atol=3.0)

@@ -10,7 +10,8 @@ from conftest import write_dicom_series
 
 from medanomaly.errors import InputError
 from medanomaly.orientation import Reorientation
-from medanomaly.preprocess import InPlaneGrid, InputSpec, body_mask, prepare_slices
+from medanomaly.preprocess import InputSpec, ModelGrid, body_mask, model_slice_count, prepare_slices
+from medanomaly.synth import thinner_slices
 from medanomaly.volumes import read_volume
 
 
@@ -32,11 +33,48 @@ def test_model_grid_round_trip_keeps_geometry(demo_image):
 
 
 def test_grid_handles_volumes_smaller_than_the_model_window():
-    grid = InPlaneGrid(native_shape=(40, 30), resized_shape=(40, 30), offset=(-44, -49), size=128)
+    grid = ModelGrid(native_shape=(40, 30), resized_shape=(40, 30), offset=(-44, -49), size=128)
     x = torch.arange(40 * 30, dtype=torch.float32).reshape(1, 40, 30)
     model = grid.to_model(x, fill=-1.0)
     assert model.shape == (1, 128, 128) and (model == -1).sum() == 128 * 128 - 1200
     assert torch.equal(grid.to_native(model), x)
+
+
+def test_thin_slices_are_averaged_to_the_model_slice_thickness(demo_image):
+    """A CT reconstructed 4x thinner (0.5 mm) reaches the model as the 2 mm slices the model was trained on: the same
+    anatomy, and noise independent between thin slices averaged down by the triangle profile (FWHM 2 mm) to
+    sqrt(sum w^2) / sum w = sqrt(2.75) / 4 = 0.41 of what the model would see slice by slice."""
+    spec, native = InputSpec(size=128, spacing_mm=3.5, slice_mm=2.0), InputSpec(size=128, spacing_mm=3.5)
+    original = prepare_slices(*canonical(demo_image), spec)
+    thin, noisy = thinner_slices(demo_image, 4), thinner_slices(demo_image, 4, noise_hu=40.0)
+    averaged = prepare_slices(*canonical(thin), spec)
+    assert demo_image.GetSize()[2] == 60 and thin.GetSize()[2] == 240
+    assert averaged.hu.shape == original.hu.shape == (60, 128, 128)
+    assert averaged.spacing_mm[0] == pytest.approx(2.0) and averaged.grid.native_slices == 240
+    assert (averaged.body == original.body).mean() > 0.99
+    difference = (averaged.hu - original.hu).abs().numpy()[original.body]
+    assert difference.mean() < 8.0  # HU; a thick slice's profile is not exactly its linear interpolation's
+    noise_averaged = (prepare_slices(*canonical(noisy), spec).hu - averaged.hu).numpy()[averaged.body].std()
+    per_slice = prepare_slices(*canonical(thin), native)
+    assert per_slice.hu.shape[0] == 240 and not per_slice.grid.resamples_slices
+    noise_native = (prepare_slices(*canonical(noisy), native).hu - per_slice.hu).numpy()[per_slice.body].std()
+    assert noise_averaged / noise_native == pytest.approx(np.sqrt(2.75) / 4, abs=0.03)
+
+
+def test_model_slices_map_back_onto_native_slices_along_s():
+    assert model_slice_count(100, 0.625, 2.0) == 31
+    assert model_slice_count(30, 5.0, 2.0) == 30  # thick slices are never interpolated
+    assert model_slice_count(141, 2.0, 2.0) == 141 and model_slice_count(451, 0.625, 0.0) == 451
+    grid = ModelGrid(native_shape=(6, 6), resized_shape=(6, 6), offset=(0, 0), size=6, native_slices=20,
+                     model_slices=5)
+    np.testing.assert_array_equal(grid.native_slice_index(), np.arange(20) // 4)
+    ramp = torch.arange(20, dtype=torch.float32)[:, None, None].expand(20, 6, 6)
+    model = grid.to_model(ramp, fill=0.0)
+    # the triangle profile is symmetric, so a linear ramp keeps its value at each model slice's centre (inside)
+    np.testing.assert_allclose(model[1:-1, 0, 0].numpy(), (np.arange(1, 4) + 0.5) * 4 - 0.5, atol=1e-4)
+    native = grid.to_native(torch.arange(5, dtype=torch.float32)[:, None, None].expand(5, 6, 6).contiguous())
+    assert native.shape == (20, 6, 6)
+    np.testing.assert_allclose(native[:, 3, 3].numpy(), np.clip((np.arange(20) + 0.5) / 4 - 0.5, 0, 4), atol=1e-6)
 
 
 def test_body_excludes_couch_and_air(demo_image):

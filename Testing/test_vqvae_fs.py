@@ -119,13 +119,13 @@ def test_probability_power_sharpens_the_token_probability_in_the_map():
 
 def test_engine_scores_one_slice_per_call_on_cpu_with_the_same_map():
     from medanomaly.engine import run_detector
-    from medanomaly.preprocess import InPlaneGrid, ModelSlices
+    from medanomaly.preprocess import ModelGrid, ModelSlices
 
     detector = tiny_detector()
     hu = torch.rand(6, 32, 32) * 1500 - 1000
     region = np.ones((6, 32, 32), bool)
     slices = ModelSlices(hu=hu, region=region, body=region, spacing_mm=(5.0, 7.0, 7.0),
-                         grid=InPlaneGrid(native_shape=(32, 32), resized_shape=(32, 32), offset=(0, 0), size=32))
+                         grid=ModelGrid(native_shape=(32, 32), resized_shape=(32, 32), offset=(0, 0), size=32))
     one, _, timings_one = run_detector(detector, slices, device=torch.device("cpu"))
     detector.cpu_batch_slices = None  # the memory budget alone: all 6 slices in one call
     six, _, timings_six = run_detector(detector, slices, device=torch.device("cpu"))

@@ -29,7 +29,7 @@ MODELS = ROOT / "models"
 
 CHEST_DATA = [SHARED_CT / "chest_ct_01.nii.gz"]
 CHEST_INPUT = {"size": 128, "spacing_mm": 3.5, "window_hu": [-1000.0, 500.0], "region": "body", "smoothing_mm": 3.0,
-               "body_region": "chest"}
+               "body_region": "chest", "slice_mm": 2.0}
 CHEST_INPUT_256 = dict(CHEST_INPUT, size=256, spacing_mm=1.75)  # the same 448 mm field of view, twice as fine
 # what the 256^2 flagship's stage-2 continuations share (each adds its steps, learning rate, seed, starting bundle)
 STAGE2_256_CONTINUATION = dict(

@@ -130,7 +130,7 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     reorientation = Reorientation.for_image(volume.image)
     hu_canonical = reorientation.to_canonical(volume.hu)
     watch.lap("preprocess")
-    maps, volume_p_values, reconstruction, network_s, batch_size = [], [], None, 0.0, 0
+    maps, volume_p_values, reconstruction, network_s, engines = [], [], None, 0.0, []
     unlike = []  # per member: each canonical slice's exceedance share over its reference's (None: not calibrated)
     for index, detector in enumerate(members):
         member_notify = (lambda stage, fraction, i=index: notify(stage, (i + fraction) / len(members)))
@@ -142,7 +142,7 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
         unlike.append(ratio)
         reconstruction = reconstruction if reconstruction is not None else recon
         network_s += engine.network_s
-        batch_size = batch_size or engine.batch_size
+        engines.append(engine)
     if isinstance(scorer, Ensemble):
         significance = scorer.combine_significance(maps)
         volume_p_value = scorer.combine_p_values(volume_p_values)
@@ -168,10 +168,11 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     timings["network"] = network_s
     timings["pipeline"] = sum(watch.laps.values()) - network_s
     first = members[0]
-    settings = {"device": str(torch_device), "batch_size": batch_size,
+    settings = {"device": str(torch_device), "batch_size": engines[0].batch_size,
                 "target_fp_per_volume": target_fp, "sensitivity": sensitivity, "min_size_mm3": min_size,
                 "window_hu": list(first.spec.window_hu), "model_spacing_mm": first.spec.spacing_mm,
-                "model_size": first.spec.size, "region": first.spec.region}
+                "model_size": first.spec.size, "region": first.spec.region,
+                "model_slices": engines[0].slices, "model_slice_spacing_mm": round(engines[0].slice_spacing_mm, 4)}
     model_info = {"name": card["name"], "version": card["version"], "method": card["method"]}
     reference_check, warnings = check_reference(unlike, volume, reorientation, hu_canonical.shape)
     if isinstance(scorer, Ensemble):
@@ -232,6 +233,10 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
     ratio to the normal reference (Calibration.unlike_reference)."""
     calibration = Calibration.from_card(detector.card["calibration"])
     slices = prepare_slices(hu_canonical, reorientation.canonical_spacing, detector.spec)
+    if slices.grid.resamples_slices:
+        log.info("%s: %d slices of %.3g mm averaged to %d of %.3g mm, the thickness model %s was trained on",
+                 volume.case_name, slices.grid.native_slices, reorientation.canonical_spacing[0],
+                 slices.grid.model_slices, slices.spacing_mm[0], detector.card["name"])
     watch.lap("preprocess")
     scores, recon, engine = score_slices(detector, slices, device=device, memory_budget_mb=memory_budget_mb,
                                          progress=notify, cancel=cancel)
@@ -240,6 +245,8 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
     significance = calibration.voxel_significance(scores) * slices.region
     p_value = calibration.volume_p_value(scores, slices.region, slices.spacing_mm, engine.slice_scores)
     unlike = calibration.unlike_reference(probability_of_significance(significance), slices.region)
+    if unlike is not None:  # per canonical slice, from the model slice nearest to it
+        unlike = unlike[slices.grid.native_slice_index()]
     native = np.ascontiguousarray(reorientation.to_input(to_native(significance, slices)))
     np.maximum(native, 0.0, out=native)
     reconstruction = None

@@ -48,6 +48,7 @@ CARD_SCHEMA = {
                 "body_region": {"type": "string"},
                 "smoothing_mm": {"type": "number", "minimum": 0},
                 "line_mm": {"type": "number", "minimum": 0},
+                "slice_mm": {"type": "number", "minimum": 0},
             },
         },
         "architecture": {"type": "object"},

@@ -253,9 +253,9 @@ def _cmd_train(args) -> int:
                                    "description": args.description, "device": args.device}.items() if v is not None}
     overrides["name"] = args.name or Path(args.output).name
     if args.input_json:
-        from .preprocess import InputSpec
+        from .training import default_input
 
-        overrides["input"] = {**InputSpec().to_card(), **json.loads(args.input_json)}
+        overrides["input"] = {**default_input(), **json.loads(args.input_json)}
     if args.architecture_json:
         overrides["architecture"] = json.loads(args.architecture_json)
     bar = None

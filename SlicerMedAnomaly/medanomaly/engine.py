@@ -56,6 +56,8 @@ class EngineTimings:
     batch_size: int = 0
     device: str = "cpu"
     slice_scores: np.ndarray | None = None  # [Z] image-level scores, from detectors that make them
+    slices: int = 0  # model slices scored
+    slice_spacing_mm: float = 0.0  # their spacing along S (thin input slices are averaged to the card's slice_mm)
 
 
 def network_precision(device: torch.device, mixed_precision: bool = True):
@@ -87,7 +89,7 @@ def run_detector(detector: Detector, slices: ModelSlices, *, device: torch.devic
     z = image.shape[0]
     scores = np.zeros(image.shape, np.float32)
     recon = None
-    timings = EngineTimings(batch_size=batch, device=str(device))
+    timings = EngineTimings(batch_size=batch, device=str(device), slices=z, slice_spacing_mm=slices.spacing_mm[0])
     detector.to(device)
     for start in range(0, z, batch):
         if cancel is not None and cancel():

@@ -1,4 +1,5 @@
-"""Preprocessing driven by a model card: in-plane resampling to the model grid, HU window, body and region masks.
+"""Preprocessing driven by a model card: resampling to the model grid (in plane, and thin slices to the model's slice
+thickness), HU window, body and region masks.
 
 Everything here works on canonical [S, P, L] arrays (see orientation.py).
 """
@@ -13,6 +14,9 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 AIR_HU = -1024.0
+# the slice thickness that new models train and detect at unless their input spec says otherwise: that of the
+# shipped models' training CT, about their in-plane pixel (1.75 mm at 256 x 256)
+DEFAULT_SLICE_MM = 2.0
 BODY_THRESHOLD_HU = -500.0
 LUNG_THRESHOLD_HU = -400.0
 
@@ -29,18 +33,24 @@ class InputSpec:
     body_region: str = "chest"
     line_mm: float = 0.0  # > 0: also in-plane line means (Gaussian of this sigma along the line) keep thin straight
     #                       structures such as needles, which the 3D smoothing erases; the map is the larger of both
+    slice_mm: float = 0.0  # > 0: slices thinner than this are averaged to this thickness first, the thickness the
+    #                        model was trained and calibrated on (thinner slices are noisier); 0: native slices
 
     @classmethod
     def from_card(cls, spec: dict) -> "InputSpec":
         return cls(size=int(spec["size"]), spacing_mm=float(spec["spacing_mm"]),
                    window_hu=tuple(float(v) for v in spec["window_hu"]), region=spec.get("region", "body"),
                    smoothing_mm=float(spec.get("smoothing_mm", 3.0)), body_region=spec.get("body_region", "chest"),
-                   line_mm=float(spec.get("line_mm", 0.0)))
+                   line_mm=float(spec.get("line_mm", 0.0)), slice_mm=float(spec.get("slice_mm", 0.0)))
 
     def to_card(self) -> dict:
         card = {"size": self.size, "spacing_mm": self.spacing_mm, "window_hu": list(self.window_hu),
                 "region": self.region, "smoothing_mm": self.smoothing_mm, "body_region": self.body_region}
-        return {**card, "line_mm": self.line_mm} if self.line_mm > 0 else card
+        if self.line_mm > 0:
+            card["line_mm"] = self.line_mm
+        if self.slice_mm > 0:
+            card["slice_mm"] = self.slice_mm
+        return card
 
 
 def window(hu, window_hu) -> torch.Tensor | np.ndarray:
@@ -50,21 +60,40 @@ def window(hu, window_hu) -> torch.Tensor | np.ndarray:
 
 
 @dataclass(frozen=True)
-class InPlaneGrid:
-    """Resize of every canonical slice to the model spacing, then a crop/pad of `size` x `size` centred on the body."""
+class ModelGrid:
+    """Resize of every canonical slice to the model spacing, then a crop/pad of `size` x `size` centred on the body;
+    with `model_slices` < `native_slices`, thin slices averaged along S to fewer, thicker ones (resample_slices)."""
 
     native_shape: tuple[int, int]  # (P, L) pixels of the canonical slice
     resized_shape: tuple[int, int]  # after resampling to the model spacing
     offset: tuple[int, int]  # top-left of the model window in the resized slice (may be negative: padding)
     size: int
+    native_slices: int = 0  # canonical slices; 0: as many as model slices
+    model_slices: int = 0
+
+    @property
+    def resamples_slices(self) -> bool:
+        return 0 < self.model_slices != self.native_slices
 
     def to_model(self, slices: torch.Tensor, fill: float) -> torch.Tensor:
-        """[Z, P, L] native slices -> [Z, size, size] on the model grid."""
+        """[Z, P, L] native slices -> [Z', size, size] on the model grid."""
         resized = _resize(slices, self.resized_shape)
+        if self.resamples_slices:
+            resized = resample_slices(resized, self.model_slices)
         return _window_crop(resized, self.offset, self.size, fill)
 
+    def native_slice_index(self) -> np.ndarray:
+        """For every canonical slice, the model slice whose centre is nearest along S."""
+        if not self.resamples_slices:
+            return np.arange(self.model_slices or self.native_slices)
+        centres = (np.arange(self.native_slices) + 0.5) * self.model_slices / self.native_slices
+        return np.clip(np.floor(centres), 0, self.model_slices - 1).astype(np.intp)
+
     def to_native(self, maps: torch.Tensor) -> torch.Tensor:
-        """[Z, size, size] model-grid maps -> [Z, P, L] native slices (zero outside the model window)."""
+        """[Z', size, size] model-grid maps -> [Z, P, L] native slices (zero outside the model window); model slices
+        are interpolated linearly along S back onto the native ones."""
+        if self.resamples_slices:
+            maps = resample_slices(maps, self.native_slices)
         z = maps.shape[0]
         canvas = maps.new_zeros((z,) + self.resized_shape)
         (y0, x0), s = self.offset, self.size
@@ -79,6 +108,26 @@ def _resize(slices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         return slices
     down = shape[0] < slices.shape[-2] or shape[1] < slices.shape[-1]
     return F.interpolate(slices[:, None], size=shape, mode="bilinear", align_corners=False, antialias=down)[:, 0]
+
+
+def resample_slices(slices: torch.Tensor, count: int) -> torch.Tensor:
+    """[Z, H, W] -> [count, H, W] along the first axis, slice centres spread evenly over the same extent. Fewer
+    slices: antialiased linear (a triangle profile as wide as the new slice spacing at half height, as a CT
+    reconstruction of that thickness has); more: linear interpolation."""
+    z, h, w = slices.shape
+    if count == z:
+        return slices
+    flat = slices.reshape(1, 1, z, h * w)
+    out = F.interpolate(flat, size=(count, h * w), mode="bilinear", align_corners=False, antialias=count < z)
+    return out.reshape(count, h, w)
+
+
+def model_slice_count(slices: int, spacing_mm: float, slice_mm: float) -> int:
+    """How many model slices `slices` canonical ones of `spacing_mm` become: as many as fit at `slice_mm`, when
+    that is fewer (thin slices averaged); otherwise unchanged (thick slices are not interpolated)."""
+    if slice_mm <= 0:
+        return slices
+    return min(slices, max(1, int(round(slices * spacing_mm / slice_mm))))
 
 
 def _window_crop(slices: torch.Tensor, offset, size: int, fill: float) -> torch.Tensor:
@@ -137,7 +186,7 @@ class ModelSlices:
     hu: torch.Tensor  # [Z, size, size] float32
     region: np.ndarray  # [Z, size, size] bool
     body: np.ndarray  # [Z, size, size] bool
-    grid: InPlaneGrid
+    grid: ModelGrid
     spacing_mm: tuple[float, float, float]  # (S, P, L) spacing of the model grid
 
     def windowed(self, spec: InputSpec) -> torch.Tensor:
@@ -145,12 +194,15 @@ class ModelSlices:
 
 
 def prepare_slices(canonical_hu: np.ndarray, canonical_spacing, spec: InputSpec) -> ModelSlices:
-    """Resample canonical HU slices to the model's in-plane spacing and crop the model window around the body."""
+    """Resample canonical HU slices to the model's in-plane spacing (and thin slices to its slice thickness) and crop
+    the model window around the body."""
     sz, sy, sx = canonical_spacing
     z, h, w = canonical_hu.shape
     resized_shape = (max(1, int(round(h * sy / spec.spacing_mm))), max(1, int(round(w * sx / spec.spacing_mm))))
     vol = torch.from_numpy(np.ascontiguousarray(canonical_hu, dtype=np.float32)).clamp_(min=AIR_HU)
     resized = _resize(vol, resized_shape)
+    model_z = model_slice_count(z, sz, spec.slice_mm)
+    resized = resample_slices(resized, model_z)
     body_resized = body_mask(resized.numpy())
     if body_resized.any():
         cy, cx = (np.nonzero(body_resized.any(axis=0)))
@@ -158,10 +210,11 @@ def prepare_slices(canonical_hu: np.ndarray, canonical_spacing, spec: InputSpec)
     else:
         centre = ((resized_shape[0] - 1) / 2.0, (resized_shape[1] - 1) / 2.0)
     offset = (int(round(centre[0] - spec.size / 2.0)), int(round(centre[1] - spec.size / 2.0)))
-    grid = InPlaneGrid(native_shape=(h, w), resized_shape=resized_shape, offset=offset, size=spec.size)
+    grid = ModelGrid(native_shape=(h, w), resized_shape=resized_shape, offset=offset, size=spec.size,
+                     native_slices=z, model_slices=model_z)
     hu = _window_crop(resized, offset, spec.size, AIR_HU)
     body = _window_crop(torch.from_numpy(body_resized), offset, spec.size, False).numpy()
-    model_spacing = (float(sz), h * sy / resized_shape[0], w * sx / resized_shape[1])
+    model_spacing = (z * float(sz) / model_z, h * sy / resized_shape[0], w * sx / resized_shape[1])
     if spec.region == "lung":
         region = lung_mask(hu.numpy(), body, model_spacing)
     elif spec.region == "body":

@@ -27,7 +27,7 @@ from ..calibration import Calibration, contiguous_runs
 from ..detectors import Detector, build_detector as build_detector_from, detector_class
 from ..engine import pick_device, score_slices
 from ..errors import InputError
-from ..preprocess import InputSpec
+from ..preprocess import DEFAULT_SLICE_MM, InputSpec
 from .data import SliceBuffer
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,11 @@ TRAINER_MODULES = {"vqvae-recon": "medanomaly.training.vqvae_recon", "hu-outlier
                    "stylegan2": "medanomaly.training.stylegan2",
                    "stylegan2-encoder": "medanomaly.training.stylegan2_encoder"}
 WEIGHTS_NAME = "weights.safetensors"
+
+
+def default_input() -> dict:
+    """The input spec of a new model, unless the run gives one: the default InputSpec, slices DEFAULT_SLICE_MM thick."""
+    return InputSpec(slice_mm=DEFAULT_SLICE_MM).to_card()
 
 
 @dataclass
@@ -50,7 +55,7 @@ class TrainConfig:
     batch_size: int = 16
     learning_rate: float = 2e-3
     seed: int = 0
-    input: dict = field(default_factory=lambda: InputSpec().to_card())
+    input: dict = field(default_factory=lambda: default_input())
     architecture: dict = field(default_factory=dict)
     min_size_mm3: float = 65.0  # default smallest finding
     default_fp_per_volume: float = 0.32
