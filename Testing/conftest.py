@@ -144,4 +144,3 @@ def reoriented(image: sitk.Image, kind: str):
     out.SetDirection(new_dir.ravel().tolist())
     out.SetOrigin(new_origin)
     return out, perm, flips
-
