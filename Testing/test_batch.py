@@ -70,6 +70,7 @@ def test_local_workers_rank_record_failures_and_skip_on_rerun(repository, defaul
     assert all(abs(s + p - 1.0) < 1e-5 for s, p in zip(scores, p_values))
     # the reference check ran on every case; one dense mass leaves the real chest CT like the normal reference
     assert [r["slices_unlike_reference"] for r in summary] == ["0", "0", "0", ""]
+    assert [r["body_outside_field_of_view_pct"] for r in summary] == ["0.0", "0.0", "0.0", ""]
     for case in ("normal1", "normal2", "mass"):
         assert (out / case / "heatmap.nrrd").is_file()
     again = batch([str(repository)], out, model=str(default_model), workers=1, sensitivity=0.9, overview=False)

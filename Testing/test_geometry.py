@@ -3,6 +3,8 @@ the result independent of how the same CT is stored."""
 
 from __future__ import annotations
 
+import json
+
 import nrrd
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from conftest import denser_tissue, reoriented
 import medanomaly
 from medanomaly.api import detect_volume
 from medanomaly.orientation import Reorientation
+from medanomaly.preprocess import CUT_EDGE_MM
 from medanomaly.synth import thinner_slices
 from medanomaly.volumes import volume_from_image
 
@@ -144,3 +147,27 @@ def test_thin_slices_run_at_the_model_thickness_and_come_back_on_the_input_grid(
     assert np.corrcoef(expected.ravel(), result.significance.ravel())[0, 1] > 0.98
     assert result.findings and base.findings
     np.testing.assert_allclose(result.findings[0]["centroid_lps_mm"], base.findings[0]["centroid_lps_mm"], atol=3.0)
+
+
+def test_body_outside_the_field_of_view_is_recorded_and_warned(small_ct, small_ct_file, default_model, tmp_path):
+    """The real chest CT fits the model's 448 mm field of view; the same CT as a 1.5x wider patient does not, and
+    findings.json, the warnings and the log say how much of the body was left out; the heatmap is zero there."""
+    wide = sitk.Image(small_ct)
+    wide.SetSpacing((small_ct.GetSpacing()[0] * 1.5,) + small_ct.GetSpacing()[1:])
+    path = tmp_path / "wide.nrrd"
+    sitk.WriteImage(wide, str(path))
+    (fits,) = medanomaly.detect(small_ct_file, tmp_path / "out", model=str(default_model))
+    (result,) = medanomaly.detect(path, tmp_path / "out", model=str(default_model))
+    assert fits.coverage["body_share_outside"] == 0.0 and not any("field of view" in w for w in fits.warnings)
+    summary = json.loads((result.output_dir / "findings.json").read_text())
+    record = summary["coverage"]
+    assert record == result.coverage and record["field_of_view_mm"] == 448.0
+    assert record["body_share_outside"] > 0.001
+    assert record["beyond_mm"]["right"] > 0 and record["beyond_mm"]["left"] > 0
+    (warning,) = [w for w in summary["warnings"] if "field of view" in w]
+    assert warning.startswith(f"{record['body_share_outside'] * 100:.1f}% of the body lies outside the model's 448 mm")
+    # nothing is scored outside the window, nor in the band along its edges where it cuts through the body (the body
+    # ends abruptly in air there, which the model would report: 3 of 4 findings at sensitivity 0.5 before the band)
+    heat = result.significance  # [k, j, i]; i runs right to left in this CT
+    columns = np.nonzero(heat.max(axis=(0, 1)) > 0)[0]
+    assert (columns[-1] + 1 - columns[0]) * wide.GetSpacing()[0] <= 448.0 - 2 * CUT_EDGE_MM + 2 * wide.GetSpacing()[0]

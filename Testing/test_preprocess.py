@@ -10,7 +10,8 @@ from conftest import write_dicom_series
 
 from medanomaly.errors import InputError
 from medanomaly.orientation import Reorientation
-from medanomaly.preprocess import InputSpec, ModelGrid, body_mask, model_slice_count, prepare_slices
+from medanomaly.preprocess import (CUT_EDGE_MM, InputSpec, ModelGrid, body_mask, model_slice_count,
+                                   prepare_slices)
 from medanomaly.synth import thinner_slices
 from medanomaly.volumes import read_volume
 
@@ -152,3 +153,34 @@ def test_line_means_keep_a_thin_line_that_isotropic_smoothing_erases():
     assert (line[:, :, :8] == 0).all()
     # isolated speckle: a line mean is the mean over a line, never above the largest score on it
     assert line.max() <= scores.max() + 1e-6
+
+
+def test_a_trunk_wider_than_the_field_of_view_is_reported(demo_image):
+    """The shipped models see 448 mm around the body's centre. The demo chest is about 350 mm wide; stretched to a
+    1.5x wider (larger) patient it no longer fits, and coverage() says how much lies outside and where."""
+    spec = InputSpec(size=128, spacing_mm=3.5)
+    fitting = prepare_slices(*canonical(demo_image), spec)
+    fits, fits_region = fitting.coverage, fitting.region
+    assert (fits_region == fitting.body).all()  # nothing cut, nothing left out
+    assert fits["field_of_view_mm"] == 448.0
+    assert fits["body_share_outside"] == 0.0 and set(fits["beyond_mm"].values()) == {0.0}
+    wide = sitk.Image(demo_image)
+    wide.SetSpacing((demo_image.GetSpacing()[0] * 1.5,) + demo_image.GetSpacing()[1:])  # i runs right to left
+    hu, spacing = canonical(wide)
+    slices = prepare_slices(hu, spacing, spec)
+    body = body_mask(np.asarray(hu, np.float32))
+    columns = np.nonzero(body.any(axis=(0, 1)))[0]
+    width_mm = (columns[-1] + 1 - columns[0]) * spacing[2]
+    cover = slices.coverage
+    assert width_mm > 448
+    reach = cover["beyond_mm"]
+    assert reach["anterior"] == reach["posterior"] == 0.0
+    # the window is centred on the body: what does not fit sticks out on both sides, about half each
+    assert reach["right"] + reach["left"] == pytest.approx(width_mm - 448, abs=2 * 3.5 + 2 * spacing[2])
+    assert abs(reach["right"] - reach["left"]) <= 3.5
+    assert 0.005 < cover["body_share_outside"] < 0.2
+    # where the window cuts through the body, a band along the cut is left out of the scored region
+    band = int(np.ceil(CUT_EDGE_MM / 3.5))
+    assert slices.body[:, :, :band].any() and slices.body[:, :, -band:].any()
+    assert not slices.region[:, :, :band].any() and not slices.region[:, :, -band:].any()
+    assert slices.region[:, :, band:-band].sum() == slices.body[:, :, band:-band].sum()

@@ -60,6 +60,7 @@ class DetectionResult:
     reference_check: dict = field(default_factory=dict)  # slices unlike the model's normal reference (check_reference)
     warnings: list[str] = field(default_factory=list)  # about the result; the volume's own are added in summary()
     threshold_significance: float = float("nan")  # -log10(1 - threshold): findings are significance >= this
+    coverage: dict = field(default_factory=dict)  # the body outside the model's field of view (check_coverage)
 
     @property
     def heatmap(self) -> np.ndarray:
@@ -87,6 +88,7 @@ class DetectionResult:
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "reference_check": self.reference_check,
+            "coverage": self.coverage,
             "warnings": self.volume.warnings + self.warnings,
             "files": self.files,
             **self.extra,
@@ -130,11 +132,11 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     reorientation = Reorientation.for_image(volume.image)
     hu_canonical = reorientation.to_canonical(volume.hu)
     watch.lap("preprocess")
-    maps, volume_p_values, reconstruction, network_s, engines = [], [], None, 0.0, []
+    maps, volume_p_values, reconstruction, network_s, engines, coverages = [], [], None, 0.0, [], []
     unlike = []  # per member: each canonical slice's exceedance share over its reference's (None: not calibrated)
     for index, detector in enumerate(members):
         member_notify = (lambda stage, fraction, i=index: notify(stage, (i + fraction) / len(members)))
-        significance, member_p, recon, engine, ratio = _score_member(
+        significance, member_p, recon, engine, ratio, member_coverage = _score_member(
             detector, volume, reorientation, hu_canonical, torch_device, memory_budget_mb, member_notify, cancel,
             watch, want_reconstruction=reconstruction is None)
         maps.append(significance)
@@ -143,6 +145,7 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
         reconstruction = reconstruction if reconstruction is not None else recon
         network_s += engine.network_s
         engines.append(engine)
+        coverages.append(member_coverage)
     if isinstance(scorer, Ensemble):
         significance = scorer.combine_significance(maps)
         volume_p_value = scorer.combine_p_values(volume_p_values)
@@ -175,6 +178,8 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
                 "model_slices": engines[0].slices, "model_slice_spacing_mm": round(engines[0].slice_spacing_mm, 4)}
     model_info = {"name": card["name"], "version": card["version"], "method": card["method"]}
     reference_check, warnings = check_reference(unlike, volume, reorientation, hu_canonical.shape)
+    coverage, coverage_warnings = check_coverage(coverages, volume.case_name)
+    warnings += coverage_warnings
     if isinstance(scorer, Ensemble):
         settings["ensemble"] = {"combine": scorer.combine,
                                 "member_volume_scores": [1.0 - p for p in volume_p_values]}
@@ -184,8 +189,24 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
         volume_p_value=volume_p_value,
         threshold=threshold, reconstruction=reconstruction, timings=timings, dropped_findings=dropped,
         threshold_significance=threshold_significance,
-        model=model_info, settings=settings, reference_check=reference_check, warnings=warnings,
+        model=model_info, settings=settings, reference_check=reference_check, warnings=warnings, coverage=coverage,
     )
+
+
+COVERAGE_WARN_SHARE = 0.001  # a body share outside the model's field of view that is worth a warning
+
+
+def check_coverage(coverages: list[dict], case_name: str) -> tuple[dict, list[str]]:
+    """The body outside the model's field of view (preprocess.coverage): of all members, the one leaving out the most,
+    and a warning when that is at least COVERAGE_WARN_SHARE of the body."""
+    record = max(coverages, key=lambda c: c["body_share_outside"])
+    if record["body_share_outside"] < COVERAGE_WARN_SHARE:
+        return record, []
+    sides = ", ".join(f"{mm:g} mm {side}" for side, mm in record["beyond_mm"].items() if mm > 0)
+    warning = (f"{record['body_share_outside'] * 100:.1f}% of the body lies outside the model's "
+               f"{record['field_of_view_mm']:g} mm field of view (it reaches {sides} beyond it) and was not examined")
+    log.warning("%s: %s", case_name, warning)
+    return record, [warning]
 
 
 def check_reference(unlike: list, volume: CTVolume, reorientation: Reorientation, canonical_shape
@@ -229,8 +250,8 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
                   device: torch.device, memory_budget_mb: float, notify, cancel, watch: "Stopwatch", *,
                   want_reconstruction: bool):
     """One detector over the volume: its calibrated heatmap as significance on the input grid, its volume p-value, its
-    pseudo-healthy reconstruction (HU on the input grid) when it makes one, the engine, and each canonical slice's
-    ratio to the normal reference (Calibration.unlike_reference)."""
+    pseudo-healthy reconstruction (HU on the input grid) when it makes one, the engine, each canonical slice's ratio
+    to the normal reference (Calibration.unlike_reference) and how much of the body its field of view leaves out."""
     calibration = Calibration.from_card(detector.card["calibration"])
     slices = prepare_slices(hu_canonical, reorientation.canonical_spacing, detector.spec)
     if slices.grid.resamples_slices:
@@ -257,7 +278,7 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
         native_delta = reorientation.to_input(to_native(delta, slices))
         reconstruction = np.clip(volume.hu + np.rint(native_delta), -32768, 32767).astype(np.int16)
     watch.lap("postprocess")
-    return native, p_value, reconstruction, engine, unlike
+    return native, p_value, reconstruction, engine, unlike, slices.coverage
 
 
 def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = False, overview: bool = True) -> Path:
@@ -278,14 +299,17 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
                 hu_canonical = reorientation.to_canonical(volume.hu)
                 centres = [(f["id"], reorientation.canonical_index(f["centroid_ijk"][::-1], hu_canonical.shape))
                            for f in result.findings]
+                title = [f"{volume.case_name}: volume score {result.volume_score:.3f}, "
+                         f"{len(result.findings)} finding(s), model {result.model['name']}"]
+                if result.reference_check.get("slices_unlike"):
+                    title.append(f"warning: {result.reference_check['slices_unlike']} slice(s) look unlike the "
+                                 "model's normal reference (findings.json)")
+                if result.coverage.get("body_share_outside", 0.0) >= COVERAGE_WARN_SHARE:
+                    title.append(f"warning: {result.coverage['body_share_outside'] * 100:.1f}% of the body outside "
+                                 "the model's field of view, not examined (findings.json)")
                 write_overview(staging.path / "overview.png", hu_canonical,
                                reorientation.to_canonical(result.significance), reorientation.canonical_spacing,
-                               result.threshold_significance, centres,
-                               title=f"{volume.case_name}: volume score {result.volume_score:.3f}, "
-                                     f"{len(result.findings)} finding(s), model {result.model['name']}"
-                                     + (f"\nwarning: {result.reference_check['slices_unlike']} slice(s) look "
-                                        "unlike the model's normal reference (findings.json)"
-                                        if result.reference_check.get("slices_unlike") else ""))
+                               result.threshold_significance, centres, title="\n".join(title))
             result.files = {name: name for name in sorted(p.name for p in staging.path.iterdir())}
             if mood:
                 result.files["mood"] = write_mood(result.significance, image, result.volume_p_value, Path(output_dir),

@@ -31,7 +31,7 @@ from .volumes import VOLUME_SUFFIXES, case_name_for
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ["rank", "case", "input", "volume_score", "volume_p_value", "findings", "top_finding_probability",
                   "top_finding_p_value", "top_finding_ras_mm", "top_finding_volume_mm3", "slices_unlike_reference",
-                  "status", "error", "seconds"]
+                  "body_outside_field_of_view_pct", "status", "error", "seconds"]
 
 
 def _is_dicom_folder(folder: Path) -> bool:
@@ -181,7 +181,10 @@ def _summary_row(summary: dict) -> dict:
             "top_finding_volume_mm3": top["volume_mm3"] if top else "",
             # slices that look unlike the model's normal reference (api.check_reference); empty where not checked
             "slices_unlike_reference": (summary["reference_check"]["slices_unlike"]
-                                        if summary.get("reference_check", {}).get("available") else "")}
+                                        if summary.get("reference_check", {}).get("available") else ""),
+            # the share of the body that the model's field of view left out (api.check_coverage); empty before 0.3.0
+            "body_outside_field_of_view_pct": (round(summary["coverage"]["body_share_outside"] * 100, 2)
+                                               if summary.get("coverage") else "")}
 
 
 def ranking_key(row: dict) -> tuple:

@@ -6,7 +6,7 @@ Everything here works on canonical [S, P, L] arrays (see orientation.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -188,6 +188,7 @@ class ModelSlices:
     body: np.ndarray  # [Z, size, size] bool
     grid: ModelGrid
     spacing_mm: tuple[float, float, float]  # (S, P, L) spacing of the model grid
+    coverage: dict = field(default_factory=dict)  # how much of the body lies outside the model window (coverage())
 
     def windowed(self, spec: InputSpec) -> torch.Tensor:
         return window(self.hu, spec.window_hu)
@@ -214,6 +215,7 @@ def prepare_slices(canonical_hu: np.ndarray, canonical_spacing, spec: InputSpec)
                      native_slices=z, model_slices=model_z)
     hu = _window_crop(resized, offset, spec.size, AIR_HU)
     body = _window_crop(torch.from_numpy(body_resized), offset, spec.size, False).numpy()
+    examined = coverage(body_resized, int(body.sum()), offset, spec)
     model_spacing = (z * float(sz) / model_z, h * sy / resized_shape[0], w * sx / resized_shape[1])
     if spec.region == "lung":
         region = lung_mask(hu.numpy(), body, model_spacing)
@@ -221,4 +223,41 @@ def prepare_slices(canonical_hu: np.ndarray, canonical_spacing, spec: InputSpec)
         region = body
     else:
         raise ValueError(f"unknown region mask {spec.region!r}")
-    return ModelSlices(hu=hu, region=region, body=body, grid=grid, spacing_mm=model_spacing)
+    region = _without_cut_edges(region, examined["beyond_mm"], spec)
+    return ModelSlices(hu=hu, region=region, body=body, grid=grid, spacing_mm=model_spacing, coverage=examined)
+
+
+CUT_EDGE_MM = 15.0  # where the model window cuts through the body, this band along the cut is not scored either
+
+
+def _without_cut_edges(region: np.ndarray, beyond_mm: dict, spec: InputSpec) -> np.ndarray:
+    """The region less a band of CUT_EDGE_MM along every window edge that cuts through the body: there the model
+    sees the body end abruptly in air, a skin line that no normal CT has, and would report it as a finding."""
+    band = int(np.ceil(CUT_EDGE_MM / spec.spacing_mm))
+    edges = {"anterior": (slice(None), slice(0, band)), "posterior": (slice(None), slice(spec.size - band, None)),
+             "right": (slice(None), slice(None), slice(0, band)),
+             "left": (slice(None), slice(None), slice(spec.size - band, None))}
+    cut = [side for side, mm in beyond_mm.items() if mm > 0]
+    if not cut:
+        return region
+    region = region.copy()
+    for side in cut:
+        region[edges[side]] = False
+    return region
+
+
+def coverage(body: np.ndarray, body_in_window: int, offset: tuple[int, int], spec: InputSpec) -> dict:
+    """How much of the body (on the resized slices) the model window of `spec.size` pixels at `offset` leaves out:
+    the share of body voxels outside it, and how far the body reaches past each of its edges, in mm (canonical rows
+    run anterior to posterior, columns patient right to left). A trunk wider than the window (size x spacing, 448 mm
+    for the shipped models) is examined only within it."""
+    total = int(body.sum())
+    beyond = dict.fromkeys(("anterior", "posterior", "right", "left"), 0.0)
+    if total:
+        rows, cols = np.nonzero(body.any(axis=(0, 2)))[0], np.nonzero(body.any(axis=(0, 1)))[0]
+        (y0, x0), size = offset, spec.size
+        pixels = {"anterior": y0 - rows[0], "posterior": rows[-1] + 1 - (y0 + size),
+                  "right": x0 - cols[0], "left": cols[-1] + 1 - (x0 + size)}
+        beyond = {side: round(max(0, int(px)) * spec.spacing_mm, 1) for side, px in pixels.items()}
+    return {"field_of_view_mm": round(spec.size * spec.spacing_mm, 1),
+            "body_share_outside": round(1.0 - body_in_window / total, 5) if total else 0.0, "beyond_mm": beyond}
