@@ -184,3 +184,23 @@ def test_a_trunk_wider_than_the_field_of_view_is_reported(demo_image):
     assert slices.body[:, :, :band].any() and slices.body[:, :, -band:].any()
     assert not slices.region[:, :, :band].any() and not slices.region[:, :, -band:].any()
     assert slices.region[:, :, band:-band].sum() == slices.body[:, :, band:-band].sum()
+
+
+def test_the_band_along_a_cut_follows_the_cut_slices():
+    """A trunk 440 mm wide (it fits the 448 mm window) with arms making slices 20-22 of 40 (2 mm) 500 mm wide: only
+    there, and within CUT_EDGE_MM above and below, is the band along the left and right window edges left out."""
+    hu = np.full((40, 200, 560), -1000.0, np.float32)  # 1 mm pixels
+    hu[:, 40:160, 60:500] = 40.0
+    hu[20:23, 90:110, 30:530] = 40.0
+    slices = prepare_slices(hu, (2.0, 1.0, 1.0), InputSpec(size=128, spacing_mm=3.5))
+    assert slices.coverage["beyond_mm"]["right"] > 0 and slices.coverage["beyond_mm"]["left"] > 0
+    reach = int(np.ceil(CUT_EDGE_MM / 2.0))
+    cols = int(np.ceil(CUT_EDGE_MM / slices.spacing_mm[2]))
+    near = np.zeros(40, bool)
+    near[20 - reach:23 + reach] = True
+    for band in (np.s_[:, :, :cols], np.s_[:, :, -cols:]):
+        body, region = slices.body[band], slices.region[band]
+        assert body[near].any() and not region[near].any()
+        assert (region[~near] == body[~near]).all() and region[~near].any()
+    inner = np.s_[:, :, cols:-cols]
+    assert (slices.region[inner] == slices.body[inner]).all()

@@ -223,26 +223,39 @@ def prepare_slices(canonical_hu: np.ndarray, canonical_spacing, spec: InputSpec)
         region = body
     else:
         raise ValueError(f"unknown region mask {spec.region!r}")
-    region = _without_cut_edges(region, examined["beyond_mm"], spec)
+    region = _without_cut_edges(region, cut_slices(body_resized, offset, spec.size), spec, model_spacing)
     return ModelSlices(hu=hu, region=region, body=body, grid=grid, spacing_mm=model_spacing, coverage=examined)
 
 
 CUT_EDGE_MM = 15.0  # where the model window cuts through the body, this band along the cut is not scored either
 
 
-def _without_cut_edges(region: np.ndarray, beyond_mm: dict, spec: InputSpec) -> np.ndarray:
-    """The region less a band of CUT_EDGE_MM along every window edge that cuts through the body: there the model
-    sees the body end abruptly in air, a skin line that no normal CT has, and would report it as a finding."""
-    band = int(np.ceil(CUT_EDGE_MM / spec.spacing_mm))
-    edges = {"anterior": (slice(None), slice(0, band)), "posterior": (slice(None), slice(spec.size - band, None)),
-             "right": (slice(None), slice(None), slice(0, band)),
-             "left": (slice(None), slice(None), slice(spec.size - band, None))}
-    cut = [side for side, mm in beyond_mm.items() if mm > 0]
-    if not cut:
+def cut_slices(body: np.ndarray, offset: tuple[int, int], size: int) -> dict[str, np.ndarray]:
+    """For each window edge (anterior, posterior, right, left), which slices of the resized body reach past it."""
+    (y0, x0), z = offset, body.shape[0]
+    outside = {"anterior": body[:, :max(y0, 0)], "posterior": body[:, max(y0 + size, 0):],
+               "right": body[:, :, :max(x0, 0)], "left": body[:, :, max(x0 + size, 0):]}
+    return {side: part.reshape(z, -1).any(axis=1) if part.size else np.zeros(z, bool)
+            for side, part in outside.items()}
+
+
+def _without_cut_edges(region: np.ndarray, cut: dict[str, np.ndarray], spec: InputSpec,
+                       spacing_mm: tuple[float, float, float]) -> np.ndarray:
+    """The region less the voxels within about CUT_EDGE_MM of where the window cuts through the body (a band along
+    the edge, in the cut slices and as many mm above and below them): there the model sees the body end abruptly in
+    air, a skin line that no normal CT has, and would report it as a finding."""
+    if not any(flags.any() for flags in cut.values()):
         return region
+    reach, rows, cols = (int(np.ceil(CUT_EDGE_MM / s)) for s in spacing_mm)
+    edges = {"anterior": np.s_[:, :rows], "posterior": np.s_[:, spec.size - rows:],
+             "right": np.s_[:, :, :cols], "left": np.s_[:, :, spec.size - cols:]}
     region = region.copy()
-    for side in cut:
-        region[edges[side]] = False
+    for side, flags in cut.items():
+        if flags.any():
+            near = ndi.binary_dilation(flags, iterations=reach) if reach > 0 else flags
+            part = region[near]
+            part[edges[side]] = False
+            region[near] = part
     return region
 
 
