@@ -204,3 +204,18 @@ def test_the_band_along_a_cut_follows_the_cut_slices():
         assert (region[~near] == body[~near]).all() and region[~near].any()
     inner = np.s_[:, :, cols:-cols]
     assert (slices.region[inner] == slices.body[inner]).all()
+
+
+def test_a_body_cut_off_by_the_scan_field_of_view_gets_the_band_too():
+    """A scan whose own field of view truncated the patient (the body runs into the image's left and right edges,
+    inside the model window): the band lies along the image's edges within the window, in every slice."""
+    hu = np.full((10, 200, 300), -1000.0, np.float32)  # 1 mm pixels: a 300 mm wide image, narrower than 448 mm
+    hu[:, 50:150, :] = 40.0
+    slices = prepare_slices(hu, (2.0, 1.0, 1.0), InputSpec(size=128, spacing_mm=3.5))
+    assert slices.coverage["body_share_outside"] == 0.0 and slices.coverage["cut_off"] == ["right", "left"]
+    columns = np.nonzero(slices.body.any(axis=(0, 1)))[0]  # the image's columns inside the window
+    cols = int(np.ceil(CUT_EDGE_MM / slices.spacing_mm[2]))
+    examined = np.nonzero(slices.region.any(axis=(0, 1)))[0]
+    assert examined[0] == columns[0] + cols and examined[-1] == columns[-1] - cols
+    rows = slices.body.any(axis=(0, 2))
+    assert (slices.region.any(axis=(0, 2)) == rows).all()  # anterior and posterior are not cut

@@ -223,39 +223,47 @@ def prepare_slices(canonical_hu: np.ndarray, canonical_spacing, spec: InputSpec)
         region = body
     else:
         raise ValueError(f"unknown region mask {spec.region!r}")
-    region = _without_cut_edges(region, cut_slices(body_resized, offset, spec.size), spec, model_spacing)
+    cut = cut_edges(body_resized, offset, spec.size)
+    examined["cut_off"] = [side for side, (flags, _) in cut.items() if flags.any()]
+    region = _without_cut_edges(region, cut, model_spacing)
     return ModelSlices(hu=hu, region=region, body=body, grid=grid, spacing_mm=model_spacing, coverage=examined)
 
 
-CUT_EDGE_MM = 15.0  # where the model window cuts through the body, this band along the cut is not scored either
+CUT_EDGE_MM = 15.0  # where the body is cut off (by the model window or the scan's own field of view), this band
+#                     along the cut is not scored either
 
 
-def cut_slices(body: np.ndarray, offset: tuple[int, int], size: int) -> dict[str, np.ndarray]:
-    """For each window edge (anterior, posterior, right, left), which slices of the resized body reach past it."""
-    (y0, x0), z = offset, body.shape[0]
-    outside = {"anterior": body[:, :max(y0, 0)], "posterior": body[:, max(y0 + size, 0):],
-               "right": body[:, :, :max(x0, 0)], "left": body[:, :, max(x0 + size, 0):]}
-    return {side: part.reshape(z, -1).any(axis=1) if part.size else np.zeros(z, bool)
-            for side, part in outside.items()}
+def cut_edges(body: np.ndarray, offset: tuple[int, int], size: int) -> dict[str, tuple[np.ndarray, int]]:
+    """Where the examined part of each resized slice cuts the body off: for each side (anterior, posterior, right,
+    left), which slices have body on the first examined row or column of that side or beyond it, and where that row
+    or column lies in the model window. The examined part ends at the window's edge, or at the image's edge where the
+    window reaches past the image: a scan whose field of view truncated the patient cuts the body off too."""
+    (y0, x0), (z, h, w) = offset, body.shape
+    first_row, last_row = max(y0, 0), min(y0 + size, h) - 1
+    first_col, last_col = max(x0, 0), min(x0 + size, w) - 1
+    parts = {"anterior": (body[:, :first_row + 1], first_row - y0), "posterior": (body[:, last_row:], last_row - y0),
+             "right": (body[:, :, :first_col + 1], first_col - x0), "left": (body[:, :, last_col:], last_col - x0)}
+    return {side: (part.reshape(z, -1).any(axis=1), edge) for side, (part, edge) in parts.items()}
 
 
-def _without_cut_edges(region: np.ndarray, cut: dict[str, np.ndarray], spec: InputSpec,
+def _without_cut_edges(region: np.ndarray, cut: dict[str, tuple[np.ndarray, int]],
                        spacing_mm: tuple[float, float, float]) -> np.ndarray:
-    """The region less the voxels within about CUT_EDGE_MM of where the window cuts through the body (a band along
-    the edge, in the cut slices and as many mm above and below them): there the model sees the body end abruptly in
-    air, a skin line that no normal CT has, and would report it as a finding."""
-    if not any(flags.any() for flags in cut.values()):
+    """The region less the voxels within about CUT_EDGE_MM of where the body is cut off (a band inside the cut edge,
+    in the cut slices and as many mm above and below them): there the model sees the body end abruptly in air, a
+    skin line that no normal CT has, and would report it as a finding."""
+    if not any(flags.any() for flags, _ in cut.values()):
         return region
     reach, rows, cols = (int(np.ceil(CUT_EDGE_MM / s)) for s in spacing_mm)
-    edges = {"anterior": np.s_[:, :rows], "posterior": np.s_[:, spec.size - rows:],
-             "right": np.s_[:, :, :cols], "left": np.s_[:, :, spec.size - cols:]}
     region = region.copy()
-    for side, flags in cut.items():
-        if flags.any():
-            near = ndi.binary_dilation(flags, iterations=reach) if reach > 0 else flags
-            part = region[near]
-            part[edges[side]] = False
-            region[near] = part
+    for side, (flags, edge) in cut.items():
+        if not flags.any():
+            continue
+        band = {"anterior": np.s_[:, edge:edge + rows], "posterior": np.s_[:, max(edge - rows + 1, 0):edge + 1],
+                "right": np.s_[:, :, edge:edge + cols], "left": np.s_[:, :, max(edge - cols + 1, 0):edge + 1]}[side]
+        near = ndi.binary_dilation(flags, iterations=reach) if reach > 0 else flags
+        part = region[near]
+        part[band] = False
+        region[near] = part
     return region
 
 
