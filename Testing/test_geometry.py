@@ -76,11 +76,29 @@ def test_same_anatomy_same_result_in_any_storage_order(results, kind):
         if flip:
             expected = np.flip(expected, axis)
     np.testing.assert_allclose(result.heatmap, expected, atol=1e-5)
+    recon = np.transpose(base.reconstruction, perm)  # the pseudo-healthy CT, integer HU: equal to the last bit
+    for axis, flip in enumerate(flips):
+        if flip:
+            recon = np.flip(recon, axis)
+    np.testing.assert_array_equal(result.reconstruction, recon)
     assert len(result.findings) == len(base.findings)
     assert result.volume_score == pytest.approx(base.volume_score, abs=1e-6)
     for f, g in zip(result.findings, base.findings):
         np.testing.assert_allclose(f["centroid_lps_mm"], g["centroid_lps_mm"], atol=0.02)
         assert f["volume_mm3"] == pytest.approx(g["volume_mm3"])
+
+
+def test_reconstruction_changes_the_body_only(results):
+    """The pseudo-healthy CT is the input plus the model's rounded change inside the body: int16, unchanged in the air
+    around the patient, changed in part of the body."""
+    reference, result, _, _ = results["lps"]
+    recon, hu = result.reconstruction, sitk.GetArrayFromImage(reference)
+    assert recon.dtype == np.int16 and recon.shape == hu.shape
+    air = hu < -900
+    air[:, 8:-8, 8:-8] = False  # the image's rim: air, well away from the body
+    assert air.any() and (recon[air] == hu[air]).all()
+    changed = recon != hu
+    assert 0.05 < changed.mean() < 0.9 and (np.abs(recon.astype(int) - hu)[changed] <= 1500).all()
 
 
 def test_canonical_orientation_is_superior_posterior_left():

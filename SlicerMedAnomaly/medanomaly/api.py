@@ -25,7 +25,7 @@ from .errors import InputError, OutputError
 from .findings import find_findings
 from .orientation import Reorientation
 from .outputs import CaseStaging, write_image, write_json, write_mood, write_overview, write_segmentation
-from .preprocess import prepare_slices
+from .preprocess import CUT_EDGE_MM, prepare_slices
 from .significance import probability_of_significance
 from .volumes import CTVolume, read_volume
 
@@ -204,7 +204,8 @@ def check_coverage(coverages: list[dict], case_name: str) -> tuple[dict, list[st
         return record, []
     sides = ", ".join(f"{mm:g} mm {side}" for side, mm in record["beyond_mm"].items() if mm > 0)
     warning = (f"{record['body_share_outside'] * 100:.1f}% of the body lies outside the model's "
-               f"{record['field_of_view_mm']:g} mm field of view (it reaches {sides} beyond it) and was not examined")
+               f"{record['field_of_view_mm']:g} mm field of view (it reaches {sides} beyond it) and was not examined, "
+               f"nor a {CUT_EDGE_MM:g} mm band inside the edges that cut it off")
     log.warning("%s: %s", case_name, warning)
     return record, [warning]
 
@@ -275,8 +276,13 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
         lo, hi = detector.spec.window_hu
         delta = (recon * (hi - lo) + lo) - slices.hu.clamp(lo, hi).numpy()
         delta *= slices.body
-        native_delta = reorientation.to_input(to_native(delta, slices))
-        reconstruction = np.clip(volume.hu + np.rint(native_delta), -32768, 32767).astype(np.int16)
+        # in place on the one native-sized float32 array: rounded change + input HU, clipped to int16
+        native_delta = to_native(delta, slices)
+        np.rint(native_delta, out=native_delta)
+        native_delta += hu_canonical
+        np.clip(native_delta, -32768, 32767, out=native_delta)
+        reconstruction = np.ascontiguousarray(reorientation.to_input(native_delta), dtype=np.int16)
+        del native_delta
     watch.lap("postprocess")
     return native, p_value, reconstruction, engine, unlike, slices.coverage
 
