@@ -20,7 +20,7 @@ from medanomaly.bundle import ModelBundle
 from medanomaly.cli import main
 from medanomaly.errors import InputError
 from medanomaly.training import train
-from medanomaly.preprocess import InputSpec
+from medanomaly.preprocess import DEFAULT_SLICE_MM, InputSpec
 from medanomaly.training.data import SliceBuffer, slab_split
 
 TINY = dict(steps=30, batch_size=4, checkpoint_every=10,
@@ -147,7 +147,10 @@ def test_train_command_line(training_volume, tmp_path, capsys):
                  str(tmp_path / "cli-model"), "--steps", "5", "--batch-size", "2",
                  "--input-json", json.dumps(TINY["input"]), "--architecture-json", json.dumps(TINY["architecture"])])
     assert code == 0, capsys.readouterr().err
-    assert ModelBundle.load(tmp_path / "cli-model").card["name"] == "cli-model"
+    card = ModelBundle.load(tmp_path / "cli-model").card
+    assert card["name"] == "cli-model"
+    # --input-json overrides the default input spec key by key; slices thinner than 2 mm are averaged unless it says
+    assert "slice_mm" not in TINY["input"] and card["input"]["slice_mm"] == DEFAULT_SLICE_MM == 2.0
 
 
 def test_train_unknown_method(training_volume, tmp_path, capsys):
