@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from benchmark_thin_slices import measure_noise, summarize
+from benchmark_thin_slices import case_row, measure_noise, summarize
 
 from medanomaly.api import detect_volume
 from medanomaly.ensemble import load_scorer
@@ -53,14 +53,7 @@ def main() -> None:
             added = noise["noise_std_hu"] * np.sqrt(1.0 / dose - 1.0)
             noisy = thinner_slices(image, 1, added, noise["noise_sigma_px"], seed=index) if added > 0 else image
             result = detect_volume(volume_from_image(noisy, name=case["case"]), crossed[case["group"]])
-            row = {"case": case["case"], "normal": bool(case["normal"]), "findings": len(result.findings),
-                   "volume_p_value": result.volume_p_value,
-                   "slices_unlike": result.reference_check.get("slices_unlike"),
-                   "seconds": result.timings["pipeline"] + result.timings["network"]}
-            if lesion is not None:
-                hit = np.unique(result.labels[lesion & (result.labels > 0)])
-                row.update(lesion=case["lesions"][0], found=bool(hit.size))
-            rows[f"dose {dose:g}"].append(row)
+            rows[f"dose {dose:g}"].append(case_row(case, result, lesion))
         print(f"{case['case']}: done", flush=True)
     result = {"model": args.model, "noise": noise, "doses": args.doses,
               "added_noise_std_hu": {f"dose {d:g}": round(noise["noise_std_hu"] * np.sqrt(1.0 / d - 1.0), 2)

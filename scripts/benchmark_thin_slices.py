@@ -101,6 +101,20 @@ def thin_case(image: sitk.Image, factor: int, noise: dict, seed: int) -> sitk.Im
     return thinner_slices(image, factor, noise["noise_std_hu"] * np.sqrt(factor - 1), noise["noise_sigma_px"], seed)
 
 
+def case_row(case: dict, result, lesion: np.ndarray | None) -> dict:
+    """What summarize() needs of one lab case's detection: findings, volume p-value, reference-check warnings, time,
+    and for a lesion case whether a finding overlaps the lesion (mask on the detection's grid) and its p-value."""
+    row = {"case": case["case"], "normal": bool(case["normal"]), "findings": len(result.findings),
+           "volume_p_value": result.volume_p_value, "slices_unlike": result.reference_check.get("slices_unlike"),
+           "model_slices": result.settings["model_slices"],
+           "seconds": result.timings["pipeline"] + result.timings["network"]}
+    if lesion is not None:
+        hit = set(np.unique(result.labels[lesion & (result.labels > 0)]).tolist())
+        row.update(lesion=case["lesions"][0], found=bool(hit),
+                   p_value=min((f["p_value"] for f in result.findings if f["id"] in hit), default=None))
+    return row
+
+
 def score_cases(cases_dir: Path, cases: list[dict], scorers: dict, factors: list[int], noise: dict) -> dict:
     rows = {f"{mode} x{factor}": [] for factor in factors for mode in scorers}
     for index, case in enumerate(cases):
@@ -114,18 +128,7 @@ def score_cases(cases_dir: Path, cases: list[dict], scorers: dict, factors: list
                                                               sitk.sitkNearestNeighbor, 0)) > 0
             for mode, crossed in scorers.items():
                 result = detect_volume(volume_from_image(thin, name=case["case"]), crossed[case["group"]])
-                row = {"case": case["case"], "normal": bool(case["normal"]), "findings": len(result.findings),
-                       "volume_p_value": result.volume_p_value,
-                       "slices_unlike": result.reference_check.get("slices_unlike"),
-                       "model_slices": result.settings["model_slices"], "seconds": result.timings["pipeline"]
-                       + result.timings["network"]}
-                if lesion is not None:
-                    hit = np.unique(result.labels[lesion & (result.labels > 0)])
-                    row["lesion"] = case["lesions"][0]
-                    row["found"] = bool(hit.size)
-                    row["p_value"] = min((f["p_value"] for f in result.findings if f["id"] in set(hit.tolist())),
-                                         default=None)
-                rows[f"{mode} x{factor}"].append(row)
+                rows[f"{mode} x{factor}"].append(case_row(case, result, lesion))
         print(f"{case['case']}: done", flush=True)
     return rows
 
