@@ -215,7 +215,8 @@ def prepare_slices(canonical_hu: np.ndarray, canonical_spacing, spec: InputSpec)
                      native_slices=z, model_slices=model_z)
     hu = _window_crop(resized, offset, spec.size, AIR_HU)
     body = _window_crop(torch.from_numpy(body_resized), offset, spec.size, False).numpy()
-    examined = coverage(body_resized, int(body.sum()), offset, spec)
+    cut = cut_edges(body_resized, offset, spec.size)
+    examined = coverage(body_resized, int(body.sum()), offset, spec, cut)
     model_spacing = (z * float(sz) / model_z, h * sy / resized_shape[0], w * sx / resized_shape[1])
     if spec.region == "lung":
         region = lung_mask(hu.numpy(), body, model_spacing)
@@ -223,8 +224,6 @@ def prepare_slices(canonical_hu: np.ndarray, canonical_spacing, spec: InputSpec)
         region = body
     else:
         raise ValueError(f"unknown region mask {spec.region!r}")
-    cut = cut_edges(body_resized, offset, spec.size)
-    examined["cut_off"] = [side for side, (flags, _) in cut.items() if flags.any()]
     region = _without_cut_edges(region, cut, model_spacing)
     return ModelSlices(hu=hu, region=region, body=body, grid=grid, spacing_mm=model_spacing, coverage=examined)
 
@@ -267,11 +266,13 @@ def _without_cut_edges(region: np.ndarray, cut: dict[str, tuple[np.ndarray, int]
     return region
 
 
-def coverage(body: np.ndarray, body_in_window: int, offset: tuple[int, int], spec: InputSpec) -> dict:
+def coverage(body: np.ndarray, body_in_window: int, offset: tuple[int, int], spec: InputSpec,
+             cut: dict[str, tuple[np.ndarray, int]]) -> dict:
     """How much of the body (on the resized slices) the model window of `spec.size` pixels at `offset` leaves out:
-    the share of body voxels outside it, and how far the body reaches past each of its edges, in mm (canonical rows
-    run anterior to posterior, columns patient right to left). A trunk wider than the window (size x spacing, 448 mm
-    for the shipped models) is examined only within it."""
+    the share of body voxels outside it, how far the body reaches past each of its edges, in mm (canonical rows run
+    anterior to posterior, columns patient right to left), and the sides where the body is cut off (`cut`, from
+    cut_edges: by the window or by the scan's own field of view). A trunk wider than the window (size x spacing,
+    448 mm for the shipped models) is examined only within it."""
     total = int(body.sum())
     beyond = dict.fromkeys(("anterior", "posterior", "right", "left"), 0.0)
     if total:
@@ -281,4 +282,5 @@ def coverage(body: np.ndarray, body_in_window: int, offset: tuple[int, int], spe
                   "right": x0 - cols[0], "left": cols[-1] + 1 - (x0 + size)}
         beyond = {side: round(max(0, int(px)) * spec.spacing_mm, 1) for side, px in pixels.items()}
     return {"field_of_view_mm": round(spec.size * spec.spacing_mm, 1),
-            "body_share_outside": round(1.0 - body_in_window / total, 5) if total else 0.0, "beyond_mm": beyond}
+            "body_share_outside": round(1.0 - body_in_window / total, 5) if total else 0.0, "beyond_mm": beyond,
+            "cut_off": [side for side, (flags, _) in cut.items() if flags.any()]}
