@@ -189,3 +189,15 @@ def test_body_outside_the_field_of_view_is_recorded_and_warned(small_ct, small_c
     heat = result.significance  # [k, j, i]; i runs right to left in this CT
     columns = np.nonzero(heat.max(axis=(0, 1)) > 0)[0]
     assert (columns[-1] + 1 - columns[0]) * wide.GetSpacing()[0] <= 448.0 - 2 * CUT_EDGE_MM + 2 * wide.GetSpacing()[0]
+
+
+def test_slices_much_thicker_than_the_models_are_warned_about(small_ct, default_model):
+    """Thick slices cannot be made thin: 4 mm slices (2x the model's 2 mm) run without a word, 6 mm slices (3x) with
+    a warning; both give outputs on their own grid."""
+    quiet, warned = (detect_volume(volume_from_image(sitk.BinShrink(small_ct, [1, 1, f])), str(default_model))
+                     for f in (2, 3))
+    assert quiet.significance.shape == (12, 128, 128) and warned.significance.shape == (8, 128, 128)
+    assert not any("mm the model learned from" in w for w in quiet.warnings)
+    (warning,) = [w for w in warned.warnings if "mm the model learned from" in w]
+    assert warning.startswith("its slices are 6 mm apart, 3.0x the 2 mm the model learned from")
+    assert warned.settings["model_slices"] == 8

@@ -180,6 +180,7 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     reference_check, warnings = check_reference(unlike, volume, reorientation, hu_canonical.shape)
     coverage, coverage_warnings = check_coverage(coverages, volume.case_name)
     warnings += coverage_warnings
+    warnings += check_slice_thickness(members, reorientation.canonical_spacing[0], volume.case_name)
     if isinstance(scorer, Ensemble):
         settings["ensemble"] = {"combine": scorer.combine,
                                 "member_volume_scores": [1.0 - p for p in volume_p_values]}
@@ -208,6 +209,24 @@ def check_coverage(coverages: list[dict], case_name: str) -> tuple[dict, list[st
                f"nor a {CUT_EDGE_MM:g} mm band inside the edges that cut it off")
     log.warning("%s: %s", case_name, warning)
     return record, [warning]
+
+
+THICK_SLICE_FACTOR = 2.0  # slices more than this many times as thick as a model's are warned about
+
+
+def check_slice_thickness(members: list[Detector], slice_spacing_mm: float, case_name: str) -> list[str]:
+    """A warning when the input's slices are more than THICK_SLICE_FACTOR times as thick as those the model learned
+    from (the card's input.slice_mm; the thinnest of an ensemble's): thin slices are averaged to the model's
+    thickness, but thick ones cannot be made thin, and the calibration was not made on them."""
+    thicknesses = [m.spec.slice_mm for m in members if m.spec.slice_mm > 0]
+    if not thicknesses or slice_spacing_mm <= THICK_SLICE_FACTOR * min(thicknesses):
+        return []
+    model_mm = min(thicknesses)
+    warning = (f"its slices are {slice_spacing_mm:.3g} mm apart, {slice_spacing_mm / model_mm:.1f}x the "
+               f"{model_mm:g} mm the model learned from and was calibrated on: its p-values may be too small and its "
+               "findings less reliable; a thinner reconstruction of the scan is better, if there is one")
+    log.warning("%s: %s", case_name, warning)
+    return [warning]
 
 
 def check_reference(unlike: list, volume: CTVolume, reorientation: Reorientation, canonical_shape
