@@ -236,8 +236,11 @@ class SlicerMedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 text = f"{len(findings)} finding(s); the strongest has p = {findings[0]['p_value']:.2g}."
             for warning in self.results["warnings"]:  # for example slices unlike the model's normal reference
                 logging.warning("medanomaly: %s", warning)
-            if self.results["warnings"]:
-                text += f" Warning: {self.results['warnings'][0]}"
+            warnings = self.results["warnings"]
+            if warnings:
+                text += f" Warning: {warnings[0]}"
+                if len(warnings) > 1:  # all of them are in the tooltip
+                    text += f" ({len(warnings) - 1} more warning(s): hover here)"
             self.ui.statusLabel.text = text
             self.ui.statusLabel.toolTip = "\n\n".join(self.results["warnings"])
         else:
