@@ -20,10 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from lab_variants import Variant, finish, first_normal_noise, lab_cases, lab_parser, score_variants
+from lab_variants import Variant, first_normal_noise, lab_cases, lab_parser, run_model
 
-from medanomaly.ensemble import load_scorer
-from medanomaly.lab import cross_calibrated
 from medanomaly.synth import thinner_slices
 
 
@@ -45,12 +43,10 @@ def main() -> None:
     cases_dir = Path(args.cases)
     cases = lab_cases(cases_dir)
     noise = first_normal_noise(cases_dir, cases)
-    crossed = cross_calibrated(load_scorer(args.model), cases_dir, cases)
-    rows = score_variants(cases_dir, cases, {"default": crossed},
-                          {f"dose {dose:g}": dose_variant(dose, noise) for dose in args.doses})
-    finish({"model": args.model, "noise": noise, "doses": args.doses,
-            "added_noise_std_hu": {f"dose {d:g}": round(noise["noise_std_hu"] * np.sqrt(1.0 / d - 1.0), 2)
-                                   for d in args.doses}}, rows, args.json)
+    run_model(args, cases_dir, cases, {f"dose {dose:g}": dose_variant(dose, noise) for dose in args.doses},
+              {"noise": noise, "doses": args.doses,
+               "added_noise_std_hu": {f"dose {d:g}": round(noise["noise_std_hu"] * np.sqrt(1.0 / d - 1.0), 2)
+                                      for d in args.doses}})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ with and without the band along the cut that `preprocess` leaves out of the scor
 Every shipped model sees a 448 mm square around the body's centre. We have no CT of a patient that wide, so this
 script widens real ones: the same voxels with a 1.5x larger spacing along the patient's left-right axis (a larger
 patient, every structure 1.5x wider). The anatomy is then also unlike normal, so findings elsewhere are expected; the
-count that matters is those within `CUT_EDGE_MM` + 5 mm of a cut edge, where the body ends abruptly in air.
+count that matters is those in the band along a cut edge (as `preprocess` draws it, `CUT_EDGE_MM` + 5 mm wide),
+where the body ends abruptly in air.
 
     python scripts/benchmark_field_of_view.py --json scripts/results/benchmark_field_of_view.json
 """
@@ -20,6 +21,7 @@ import SimpleITK as sitk
 
 from medanomaly import preprocess
 from medanomaly.api import detect_volume
+from medanomaly.engine import to_native
 from medanomaly.ensemble import load_scorer
 from medanomaly.orientation import Reorientation
 from medanomaly.volumes import read_volume, volume_from_image
@@ -40,31 +42,22 @@ def widened(image: sitk.Image, factor: float) -> sitk.Image:
     return out
 
 
-def near_cut(result, coverage: dict, margin_mm: float) -> list[int]:
-    """Ids of findings whose voxels come within margin_mm of a window edge that cuts through the body."""
-    image = result.volume.image
-    reorientation = Reorientation.for_image(image)
-    labels = reorientation.to_canonical(result.labels)  # [S, P, L]
-    _, sy, sx = reorientation.canonical_spacing
-    ids = set()
-    if not labels.any():
-        return []
-    # the window's edges in canonical pixels: the body's extent less what reaches beyond on each side
-    body = preprocess.body_mask(np.asarray(reorientation.to_canonical(result.volume.hu), np.float32))
-    brows, bcols = np.nonzero(body.any(axis=(0, 2)))[0], np.nonzero(body.any(axis=(0, 1)))[0]
-    beyond = coverage["beyond_mm"]
-    edges = {"anterior": (1, brows[0] * sy + beyond["anterior"]),
-             "posterior": (1, (brows[-1] + 1) * sy - beyond["posterior"]),
-             "right": (2, bcols[0] * sx + beyond["right"]), "left": (2, (bcols[-1] + 1) * sx - beyond["left"])}
-    for side, (axis, edge_mm) in edges.items():
-        if beyond[side] <= 0:
-            continue
-        spacing = sy if axis == 1 else sx
-        position = (np.arange(labels.shape[axis]) + 0.5) * spacing
-        close = np.abs(position - edge_mm) <= margin_mm
-        picked = labels[:, close, :] if axis == 1 else labels[:, :, close]
-        ids.update(int(v) for v in np.unique(picked) if v)
-    return sorted(ids)
+def near_cut(result, spec, margin_mm: float) -> list[int]:
+    """Ids of findings with voxels in the band that preprocess leaves out along cut-off edges when the band is
+    `margin_mm` wide: the scored region without a band less the one with it, mapped onto the input grid."""
+    reorientation = Reorientation.for_image(result.volume.image)
+    hu = reorientation.to_canonical(result.volume.hu)
+    saved = preprocess.CUT_EDGE_MM
+    try:
+        preprocess.CUT_EDGE_MM = 0.0
+        whole = preprocess.prepare_slices(hu, reorientation.canonical_spacing, spec)
+        preprocess.CUT_EDGE_MM = margin_mm
+        banded = preprocess.prepare_slices(hu, reorientation.canonical_spacing, spec).region
+    finally:
+        preprocess.CUT_EDGE_MM = saved
+    band = to_native((whole.region & ~banded).astype(np.float32), whole) > 0.5
+    labels = result.labels[reorientation.to_input(band)]
+    return sorted(int(v) for v in np.unique(labels) if v)
 
 
 def main() -> None:
@@ -81,7 +74,7 @@ def main() -> None:
         for cut_edge_mm in (0.0, band):
             preprocess.CUT_EDGE_MM = cut_edge_mm
             result = detect_volume(volume_from_image(image, name=path.name), scorer)
-            close = near_cut(result, result.coverage, band + 5.0)
+            close = near_cut(result, scorer.spec, band + 5.0)
             rows.append({"ct": path.name, "factor": args.factor, "cut_edge_mm": cut_edge_mm,
                          "coverage": result.coverage, "findings": len(result.findings),
                          "findings_at_cut_edges": len(close),

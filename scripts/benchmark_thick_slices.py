@@ -15,10 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import SimpleITK as sitk
-from lab_variants import Variant, finish, lab_cases, lab_parser, score_variants
-
-from medanomaly.ensemble import load_scorer
-from medanomaly.lab import cross_calibrated
+from lab_variants import Variant, lab_cases, lab_parser, run_model
 
 
 def thick_variant(factor: int) -> Variant:
@@ -39,10 +36,8 @@ def main() -> None:
     args = ap.parse_args()
     cases_dir = Path(args.cases)
     cases = lab_cases(cases_dir)
-    crossed = cross_calibrated(load_scorer(args.model), cases_dir, cases)
-    rows = score_variants(cases_dir, cases, {"default": crossed},
-                          {f"{2 * f} mm": thick_variant(f) for f in args.factors})
-    finish({"model": args.model, "factors": args.factors}, rows, args.json)
+    run_model(args, cases_dir, cases, {f"{2 * f} mm": thick_variant(f) for f in args.factors},
+              {"factors": args.factors})
 
 
 if __name__ == "__main__":

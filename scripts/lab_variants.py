@@ -20,7 +20,8 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from medanomaly.api import detect_volume
-from medanomaly.lab import MANIFEST, TARGET_SUBSETS
+from medanomaly.ensemble import load_scorer
+from medanomaly.lab import MANIFEST, TARGET_SUBSETS, cross_calibrated
 from medanomaly.preprocess import body_mask
 from medanomaly.volumes import volume_from_image
 
@@ -40,6 +41,14 @@ def lab_parser(doc: str) -> argparse.ArgumentParser:
 
 def lab_cases(cases_dir: Path) -> list[dict]:
     return json.loads((cases_dir / MANIFEST).read_text())["cases"]
+
+
+def run_model(args: argparse.Namespace, cases_dir: Path, cases: list[dict], variants: dict[str, "Variant"],
+              result: dict) -> dict:
+    """Every variant scored by args.model, cross-calibrated, summarized into `result` and written to args.json."""
+    crossed = cross_calibrated(load_scorer(args.model), cases_dir, cases)
+    return finish({"model": args.model, **result}, score_variants(cases_dir, cases, {"default": crossed}, variants),
+                  args.json)
 
 
 def _highpass_stats(x: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
