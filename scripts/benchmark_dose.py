@@ -16,11 +16,9 @@ sensitivity, with the same noise for every dose's case (one seed per case, scale
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
-from lab_variants import Variant, first_normal_noise, lab_cases, lab_parser, run_model
+from lab_variants import Variant, first_normal_noise, lab_cases, lab_parser, lesion_mask, run_model
 
 from medanomaly.synth import thinner_slices
 
@@ -31,7 +29,7 @@ def dose_variant(dose: float, noise: dict) -> Variant:
 
     def make(image, labels, index):
         noisy = thinner_slices(image, 1, added, noise["noise_sigma_px"], seed=index) if added > 0 else image
-        return noisy, None if labels is None else sitk.GetArrayFromImage(labels) > 0
+        return noisy, lesion_mask(labels)
     return make
 
 
@@ -40,8 +38,7 @@ def main() -> None:
     ap.add_argument("--doses", nargs="+", type=float, default=[1.0, 0.5, 0.25],
                     help="fractions of the recorded dose (1: the cases as they are)")
     args = ap.parse_args()
-    cases_dir = Path(args.cases)
-    cases = lab_cases(cases_dir)
+    cases_dir, cases = lab_cases(args.cases)
     noise = first_normal_noise(cases_dir, cases)
     run_model(args, cases_dir, cases, {f"dose {dose:g}": dose_variant(dose, noise) for dose in args.doses},
               {"noise": noise, "doses": args.doses,

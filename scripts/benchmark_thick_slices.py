@@ -12,10 +12,9 @@ reference-check warnings (`lab_variants`).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import SimpleITK as sitk
-from lab_variants import Variant, lab_cases, lab_parser, run_model
+from lab_variants import Variant, lab_cases, lab_parser, lesion_mask, run_model
 
 
 def thick_variant(factor: int) -> Variant:
@@ -23,9 +22,9 @@ def thick_variant(factor: int) -> Variant:
     thick slice holds the lesion where any of its thin ones did (the mask's mean is above 0)."""
     def make(image, labels, index):
         if factor == 1:
-            return image, None if labels is None else sitk.GetArrayFromImage(labels) > 0
-        lesion = None if labels is None else sitk.GetArrayFromImage(sitk.BinShrink(labels, [1, 1, factor])) > 0
-        return sitk.BinShrink(image, [1, 1, factor]), lesion
+            return image, lesion_mask(labels)
+        return (sitk.BinShrink(image, [1, 1, factor]),
+                lesion_mask(None if labels is None else sitk.BinShrink(labels, [1, 1, factor])))
     return make
 
 
@@ -34,8 +33,7 @@ def main() -> None:
     ap.add_argument("--factors", nargs="+", type=int, default=[1, 2, 3],
                     help="how many 2 mm slices make one (1: the cases as they are)")
     args = ap.parse_args()
-    cases_dir = Path(args.cases)
-    cases = lab_cases(cases_dir)
+    cases_dir, cases = lab_cases(args.cases)
     run_model(args, cases_dir, cases, {f"{2 * f} mm": thick_variant(f) for f in args.factors},
               {"factors": args.factors})
 

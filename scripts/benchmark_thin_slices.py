@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from lab_variants import Variant, finish, first_normal_noise, lab_cases, lab_parser, score_variants
+from lab_variants import Variant, finish, first_normal_noise, lab_cases, lab_parser, lesion_mask, score_variants
 
 from medanomaly.bundle import CARD_NAME
 from medanomaly.ensemble import load_scorer, model_folders
@@ -67,9 +67,8 @@ def thin_variant(factor: int, noise: dict) -> Variant:
     """The case `factor` times thinner, with the lesion mask on the thin grid (nearest)."""
     def make(image, labels, index):
         thin = thin_case(image, factor, noise, seed=1000 * factor + index)
-        lesion = None if labels is None else sitk.GetArrayFromImage(
-            sitk.Resample(labels, thin, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
-        return thin, lesion
+        return thin, lesion_mask(None if labels is None else
+                                 sitk.Resample(labels, thin, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
     return make
 
 
@@ -108,8 +107,7 @@ def main() -> None:
     ap.add_argument("--speed-factor", type=int, default=4)
     ap.add_argument("--runs", type=int, default=3, help="speed runs per mode (0: none)")
     args = ap.parse_args()
-    cases_dir = Path(args.cases)
-    cases = lab_cases(cases_dir)
+    cases_dir, cases = lab_cases(args.cases)
     scorer = load_scorer(args.model)
     (bundle,) = model_folders(args.model)
     noise = first_normal_noise(cases_dir, cases)

@@ -39,8 +39,15 @@ def lab_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
-def lab_cases(cases_dir: Path) -> list[dict]:
-    return json.loads((cases_dir / MANIFEST).read_text())["cases"]
+def lab_cases(folder: str | Path) -> tuple[Path, list[dict]]:
+    """The lab's case folder and the cases its manifest lists."""
+    cases_dir = Path(folder)
+    return cases_dir, json.loads((cases_dir / MANIFEST).read_text())["cases"]
+
+
+def lesion_mask(labels: sitk.Image | None) -> np.ndarray | None:
+    """A lesion case's mask (any label above 0) as an array; None for a normal case."""
+    return None if labels is None else sitk.GetArrayFromImage(labels) > 0
 
 
 def run_model(args: argparse.Namespace, cases_dir: Path, cases: list[dict], variants: dict[str, "Variant"],
