@@ -35,7 +35,7 @@ from medanomaly.detectors import build_detector
 from medanomaly.engine import line_scores, smooth_scores, to_native
 from medanomaly.lab import TARGET_SUBSETS
 from medanomaly.orientation import Reorientation
-from medanomaly.preprocess import prepare_slices
+from medanomaly.preprocess import prepare_slices, with_context
 from medanomaly.volumes import read_volume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,8 @@ def token_maps(detector, path: Path, batch: int = 16) -> dict:
     volume = read_volume(str(path))
     reorientation = Reorientation.for_image(volume.image)
     slices = prepare_slices(reorientation.to_canonical(volume.hu), reorientation.canonical_spacing, detector.spec)
-    image = slices.windowed(detector.spec)[:, None]
+    windowed = slices.windowed(detector.spec)
+    image = with_context(windowed, range(len(windowed)), detector.spec.context_slices)  # [Z, C, H, W]
     half = detector.stride // 2
     region = torch.from_numpy(slices.region[:, None])
     out = {"image": [], "codes": [], "qerr": [], "p": [], "p_shifted": [], "score": []}
@@ -58,7 +59,7 @@ def token_maps(detector, path: Path, batch: int = 16) -> dict:
             x = image[start:start + batch]
             out["score"].append(detector.score(x, region[start:start + batch]).score[:, 0].float().numpy())
             encodings, quantized, codes = detector.encode(x)
-            out["image"].append(x[:, 0].numpy())
+            out["image"].append(x[:, detector.middle].numpy())
             out["codes"].append(codes.numpy())
             out["qerr"].append((encodings - quantized).norm(dim=1).numpy())
             out["p"].append(detector.classifier.probability(quantized, window)[:, 0].numpy())

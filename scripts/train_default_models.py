@@ -196,6 +196,23 @@ RECIPES = {
                     "random 16x16-token crops (224 mm, the classifier with each crop's positional embeddings); "
                     "detection on the whole grid (chest_ct_01, slab split with held-out slabs for calibration).",
     ),
+    # the same CPU recipe with 2.5D input: each slice with 2 neighbours on each side (+-4 mm at 2 mm slices) as five
+    # channels, which both decoders rebuild; a nodule of 6-8 mm ends within them, a vessel seen end-on does not
+    "chest-ct-vqvae-fs-256-context": dict(
+        method="vqvae-fs",
+        data=CHEST_DATA,
+        steps=10000, batch_size=16, learning_rate=1e-3, seed=0,
+        input=dict(CHEST_INPUT_256, context_slices=2),
+        architecture={"salient": 0.0, "stage1_fraction": 0.4, "train_window": 16},
+        checkpoint_every=1000,
+        description="VQ-VAE feature-space anomaly synthesis at 256^2 (1.75 mm pixels, 32x32 tokens of 14 mm) with "
+                    "2.5D input: each slice and 2 neighbours on each side (+-4 mm) as five channels, rebuilt by "
+                    "both decoders; the map is the middle slice's. Trained on 2 CPU cores as "
+                    "chest-ct-vqvae-fs-256-cpu: stage 1 VQ-VAE for 4000 steps and stage 2 (random token corruption, "
+                    "transformer token classifier, decoder from corrupted features, residual-weighted loss) for "
+                    "6000, both on random 16x16-token crops; detection on the whole grid (chest_ct_01, slab split "
+                    "with held-out slabs for calibration).",
+    ),
     "chest-ct-hu-outlier": dict(
         method="hu-outlier",
         data=CHEST_DATA,

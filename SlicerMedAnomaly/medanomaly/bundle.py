@@ -49,6 +49,7 @@ CARD_SCHEMA = {
                 "smoothing_mm": {"type": "number", "minimum": 0},
                 "line_mm": {"type": "number", "minimum": 0},
                 "slice_mm": {"type": "number", "minimum": 0},
+                "context_slices": {"type": "integer", "minimum": 0, "maximum": 8},
             },
         },
         "architecture": {"type": "object"},

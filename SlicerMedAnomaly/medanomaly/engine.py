@@ -18,7 +18,7 @@ from scipy import ndimage as ndi
 
 from .detectors.base import Detector
 from .errors import Cancelled, InputError
-from .preprocess import InputSpec, ModelSlices
+from .preprocess import InputSpec, ModelSlices, with_context
 
 ProgressCallback = Callable[[str, float], None]
 CancelCheck = Callable[[], bool]
@@ -70,9 +70,12 @@ def network_precision(device: torch.device, mixed_precision: bool = True):
 
 def score_batch(detector: Detector, image: torch.Tensor, region: torch.Tensor, device: torch.device,
                 mixed_precision: bool = True):
-    """One batch through the detector on `device`: image [B, H, W] in window units, region [B, H, W] bool."""
+    """One batch through the detector on `device`: image [B, H, W] (or [B, C, H, W] with context slices) in window
+    units, region [B, H, W] bool."""
+    if image.ndim == 3:
+        image = image[:, None]
     with torch.inference_mode(), network_precision(device, mixed_precision):
-        return detector.score(image[:, None].to(device), region[:, None].to(device))
+        return detector.score(image.to(device), region[:, None].to(device))
 
 
 def run_detector(detector: Detector, slices: ModelSlices, *, device: torch.device,
@@ -96,8 +99,8 @@ def run_detector(detector: Detector, slices: ModelSlices, *, device: torch.devic
             raise Cancelled("cancelled by the user; nothing was written")
         stop = min(z, start + batch)
         t0 = time.perf_counter()
-        out = score_batch(detector, image[start:stop], region[start:stop], device,
-                          mixed_precision=detector.mixed_precision)
+        out = score_batch(detector, with_context(image, range(start, stop), spec.context_slices),
+                          region[start:stop], device, mixed_precision=detector.mixed_precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
         timings.network_s += time.perf_counter() - t0

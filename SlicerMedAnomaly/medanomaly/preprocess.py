@@ -35,13 +35,21 @@ class InputSpec:
     #                       structures such as needles, which the 3D smoothing erases; the map is the larger of both
     slice_mm: float = 0.0  # > 0: slices thinner than this are averaged to this thickness first, the thickness the
     #                        model was trained and calibrated on (thinner slices are noisier); 0: native slices
+    context_slices: int = 0  # > 0: the network sees this many neighbouring model slices on each side as extra
+    #                          channels (2.5D): a nodule ends within a few slices, a vessel seen end-on does not
+
+    @property
+    def channels(self) -> int:
+        """Input channels of the network: the slice and its context slices, in order along S."""
+        return 1 + 2 * self.context_slices
 
     @classmethod
     def from_card(cls, spec: dict) -> "InputSpec":
         return cls(size=int(spec["size"]), spacing_mm=float(spec["spacing_mm"]),
                    window_hu=tuple(float(v) for v in spec["window_hu"]), region=spec.get("region", "body"),
                    smoothing_mm=float(spec.get("smoothing_mm", 3.0)), body_region=spec.get("body_region", "chest"),
-                   line_mm=float(spec.get("line_mm", 0.0)), slice_mm=float(spec.get("slice_mm", 0.0)))
+                   line_mm=float(spec.get("line_mm", 0.0)), slice_mm=float(spec.get("slice_mm", 0.0)),
+                   context_slices=int(spec.get("context_slices", 0)))
 
     def to_card(self) -> dict:
         card = {"size": self.size, "spacing_mm": self.spacing_mm, "window_hu": list(self.window_hu),
@@ -50,7 +58,19 @@ class InputSpec:
             card["line_mm"] = self.line_mm
         if self.slice_mm > 0:
             card["slice_mm"] = self.slice_mm
+        if self.context_slices > 0:
+            card["context_slices"] = self.context_slices
         return card
+
+
+def with_context(slices: torch.Tensor, index, context: int) -> torch.Tensor:
+    """[Z, H, W] slices -> [N, 1 + 2 * context, H, W]: for each slice in `index`, itself and `context` neighbours on
+    each side, in order along S; beyond the first and last slice the edge slice is repeated."""
+    index = torch.as_tensor(np.asarray(index), dtype=torch.long)
+    if context <= 0:
+        return slices[index][:, None]
+    shifts = torch.arange(-context, context + 1)
+    return slices[(index[:, None] + shifts).clamp_(0, slices.shape[0] - 1)]
 
 
 def window(hu, window_hu) -> torch.Tensor | np.ndarray:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..bundle import ModelBundle
+from ..errors import ModelError
 from ..preprocess import InputSpec
 
 
@@ -35,11 +36,16 @@ class Detector(nn.Module):
     cpu_batch_slices: ClassVar[int | None] = 1
     # On CUDA, whether the networks run under float16 autocast (engine.network_precision).
     mixed_precision: ClassVar[bool] = True
+    # Whether the method can take neighbouring slices as extra input channels (the card's input.context_slices).
+    supports_context: ClassVar[bool] = False
 
     def __init__(self, card: dict):
         super().__init__()
         self.card = card
         self.spec = InputSpec.from_card(card["input"])
+        if self.spec.context_slices and not self.supports_context:
+            raise ModelError(f"method {self.method}: input.context_slices must be 0 (only vqvae-fs models take "
+                             f"neighbouring slices), got {self.spec.context_slices}")
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle) -> "Detector":
@@ -48,5 +54,6 @@ class Detector(nn.Module):
         return detector.eval()
 
     def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
-        """image: [B, 1, H, W] windowed to [0, 1]; region: [B, 1, H, W] bool, where scores count."""
+        """image: [B, C, H, W] windowed to [0, 1], C = spec.channels (the slice, or with context slices the middle
+        channel); region: [B, 1, H, W] bool, where scores count (of the middle slice)."""
         raise NotImplementedError

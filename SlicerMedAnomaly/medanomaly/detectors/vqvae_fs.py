@@ -199,14 +199,21 @@ def residual_weight(residual: torch.Tensor, token_stride: int, window: int = 3) 
 
 @register
 class VQVAEFeatureSynthesisDetector(Detector):
+    """With the card's input.context_slices = c > 0 (2.5D) the VQ-VAE encodes the slice with c neighbours on each
+    side as 2c + 1 channels and both decoders rebuild all of them, so the tokens must carry what the neighbours
+    show; the map is the middle channel's."""
+
     method = "vqvae-fs"
+    supports_context = True
 
     def __init__(self, card: dict):
         super().__init__(card)
         arch = {**DEFAULT_ARCHITECTURE, **card.get("architecture", {})}
         self.arch = arch
-        self.vqvae: VQVAE = build_vqvae(arch)
-        self.decoder_corrupted = build_vqvae(arch).decoder  # a second decoder, from corrupted features
+        channels = self.spec.channels
+        self.middle = self.spec.context_slices  # index of the scored slice among the input channels
+        self.vqvae: VQVAE = build_vqvae(arch, channels)
+        self.decoder_corrupted = build_vqvae(arch, channels).decoder  # a second decoder, from corrupted features
         self.stride = 2 ** len(arch["channels"])
         tokens = (self.spec.size // self.stride) ** 2
         self.classifier = TokenClassifier(arch["embedding_dim"], arch["classifier_width"], arch["classifier_depth"],
@@ -224,11 +231,14 @@ class VQVAEFeatureSynthesisDetector(Detector):
         return encodings, quantizer.embed(codes), codes
 
     def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
-        assert image.ndim == 4 and image.shape[1] == 1, f"expected [B, 1, H, W], got {tuple(image.shape)}"
+        channels = self.spec.channels
+        assert image.ndim == 4 and image.shape[1] == channels, f"expected [B, {channels}, H, W], got {tuple(image.shape)}"
         _, quantized, _ = self.encode(image)
         probability = self.classifier.probability(quantized, int(self.arch["detection_window"]))
         probability = F.interpolate(probability, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        reconstruction = self.decoder_corrupted(quantized).float().clamp(0, 1)
+        middle = slice(self.middle, self.middle + 1)
+        image = image[:, middle]
+        reconstruction = self.decoder_corrupted(quantized)[:, middle].float().clamp(0, 1)
         power = float(self.arch["probability_power"])
         if power != 1.0:  # the shipped models use 1: no extra pass over the map
             probability = probability ** power

@@ -18,10 +18,12 @@ DEFAULT_ARCHITECTURE = {
 }
 
 
-def build_vqvae(architecture: dict) -> VQVAE:
+def build_vqvae(architecture: dict, image_channels: int = 1) -> VQVAE:
+    """MONAI's VQVAE for the architecture; `image_channels` in and out (a slice and its context slices)."""
     arch = {**DEFAULT_ARCHITECTURE, **architecture}
     levels = len(arch["channels"])
-    return VQVAE(spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(arch["channels"]),
+    return VQVAE(spatial_dims=2, in_channels=image_channels, out_channels=image_channels,
+                 channels=tuple(arch["channels"]),
                  num_res_layers=arch["num_res_layers"], num_res_channels=tuple(arch["channels"]),
                  downsample_parameters=((2, 4, 1, 1),) * levels, upsample_parameters=((2, 4, 1, 1, 0),) * levels,
                  num_embeddings=arch["num_embeddings"], embedding_dim=arch["embedding_dim"],

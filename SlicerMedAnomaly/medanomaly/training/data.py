@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from ..bundle import content_hash
 from ..orientation import Reorientation
-from ..preprocess import InputSpec, ModelSlices, prepare_slices
+from ..preprocess import InputSpec, ModelSlices, prepare_slices, with_context
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ class SliceBuffer:
 
     def __init__(self, paths: Sequence[str], spec: InputSpec, *, split: bool, max_slices: int = 4096,
                  seed: int = 0, block: int = 20, every: int = 3, margin: int = 3, refresh_every: int = 50):
+        if split and spec.context_slices > margin:
+            raise ValueError(f"input.context_slices {spec.context_slices} reaches past the slab split's margin of "
+                             f"{margin} slices: training slices would see held-out ones; raise the margin")
         self.paths, self.spec, self.split, self.max_slices = list(paths), spec, split, max_slices
         self.split_args = {"block": block, "every": every, "margin": margin}
         self.refresh_every, self.batches_served, self.next_volume = refresh_every, 0, 0
@@ -91,7 +94,7 @@ class SliceBuffer:
             self.counts.append(int(source.train_z.size))
             if source.heldout_z.size:
                 self.heldout_paths.append(source.path)
-            images.append(source.slices.windowed(spec)[source.train_z])
+            images.append(network_input(source.slices, spec, source.train_z))
             regions.append(torch.from_numpy(source.slices.body[source.train_z]))
             origins.append(torch.stack([torch.full((source.train_z.size,), v), torch.from_numpy(source.train_z)], 1))
             if sum(len(i) for i in images) > max_slices:  # keep a uniform random subset
@@ -100,7 +103,7 @@ class SliceBuffer:
                                             [torch.cat(origins)[keep]])
         if not images or sum(len(i) for i in images) == 0:
             raise ValueError("no training slices with body found in the given data")
-        self.images = torch.cat(images)[:, None]
+        self.images = torch.cat(images)  # [N, C, H, W]: C = spec.channels
         self.regions = torch.cat(regions)[:, None]
         self.origins = torch.cat(origins)  # [N, 2]: volume index and slice index of every held slice
         self.streaming = sum(self.counts) > max_slices
@@ -128,7 +131,7 @@ class SliceBuffer:
             return
         z = self.rng.choice(source.train_z, min(share, source.train_z.size), replace=False)
         slots = torch.from_numpy(self.rng.choice(len(self.images), z.size, replace=False))
-        self.images[slots, 0] = source.slices.windowed(self.spec)[z]
+        self.images[slots] = network_input(source.slices, self.spec, z)
         self.regions[slots, 0] = torch.from_numpy(source.slices.body[z])
         self.origins[slots] = torch.stack([torch.full((z.size,), v), torch.from_numpy(z)], 1)
 
@@ -167,6 +170,11 @@ class SliceBuffer:
         for source in load_sources(self.heldout_paths, self.spec, split=True, **self.split_args):
             if source.heldout_z.size:
                 yield source.slices, source.heldout_z
+
+
+def network_input(slices: ModelSlices, spec: InputSpec, index) -> torch.Tensor:
+    """[N, C, H, W] windowed slices `index` as the network takes them (with the spec's context slices)."""
+    return with_context(slices.windowed(spec), index, spec.context_slices)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, max_rotation_deg: float = 7.0,

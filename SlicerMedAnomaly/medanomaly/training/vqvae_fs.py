@@ -82,8 +82,9 @@ def loss(detector, images: torch.Tensor, regions: torch.Tensor, generator: torch
     logits = detector.classifier(corrupted, offsets)
     ce = F.cross_entropy(logits, mask.long(), reduction="none")  # [B, h, w]
     normal_ce = (ce * ~mask).sum() / (~mask).sum().clamp(min=1)
-    if arch["residual_weighting"]:
-        weight = residual_weight((repaired.detach() - x).abs(), detector.stride)
+    if arch["residual_weighting"]:  # the residual of the scored (middle) slice, as at detection
+        middle = slice(detector.middle, detector.middle + 1)
+        weight = residual_weight((repaired.detach()[:, middle] - x[:, middle]).abs(), detector.stride)
     else:
         weight = torch.ones_like(ce)
     corrupted_ce = (ce * weight * mask).sum() / mask.sum().clamp(min=1)
