@@ -11,6 +11,7 @@ import SimpleITK as sitk
 import torch
 
 import medanomaly
+from medanomaly.bundle import resolve_model
 from medanomaly.detectors.vqvae_fs import VQVAEFeatureSynthesisDetector
 from medanomaly.detectors.vqvae_recon import VQVAEReconstructionDetector
 from medanomaly.engine import run_detector
@@ -114,3 +115,16 @@ def test_a_context_model_trains_calibrates_and_detects_on_the_input_grid(demo_im
     assert heatmap.GetDirection() == pytest.approx(demo_image.GetDirection())
     findings = json.loads((tmp_path / "out" / "normal" / "findings.json").read_text())
     assert findings["model"]["name"] == "ctx" and np.isfinite(result.volume_score)
+
+
+def test_the_shipped_context_model_detects_on_the_demo_ct(demo_image, tmp_path):
+    """The catalog's 2.5D bundle loads with this software (five input channels) and its outputs lie on the grid."""
+    bundle = resolve_model("chest-ct-vqvae-fs-256-context")
+    bundle.verify()
+    assert bundle.card["input"]["context_slices"] == 2 and bundle.card["min_software_version"] == "0.4.0"
+    path = tmp_path / "demo.nii.gz"
+    sitk.WriteImage(demo_image, str(path))
+    (result,) = medanomaly.detect(path, tmp_path / "out", model="chest-ct-vqvae-fs-256-context")
+    image, heatmap = demo_image, sitk.ReadImage(str(tmp_path / "out" / "demo" / "heatmap.nrrd"))
+    assert heatmap.GetSize() == image.GetSize() and heatmap.GetOrigin() == pytest.approx(image.GetOrigin())
+    assert result.model["name"] == "chest-ct-vqvae-fs-256-context" and 0.0 <= result.volume_score <= 1.0

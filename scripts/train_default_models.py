@@ -241,6 +241,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", default=None)
     ap.add_argument("--steps", type=int, default=None, help="override every recipe's steps (for a quick check)")
+    ap.add_argument("--seed", type=int, default=None, help="override the recipe's seed (a replicate run)")
     ap.add_argument("--output", default=str(MODELS))
     ap.add_argument("--prepare-slices", metavar="FILE", help="write the --only recipe's training slices and stop")
     ap.add_argument("--slices", metavar="FILE", help="train the --only recipe from prepared slices")
@@ -262,6 +263,8 @@ def main() -> None:
             print(f"{name}: training slices written to {args.prepare_slices}")
             return
         overrides = {"steps": args.steps} if args.steps else {}
+        if args.seed is not None:
+            overrides["seed"] = args.seed
         if args.slices:
             overrides["slices"] = SliceBuffer.load(args.slices, spec, seed=recipe["seed"])
         t0 = time.perf_counter()
