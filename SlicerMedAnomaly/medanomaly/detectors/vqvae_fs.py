@@ -232,7 +232,8 @@ class VQVAEFeatureSynthesisDetector(Detector):
 
     def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
         channels = self.spec.channels
-        assert image.ndim == 4 and image.shape[1] == channels, f"expected [B, {channels}, H, W], got {tuple(image.shape)}"
+        assert image.ndim == 4 and image.shape[1] == channels, \
+            f"expected [B, {channels}, H, W], got {tuple(image.shape)}"
         _, quantized, _ = self.encode(image)
         probability = self.classifier.probability(quantized, int(self.arch["detection_window"]))
         probability = F.interpolate(probability, size=image.shape[-2:], mode="bilinear", align_corners=False)
