@@ -36,6 +36,11 @@ STAGE2_256_CONTINUATION = dict(
     method="vqvae-fs", data=CHEST_DATA, batch_size=16, input=CHEST_INPUT_256, checkpoint_every=1000,
     init_prefixes=("vqvae.", "decoder_corrupted.", "classifier."), architecture_overrides={"stage1_fraction": 0.0},
 )
+# the 256^2 flagship's recipe for 2 CPU cores (random 16x16-token crops in both stages), shared by its variants
+CPU_256 = dict(
+    method="vqvae-fs", data=CHEST_DATA, steps=10000, batch_size=16, learning_rate=1e-3, seed=0,
+    architecture={"salient": 0.0, "stage1_fraction": 0.4, "train_window": 16}, checkpoint_every=1000,
+)
 
 RECIPES = {
     "chest-ct-vqvae-recon": dict(
@@ -184,12 +189,8 @@ RECIPES = {
     # whole-grid step; detection sees the whole grid (scripts/benchmark_training.py; README, "Training the 256^2
     # flagship on a CPU")
     "chest-ct-vqvae-fs-256-cpu": dict(
-        method="vqvae-fs",
-        data=CHEST_DATA,
-        steps=10000, batch_size=16, learning_rate=1e-3, seed=0,
+        CPU_256,
         input=CHEST_INPUT_256,
-        architecture={"salient": 0.0, "stage1_fraction": 0.4, "train_window": 16},
-        checkpoint_every=1000,
         description="VQ-VAE feature-space anomaly synthesis at 256^2 (1.75 mm pixels, 32x32 tokens of 14 mm) trained "
                     "on 2 CPU cores: stage 1 VQ-VAE for 4000 steps and stage 2 (random token corruption, transformer "
                     "token classifier, decoder from corrupted features, residual-weighted loss) for 6000, both on "
@@ -199,12 +200,8 @@ RECIPES = {
     # the same CPU recipe with 2.5D input: each slice with 2 neighbours on each side (+-4 mm at 2 mm slices) as five
     # channels, which both decoders rebuild; a nodule of 6-8 mm ends within them, a vessel seen end-on does not
     "chest-ct-vqvae-fs-256-context": dict(
-        method="vqvae-fs",
-        data=CHEST_DATA,
-        steps=10000, batch_size=16, learning_rate=1e-3, seed=0,
+        CPU_256,
         input=dict(CHEST_INPUT_256, context_slices=2),
-        architecture={"salient": 0.0, "stage1_fraction": 0.4, "train_window": 16},
-        checkpoint_every=1000,
         description="VQ-VAE feature-space anomaly synthesis at 256^2 (1.75 mm pixels, 32x32 tokens of 14 mm) with "
                     "2.5D input: each slice and 2 neighbours on each side (+-4 mm) as five channels, rebuilt by "
                     "both decoders; the map is the middle slice's. Trained on 2 CPU cores as "
