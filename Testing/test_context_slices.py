@@ -15,7 +15,7 @@ from medanomaly.bundle import resolve_model
 from medanomaly.detectors.vqvae_fs import VQVAEFeatureSynthesisDetector
 from medanomaly.detectors.vqvae_recon import VQVAEReconstructionDetector
 from medanomaly.engine import run_detector
-from medanomaly.errors import ModelError
+from medanomaly.errors import InputError, ModelError
 from medanomaly.preprocess import InputSpec, ModelGrid, ModelSlices, with_context
 from medanomaly.training import train
 from medanomaly.training.data import SliceBuffer
@@ -92,7 +92,7 @@ def test_training_slices_carry_their_context_and_never_reach_a_held_out_slab(dem
         expected = windowed[np.clip(np.arange(z - 2, z + 3), 0, windowed.shape[0] - 1)]
         torch.testing.assert_close(image, expected)
         assert np.abs(np.arange(z - 2, z + 3)[:, None] - held[None, :]).min() > 0, "context reaches a held-out slice"
-    with pytest.raises(ValueError, match="reaches past the slab split's margin"):
+    with pytest.raises(InputError, match="reaches past the slab split's margin"):
         SliceBuffer([str(path)], spec, split=True, block=5, every=3, margin=1)
 
 

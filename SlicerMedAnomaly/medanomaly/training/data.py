@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..bundle import content_hash
+from ..errors import InputError
 from ..orientation import Reorientation
 from ..preprocess import InputSpec, ModelSlices, prepare_slices, with_context
 
@@ -77,8 +78,9 @@ class SliceBuffer:
     def __init__(self, paths: Sequence[str], spec: InputSpec, *, split: bool, max_slices: int = 4096,
                  seed: int = 0, block: int = 20, every: int = 3, margin: int = 3, refresh_every: int = 50):
         if split and spec.context_slices > margin:
-            raise ValueError(f"input.context_slices {spec.context_slices} reaches past the slab split's margin of "
-                             f"{margin} slices: training slices would see held-out ones; raise the margin")
+            raise InputError(f"input.context_slices {spec.context_slices} reaches past the slab split's margin of "
+                             f"{margin} slices, so training slices would see held-out ones; use at most {margin}, or "
+                             f"give --calibration-data (no slab split)")
         self.paths, self.spec, self.split, self.max_slices = list(paths), spec, split, max_slices
         self.split_args = {"block": block, "every": every, "margin": margin}
         self.refresh_every, self.batches_served, self.next_volume = refresh_every, 0, 0
