@@ -117,6 +117,32 @@ def test_probability_power_sharpens_the_token_probability_in_the_map():
     assert float(sharpened.sum()) < float(plain.score.sum())  # probabilities below 1 shrink
 
 
+def test_grid_offsets_average_the_probability_of_token_grids_moved_by_part_of_a_token():
+    detector = tiny_detector()
+    image = torch.zeros(2, 1, 32, 32)
+    image[:, :, 6:26, 6:26] = torch.rand(2, 1, 20, 20)  # air (0) at the borders: rolling the image is shifting it
+    region = torch.ones(2, 1, 32, 32, dtype=torch.bool)
+    with torch.no_grad():
+        one = detector.score(image, region)
+        detector.arch.update(use_residual=False)
+        p0 = detector.score(image, region).score
+        detector.arch.update(grid_offsets=2)
+        p2 = detector.score(image, region).score
+        detector.arch.update(use_residual=True)
+        both = detector.score(image, region)
+        # by hand: the classifier on the image rolled 4 pixels (half of a token of 8) down and right, rolled back
+        rolled = detector.encode(torch.roll(image, (4, 4), (2, 3)))[1]
+        p_rolled = torch.nn.functional.interpolate(detector.classifier(rolled).softmax(1)[:, 1:2], size=(32, 32),
+                                                   mode="bilinear", align_corners=False)
+        expected = (p0 + torch.roll(p_rolled, (-4, -4), (2, 3))) / 2
+    inside = (slice(None), slice(None), slice(0, 28), slice(0, 28))  # the last 4 rows and columns are replicated
+    torch.testing.assert_close(p2[inside], expected[inside])
+    assert float((p2 - p0).abs().max()) > 1e-4  # the second grid sees other tokens
+    # the residual factor and the pseudo-healthy image stay those of the unmoved grid
+    torch.testing.assert_close(both.reconstruction, one.reconstruction)
+    torch.testing.assert_close(both.score, p2 * (image - one.reconstruction).abs())
+
+
 def test_engine_scores_one_slice_per_call_on_cpu_with_the_same_map():
     from medanomaly.engine import run_detector
     from medanomaly.preprocess import ModelGrid, ModelSlices

@@ -6,6 +6,8 @@
   256^2 default;
 - for the 256^2 default, the token probability sharpened (probability ** 2 or ** 4 x residual, recalibrated): do
   confident tokens alone (needles reach probability 0.88-1.0) make a better map?
+- for the 256^2 default and the 2.5D CPU model, the token probability averaged over two token grids offset by half
+  a token (`grid_offsets` 2, recalibrated): are small lesions that straddle token borders found?
 - for the 256^2 default, in-plane line means (input `line_mm` 3 and 5: the map is the larger of the 3D smoothing and
   the best straight-line mean, recalibrated): do needles survive where the 3D smoothing erases them?
 
@@ -87,7 +89,9 @@ def main() -> None:
                 "vqvae-fs-256-classifier-only": (default_256, {"use_residual": False}),
                 **{f"vqvae-fs-256-probability-power-{power}": (default_256, {"probability_power": float(power)})
                    for power in (2, 4)},
-                **{f"vqvae-fs-256-line-{mm}": (default_256, {}, {"line_mm": float(mm)}) for mm in (3, 5)}}
+                **{f"vqvae-fs-256-line-{mm}": (default_256, {}, {"line_mm": float(mm)}) for mm in (3, 5)},
+                **{f"{name[len('chest-ct-'):]}-grid-offsets-2": (name, {"grid_offsets": 2})
+                   for name in (default_256, "chest-ct-vqvae-fs-256-context")}}
     for name, (source, architecture, *input_spec) in rescored.items():
         if args.only and name not in args.only:
             continue

@@ -21,12 +21,15 @@ became (scripts/results/lab_benchmark_256_regularization.json).
 
 `--init-from chest-ct-vqvae-fs-256 --learning-rate 1.25e-4 --steps 2000 --only control --output runs/longer` asks
 whether the shipped default (0.2.0) gains from still more steps.
+`--init-from chest-ct-vqvae-fs-256-context --learning-rate 5e-4 --steps 4000 --only control --output
+runs/context-longer` asks the same of the 2.5D CPU model (its input, context included, comes from the bundle).
 """
 
 import argparse
 import logging
 from pathlib import Path
 
+from medanomaly.bundle import ModelBundle
 from medanomaly.preprocess import InputSpec
 from medanomaly.training.data import SliceBuffer
 from train_default_models import MODELS, RECIPES, train_recipe
@@ -56,8 +59,9 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = dict(RECIPES["chest-ct-vqvae-fs-256"])
-    if args.init_from:
+    if args.init_from:  # a continuation keeps the input its weights were trained on (a 2.5D bundle's context)
         base["init_from"] = args.init_from
+        base["input"] = ModelBundle.load(MODELS / args.init_from).card["input"]
     if args.learning_rate:
         base["learning_rate"] = args.learning_rate
     out = Path(args.output)

@@ -40,6 +40,11 @@ DEFAULT_ARCHITECTURE = {
     # W > 0: at detection the classifier sees overlapping W x W-token windows, Gaussian-blended by MONAI's sliding
     # window inferer; 0: the whole grid at once (better in the lab even for a model trained on windows)
     "detection_window": 0,
+    # N > 1: the token probability is the mean of N passes whose token grids are offset by k/N of a token (k = 0 ..
+    # N - 1) along both axes, each pass's map shifted back onto the pixels (N times the network cost): a lesion
+    # that straddles token borders is whole in one of the grids, and the passes' false alarms on normal anatomy
+    # need not coincide. 1: one pass
+    "grid_offsets": 1,
 }
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,13 +235,24 @@ class VQVAEFeatureSynthesisDetector(Detector):
         codes = quantizer.quantize(encodings)[2]
         return encodings, quantizer.embed(codes), codes
 
+    def pixel_probability(self, quantized: torch.Tensor, size: tuple) -> torch.Tensor:
+        """The classifier's P(corrupted) per token, bilinearly upsampled to the pixels, [B, 1, H, W]."""
+        probability = self.classifier.probability(quantized, int(self.arch["detection_window"]))
+        return F.interpolate(probability, size=size, mode="bilinear", align_corners=False)
+
     def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
         channels = self.spec.channels
         assert image.ndim == 4 and image.shape[1] == channels, \
             f"expected [B, {channels}, H, W], got {tuple(image.shape)}"
         _, quantized, _ = self.encode(image)
-        probability = self.classifier.probability(quantized, int(self.arch["detection_window"]))
-        probability = F.interpolate(probability, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        probability = self.pixel_probability(quantized, image.shape[-2:])
+        passes = int(self.arch["grid_offsets"])
+        for k in range(1, passes):  # the image moved down and right by o pixels (air enters), the map moved back
+            o = k * self.stride // passes
+            moved = F.pad(image, (o, 0, o, 0))[..., :image.shape[-2], :image.shape[-1]]
+            shifted = self.pixel_probability(self.encode(moved)[1], image.shape[-2:])
+            probability = probability + F.pad(shifted[..., o:, o:], (0, o, 0, o), mode="replicate")
+        probability = probability / passes
         middle = slice(self.middle, self.middle + 1)
         image = image[:, middle]
         reconstruction = self.decoder_corrupted(quantized)[:, middle].float().clamp(0, 1)
