@@ -13,8 +13,9 @@ from conftest import ROOT
 
 from medanomaly.bundle import ModelBundle, resolve_model
 from medanomaly.errors import InputError
-from medanomaly.lab import (TARGET_SUBSETS, build_cases, evaluate, markdown_breakdown, markdown_table, record_in_card,
-                            slab)
+from medanomaly.lab import (TARGET_SUBSETS, build_cases, evaluate, intervals, markdown_breakdown, markdown_table,
+                            record_in_card, slab)
+from medanomaly.metrics import proportion_interval
 from medanomaly.synth import LESION_KINDS, LUNG_KINDS, LesionInserter, insert_lesions
 
 
@@ -129,6 +130,14 @@ def test_evaluate_runs_every_metric_and_prints_tables(demo_image, tmp_path):
         assert target["nodules >= 6 mm"]["lesions"] == 2 and target["needles"]["lesions"] == 2
         assert target["nodules >= 6 mm"]["sensitivity"] == r["per_kind"]["nodule_solid"]["sensitivity_at_2fp"]
         assert target["needles"]["sensitivity"] == r["per_kind"]["needle"]["sensitivity_at_2fp"]
+        # 95% intervals: the slab AUROC's from the case scores, each sensitivity's from its lesion count
+        ci = r["intervals_95"]
+        assert ci["volume_auroc"][0] <= r["volume_auroc"] <= ci["volume_auroc"][1]
+        for name, t in target.items():
+            low, high = ci["target_sensitivity_at_2fp"][name]
+            assert (low, high) == proportion_interval(round(t["sensitivity"] * 2), 2)
+        assert ci["froc_at_2fp"] == proportion_interval(round(r["froc"]["2.0"] * 6), 6)
+        assert json.dumps(intervals(json.loads(json.dumps(r)))) == json.dumps(ci)  # stored results too
         results.append(r)
     table = markdown_table(results)
     assert "chest-ct-vqvae-recon" in table and "chest-ct-hu-outlier" in table
@@ -139,6 +148,7 @@ def test_evaluate_runs_every_metric_and_prints_tables(demo_image, tmp_path):
     card = ModelBundle.load(copy).card
     assert card["evaluation"]["lab"]["voxel_ap"] == results[1]["voxel_ap"]
     assert card["evaluation"]["lab"]["findings_froc"] == results[1]["findings_froc"]
+    assert card["evaluation"]["lab"]["intervals_95"]["volume_auroc"] == list(results[1]["intervals_95"]["volume_auroc"])
     assert card["evaluation"]["lab"]["cases_manifest_sha256"] == results[1]["provenance"]["manifest_sha256"]
     ModelBundle.load(copy).verify()
     with pytest.raises(InputError):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from medanomaly.metrics import FROC, FindingsFROC, PooledVoxelCurve, average_precision, localization_hits, roc_auc
+from medanomaly.metrics import (FROC, FindingsFROC, PooledVoxelCurve, auroc_interval, average_precision,
+                                localization_hits, proportion_interval, roc_auc)
 
 
 def test_auroc_and_ap_by_hand():
@@ -23,6 +24,39 @@ def test_auroc_and_ap_match_sklearn_with_ties(seed):
     scores = np.round(rng.random(200) + labels * 0.4, 1)  # rounding makes ties
     assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
     assert average_precision(scores, labels) == pytest.approx(average_precision_score(labels, scores))
+
+
+@pytest.mark.parametrize("found,total", [(6, 14), (0, 4), (14, 14), (13, 34)])
+def test_proportion_interval_is_wilsons(found, total):
+    z = 1.959963984540054  # the normal quantile of 0.975
+    p = found / total
+    centre = (p + z**2 / (2 * total)) / (1 + z**2 / total)
+    half = z / (1 + z**2 / total) * np.sqrt(p * (1 - p) / total + z**2 / (4 * total**2))
+    low, high = proportion_interval(found, total)
+    assert low == pytest.approx(max(0.0, centre - half)) and high == pytest.approx(min(1.0, centre + half))
+    assert low <= p <= high
+    assert all(np.isnan(proportion_interval(0, 0)))
+
+
+def test_auroc_interval_brackets_the_auroc_and_narrows_with_more_cases():
+    assert auroc_interval([0.9, 0.8, 0.7, 0.1, 0.2], [1, 1, 1, 0, 0]) == (1.0, 1.0)  # separated in every resample
+    rng = np.random.default_rng(3)
+
+    def case(n_pos, n_neg):
+        scores = np.concatenate([rng.normal(1.0, 1.0, n_pos), rng.normal(0.0, 1.0, n_neg)])
+        labels = np.r_[np.ones(n_pos, bool), np.zeros(n_neg, bool)]
+        return scores, labels
+
+    few, many = case(34, 2), case(340, 200)
+    widths = []
+    for scores, labels in (few, many):
+        low, high = auroc_interval(scores, labels)
+        assert 0 <= low <= roc_auc(scores, labels) <= high <= 1
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 3  # 2 negatives leave the AUROC far less certain than 200
+    assert auroc_interval(*few) == auroc_interval(*few)  # seeded
+    assert all(np.isnan(auroc_interval([0.5, 0.6], [1, 1])))
+    assert auroc_interval([0.9, 0.3], [1, 0]) == (1.0, 1.0)  # one case per class: nothing to resample
 
 
 def test_pooled_voxel_curve_matches_sklearn_over_cases():

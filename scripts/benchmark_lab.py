@@ -17,7 +17,7 @@ from pathlib import Path
 from medanomaly.bundle import list_models, resolve_model
 from medanomaly.calibration import contiguous_runs
 from medanomaly.ensemble import parse_spec
-from medanomaly.lab import (build_cases, evaluate, markdown_breakdown, markdown_table, pooled_localization,
+from medanomaly.lab import (build_cases, evaluate, intervals, markdown_breakdown, markdown_table, pooled_localization,
                             record_in_card)
 from medanomaly.training.data import slab_split
 
@@ -46,7 +46,15 @@ def main() -> None:
                          "other slab's normal case, because the shipped models calibrate on these held-out slabs")
     ap.add_argument("--write-cards", action="store_true",
                     help="write each bundle's headline numbers into its model card (evaluation.lab)")
+    ap.add_argument("--from-json", nargs="+", metavar="FILE",
+                    help="print the tables of stored results (with their 95%% intervals) instead of evaluating")
     args = ap.parse_args()
+    if args.from_json:
+        results = [r for f in args.from_json for r in json.loads(Path(f).read_text())]
+        for r in results:
+            r.setdefault("intervals_95", intervals(r))  # results stored before the lab computed them
+        report(results)
+        return
     cases = Path(args.cases)
     if args.rebuild or not (cases / "cases.json").exists():
         chest = SHARED_CT / "chest_ct_01.nii.gz"
@@ -63,21 +71,32 @@ def main() -> None:
         results.append(evaluate(cases, name, calibration=args.calibration))
         if args.write_cards and parse_spec(name) is None:
             record_in_card(resolve_model(name).path, results[-1])
+    report(results)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
+
+
+def report(results: list[dict]) -> None:
+    """The lab's tables and per-detector lines on stdout."""
     print(markdown_table(results))
     print()
     print(markdown_breakdown(results))
     print()
+
+    def targets(r: dict, key: str) -> str:  # each target subset's sensitivity with its 95% interval
+        return "; ".join(f"{name} {t['sensitivity']:.2f} (of {t['lesions']}; 95% interval "
+                         f"{r['intervals_95'][key][name][0]:.2f}-{r['intervals_95'][key][name][1]:.2f})"
+                         for name, t in r.get(key, {}).items())
+
     for r in results:
-        print(f"{r['model']['name']}: localization on needle and fluid (effusion) slices "
-              f"{pooled_localization(r):.2f}")
-        targets = "; ".join(f"{name} {t['sensitivity']:.2f} (of {t['lesions']})"
-                            for name, t in r.get("target_sensitivity_at_2fp", {}).items())
-        print(f"{r['model']['name']}: sensitivity at 2 false positives per slab, {targets}")
-        targets = "; ".join(f"{name} {t['sensitivity']:.2f} (of {t['lesions']})"
-                            for name, t in r.get("target_sensitivity_at_2fp_findings", {}).items())
-        print(f"{r['model']['name']}: the same with detect's findings at every level, {targets}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
+        name = r["model"]["name"]
+        print(f"{name}: localization on needle and fluid (effusion) slices {pooled_localization(r):.2f}")
+        print(f"{name}: sensitivity at 2 false positives per slab, {targets(r, 'target_sensitivity_at_2fp')}")
+        print(f"{name}: the same with detect's findings at every level, "
+              f"{targets(r, 'target_sensitivity_at_2fp_findings')}")
+        low, high = r["intervals_95"]["froc_at_2fp"]
+        print(f"{name}: all lesions at 2 false positives per slab {r['froc']['2.0']:.2f} (95% interval "
+              f"{low:.2f}-{high:.2f})")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from .detectors import Detector
 from .engine import pick_device, score_slices
 from .ensemble import Ensemble, calibration_of, load_scorer
 from .errors import InputError
-from .metrics import FROC, FindingsFROC, PooledVoxelCurve, average_precision, localization_hits, roc_auc
+from .metrics import (FROC, FindingsFROC, PooledVoxelCurve, auroc_interval, average_precision, localization_hits,
+                      proportion_interval, roc_auc)
 from .orientation import Reorientation
 from .preprocess import prepare_slices
 from .synth import LesionInserter
@@ -253,7 +254,7 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
                        "sensitivity_at_2fp": froc.sensitivity_at(2.0, lambda lesion, s=size: lesion["size"] == s)}
                 for size in sizes}
     labels_arr, scores_arr = np.array(volume_labels), np.array(volume_scores)
-    return {
+    result = {
         "model": {k: detector.card[k] for k in ("name", "version", "method")},
         "cases": len(manifest["cases"]), "normal_cases": int((~labels_arr).sum()),
         "anomalous_cases": int(labels_arr.sum()),
@@ -281,6 +282,29 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         "case_scores": case_scores,
         "provenance": {"manifest_sha256": sha256_of(manifest_path), "sources": manifest["sources"]},
     }
+    result["intervals_95"] = intervals(result)
+    return result
+
+
+def intervals(result: dict, level: float = 0.95) -> dict:
+    """How far the lab's few cases let its headline numbers be trusted: bootstrap intervals of the slab AUROC
+    (`case_scores`; 2 normal slabs make it coarse) and Wilson intervals of the lesion sensitivities at 2 false
+    positives per slab, overall and for the flagship's target subsets. Works on stored results too."""
+    cases = result["case_scores"]
+    out = {"level": level,
+           "volume_auroc": auroc_interval([-c["volume_p_value"] for c in cases], [not c["normal"] for c in cases],
+                                          level)}
+
+    def interval(sensitivity: float, lesions: int) -> tuple[float, float]:
+        return proportion_interval(round(sensitivity * lesions) if lesions else 0, lesions, level)
+
+    lesions = sum(k["lesions"] for k in result["per_kind"].values())
+    for key in ("froc", "findings_froc"):
+        if key in result:
+            out[f"{key}_at_2fp"] = interval(result[key]["2.0"], lesions)
+    for key in ("target_sensitivity_at_2fp", "target_sensitivity_at_2fp_findings"):
+        out[key] = {name: interval(t["sensitivity"], t["lesions"]) for name, t in result.get(key, {}).items()}
+    return out
 
 
 HEADLINE = ("cases", "normal_cases", "anomalous_cases", "volume_auroc", "volume_ap", "voxel_ap", "voxel_auroc",
@@ -306,7 +330,7 @@ def record_in_card(bundle_path: str | Path, result: dict) -> None:
                                                                       "localization_rate", "localization_slices")}
                        for kind, row in result["per_kind"].items()}
     lab["localization_rate_needle_and_fluid"] = pooled_localization(result)
-    for key in ("target_sensitivity_at_2fp", "target_sensitivity_at_2fp_findings", "findings_froc"):
+    for key in ("target_sensitivity_at_2fp", "target_sensitivity_at_2fp_findings", "findings_froc", "intervals_95"):
         if key in result:
             lab[key] = result[key]
     lab["cases_manifest_sha256"] = result["provenance"]["manifest_sha256"]
@@ -319,8 +343,8 @@ def record_in_card(bundle_path: str | Path, result: dict) -> None:
 
 
 def markdown_table(results: list[dict]) -> str:
-    """One row per detector: the lab's headline numbers."""
-    header = ["detector", "method", "volume AUROC", "volume AP", "voxel AP", "voxel AUROC", "Dice (best)",
+    """One row per detector: the lab's headline numbers (the slab AUROC with its 95% interval)."""
+    header = ["detector", "method", "volume AUROC [95%]", "volume AP", "voxel AP", "voxel AUROC", "Dice (best)",
               "sens @0.5/1/2/4 FP", "findings sens @0.5/1/2/4 FP", "localization", "FP/normal vol (default)",
               "s/volume"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -328,7 +352,9 @@ def markdown_table(results: list[dict]) -> str:
         froc = "/".join(f"{r['froc'][str(rate)]:.2f}" for rate in FROC_RATES)
         findings_froc = ("/".join(f"{r['findings_froc'][str(rate)]:.2f}" for rate in FROC_RATES)
                          if "findings_froc" in r else "-")
-        rows.append(f"| {r['model']['name']} | {r['model']['method']} | {r['volume_auroc']:.3f} | "
+        low, high = r["intervals_95"]["volume_auroc"] if "intervals_95" in r else (float("nan"),) * 2
+        rows.append(f"| {r['model']['name']} | {r['model']['method']} | "
+                    f"{r['volume_auroc']:.3f} [{low:.2f}, {high:.2f}] | "
                     f"{r['volume_ap']:.3f} | {r['voxel_ap']:.4f} | {r['voxel_auroc']:.3f} | {r['dice_best']:.3f} | "
                     f"{froc} | {findings_froc} | {r['localization_rate']:.2f} | "
                     f"{r['fp_findings_per_normal_volume']:.2f} | {r['seconds_per_volume_median']:.2f} |")

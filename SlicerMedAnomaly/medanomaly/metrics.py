@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from scipy.stats import rankdata
+from scipy.stats import binomtest, rankdata
 
 from .findings import CONNECTIVITY
 
@@ -31,6 +31,34 @@ def roc_auc(scores, labels) -> float:
         return float("nan")
     r = rankdata(scores)
     return float((r[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def proportion_interval(found: int, total: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion found/total (scipy's binomtest); (nan, nan) without trials."""
+    if total == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(int(found), int(total)).proportion_ci(level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def auroc_interval(scores, labels, level: float = 0.95, resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of `roc_auc`, the positive and the negative cases resampled separately (each
+    class keeps its size); (nan, nan) without both classes. Resampled here rather than by scipy's `bootstrap`,
+    which refuses a class of one case (a lab with one normal slab)."""
+    scores, labels = _ranked(scores, labels)
+    positive, negative = scores[labels], scores[~labels]
+    if not len(positive) or not len(negative):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, (1 << 24) // (len(positive) * len(negative)))  # resamples per pass: bounded memory
+    values = []
+    for start in range(0, resamples, chunk):
+        m = min(chunk, resamples - start)
+        p = positive[rng.integers(0, len(positive), (m, len(positive)))][:, :, None]
+        n = negative[rng.integers(0, len(negative), (m, len(negative)))][:, None, :]
+        values.append(((p > n) + 0.5 * (p == n)).mean(axis=(1, 2)))  # Mann-Whitney, ties half
+    low, high = np.quantile(np.concatenate(values), [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
 
 
 def average_precision(scores, labels) -> float:
