@@ -3,6 +3,11 @@ the baselines, and print one table of quality and speed.
 
     python scripts/benchmark_lab.py [--cases DIR] [--rebuild] [--models NAME ...]
 
+A second case set in another folder, with other lesions drawn at other places (the same held-out slabs and
+normal cases), narrows the intervals of the sensitivities the lab measures, for example of nodules:
+
+    python scripts/benchmark_lab.py --cases runs/lab-nodules --seed 2027 --kinds nodule_solid:6 nodule_solid:8 ...
+
 Leakage: the chest models are trained on chest_ct_01, the only chest patient. Its slices are split by slab
 (medanomaly.training.data.slab_split: 20-slice blocks, every third held out, 3-slice margins); only the held-out
 slabs become lab cases, and each model's card records that split. Those held-out slabs also calibrated the shipped
@@ -19,6 +24,7 @@ from medanomaly.calibration import contiguous_runs
 from medanomaly.ensemble import parse_spec
 from medanomaly.lab import (build_cases, evaluate, intervals, markdown_breakdown, markdown_table, pooled_localization,
                             record_in_card)
+from medanomaly.synth import LESION_KINDS
 from medanomaly.training.data import slab_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +44,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cases", default=str(ROOT / "runs" / "lab-cases"))
     ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--kinds", nargs="+", default=CHEST_KINDS, metavar="KIND[:MM]",
+                    help="lesions of a new case set, one case per kind and slab (default: the lab's 17)")
+    ap.add_argument("--seed", type=int, default=SEED, help="of a new case set's lesions (default: the lab's)")
     ap.add_argument("--models", nargs="*", default=None,
                     help="catalog names or bundle folders (default: every model in the catalogs)")
     ap.add_argument("--json", default=str(ROOT / "scripts" / "results" / "lab_benchmark.json"))
@@ -55,6 +64,9 @@ def main() -> None:
             r.setdefault("intervals_95", intervals(r))  # results stored before the lab computed them
         report(results)
         return
+    unknown = [k for k in args.kinds if k.partition(":")[0] not in LESION_KINDS]
+    if unknown:
+        ap.error(f"unknown lesion kinds {unknown}; use {', '.join(LESION_KINDS)}, optionally with :DIAMETER_MM")
     cases = Path(args.cases)
     if args.rebuild or not (cases / "cases.json").exists():
         chest = SHARED_CT / "chest_ct_01.nii.gz"
@@ -62,7 +74,7 @@ def main() -> None:
             sys.exit(f"{chest} is absent: the lab builds its cases from ../shared/data/ct")
         if (cases / "cases.json").exists():
             (cases / "cases.json").unlink()
-        build_cases(chest, chest_heldout_slabs(), CHEST_KINDS, cases, seed=SEED, name="chest01",
+        build_cases(chest, chest_heldout_slabs(), args.kinds, cases, seed=args.seed, name="chest01",
                     group_note="held-out slabs of the only chest patient (slab split with 3-slice margins)")
     names = args.models or [m["name"] for m in list_models()]
     results = []
