@@ -76,6 +76,10 @@ def main() -> None:
             (cases / "cases.json").unlink()
         build_cases(chest, chest_heldout_slabs(), args.kinds, cases, seed=args.seed, name="chest01",
                     group_note="held-out slabs of the only chest patient (slab split with 3-slice margins)")
+    built = json.loads((cases / "cases.json").read_text())["sources"][0]
+    if (built["kinds"], built["seed"]) != (args.kinds, args.seed):
+        sys.exit(f"{cases} holds cases of other lesions (seed {built['seed']}, {len(built['kinds'])} kinds); give "
+                 "their --kinds and --seed, another --cases folder, or --rebuild")
     names = args.models or [m["name"] for m in list_models()]
     results = []
     for name in names:
