@@ -15,7 +15,7 @@ from medanomaly.bundle import ModelBundle, resolve_model
 from medanomaly.errors import InputError
 from medanomaly.lab import (TARGET_SUBSETS, build_cases, evaluate, intervals, markdown_breakdown, markdown_table,
                             record_in_card, slab)
-from medanomaly.metrics import proportion_interval
+from medanomaly.metrics import proportion_interval, roc_auc
 from medanomaly.synth import LESION_KINDS, LUNG_KINDS, LesionInserter, insert_lesions
 
 
@@ -138,6 +138,13 @@ def test_evaluate_runs_every_metric_and_prints_tables(demo_image, tmp_path):
             assert (low, high) == proportion_interval(round(t["sensitivity"] * 2), 2)
         assert ci["froc_at_2fp"] == proportion_interval(round(r["froc"]["2.0"] * 6), 6)
         assert json.dumps(intervals(json.loads(json.dumps(r)))) == json.dumps(ci)  # stored results too
+        before_p_values = json.loads(json.dumps(r))  # stored by versions that ranked slabs by the volume score
+        for c in before_p_values["case_scores"]:
+            del c["volume_p_value"]
+        old_auroc = roc_auc([c["volume_score"] for c in before_p_values["case_scores"]],
+                            [not c["normal"] for c in before_p_values["case_scores"]])
+        low, high = intervals(before_p_values)["volume_auroc"]
+        assert low <= old_auroc <= high
         results.append(r)
     table = markdown_table(results)
     assert "chest-ct-vqvae-recon" in table and "chest-ct-hu-outlier" in table

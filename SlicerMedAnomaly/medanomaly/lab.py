@@ -291,9 +291,9 @@ def intervals(result: dict, level: float = 0.95) -> dict:
     (`case_scores`; 2 normal slabs make it coarse) and Wilson intervals of the lesion sensitivities at 2 false
     positives per slab, overall and for the flagship's target subsets. Works on stored results too."""
     cases = result["case_scores"]
-    out = {"level": level,
-           "volume_auroc": auroc_interval([-c["volume_p_value"] for c in cases], [not c["normal"] for c in cases],
-                                          level)}
+    # what the slab AUROC ranked by: the p-value since software 0.2.0, the volume score before (stored results)
+    ranks = [-c["volume_p_value"] if "volume_p_value" in c else c["volume_score"] for c in cases]
+    out = {"level": level, "volume_auroc": auroc_interval(ranks, [not c["normal"] for c in cases], level)}
 
     def interval(sensitivity: float, lesions: int) -> tuple[float, float]:
         return proportion_interval(round(sensitivity * lesions) if lesions else 0, lesions, level)
