@@ -247,12 +247,13 @@ class VQVAEFeatureSynthesisDetector(Detector):
         _, quantized, _ = self.encode(image)
         probability = self.pixel_probability(quantized, image.shape[-2:])
         passes = int(self.arch["grid_offsets"])
-        for k in range(1, passes):  # the image moved down and right by o pixels (air enters), the map moved back
-            o = k * self.stride // passes
-            moved = F.pad(image, (o, 0, o, 0))[..., :image.shape[-2], :image.shape[-1]]
-            shifted = self.pixel_probability(self.encode(moved)[1], image.shape[-2:])
-            probability = probability + F.pad(shifted[..., o:, o:], (0, o, 0, o), mode="replicate")
-        probability = probability / passes
+        if passes > 1:  # the shipped cards use 1: no extra pass over the map
+            for k in range(1, passes):  # the image moved down and right by o pixels (air enters), the map back
+                o = k * self.stride // passes
+                moved = F.pad(image, (o, 0, o, 0))[..., :image.shape[-2], :image.shape[-1]]
+                shifted = self.pixel_probability(self.encode(moved)[1], image.shape[-2:])
+                probability = probability + F.pad(shifted[..., o:, o:], (0, o, 0, o), mode="replicate")
+            probability = probability / passes
         middle = slice(self.middle, self.middle + 1)
         image = image[:, middle]
         reconstruction = self.decoder_corrupted(quantized)[:, middle].float().clamp(0, 1)
