@@ -8,6 +8,9 @@
   confident tokens alone (needles reach probability 0.88-1.0) make a better map?
 - for the 256^2 default and the 2.5D CPU model, the token probability averaged over two token grids offset by half
   a token (`grid_offsets` 2, recalibrated): are small lesions that straddle token borders found?
+- for the CPU model with 7 mm tokens (chest-ct-vqvae-fs-256-fine, trained by train_default_models.py --only into
+  --fine-model's folder), the classifier over overlapping 24x24-token windows (`detection_window` 24, as in training)
+  instead of the whole 64x64 grid, which costs 4096-token attention per slice;
 - for the 256^2 default, in-plane line means (input `line_mm` 3 and 5: the map is the larger of the 3D smoothing and
   the best straight-line mean, recalibrated): do needles survive where the 3D smoothing erases them?
 
@@ -51,6 +54,8 @@ def main() -> None:
     ap.add_argument("--output", default=str(ROOT / "runs" / "ablations"))
     ap.add_argument("--steps", type=int, default=1500, help="stage-2 steps of each variant (the flagship had 3000)")
     ap.add_argument("--only", default=None, nargs="*")
+    ap.add_argument("--fine-model", default=str(ROOT / "runs" / "fine" / "chest-ct-vqvae-fs-256-fine"),
+                    help="folder of the chest-ct-vqvae-fs-256-fine bundle")
     ap.add_argument("--knn-models", default=str(ROOT / "runs" / "knn-models"),
                     help="folder holding chest-ct-deep-knn-simsiam (train_default_models.py --output writes it)")
     args = ap.parse_args()
@@ -91,12 +96,14 @@ def main() -> None:
                    for power in (2, 4)},
                 **{f"vqvae-fs-256-line-{mm}": (default_256, {}, {"line_mm": float(mm)}) for mm in (3, 5)},
                 **{f"{name[len('chest-ct-'):]}-grid-offsets-2": (name, {"grid_offsets": 2})
-                   for name in (default_256, "chest-ct-vqvae-fs-256-context")}}
+                   for name in (default_256, "chest-ct-vqvae-fs-256-context")},
+                "vqvae-fs-256-fine-window-24": (args.fine_model, {"detection_window": 24})}
     for name, (source, architecture, *input_spec) in rescored.items():
         if args.only and name not in args.only:
             continue
-        copy_with(resolve_model(source).path, out / name, name, architecture, *input_spec)
-        recalibrate(out / name, data=[str(p) for p in RECIPES[source]["data"]])
+        bundle = resolve_model(source)  # a catalog name or a bundle folder
+        copy_with(bundle.path, out / name, name, architecture, *input_spec)
+        recalibrate(out / name, data=[str(p) for p in RECIPES[bundle.card["name"]]["data"]])
         print(f"recalibrated {name}")
 
 if __name__ == "__main__":
