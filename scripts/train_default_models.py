@@ -288,7 +288,9 @@ def main() -> None:
                   f"{out / (name + '.checkpoint')}")
             continue
         print(f"{name}: trained in {time.perf_counter() - t0:.0f} s -> {bundle.path}")
-        if not recipe.get("intermediate"):  # a stage that the next recipe starts from, not a model to use
+        # an intermediate stage is what the next recipe starts from, an experiment a measured variant: neither is a
+        # model to use
+        if not (recipe.get("intermediate") or recipe.get("experiment")):
             entries[name] = catalog_entry(bundle, name, default=recipe.get("default", False))
     if not args.steps_only:
         write_catalog(out, list(entries.values()))
