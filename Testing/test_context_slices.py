@@ -70,7 +70,7 @@ def test_the_engine_gives_each_slice_its_neighbours_and_maps_the_middle_one():
     np.testing.assert_allclose(after[3], by_hand, rtol=1e-4, atol=1e-6)
 
 
-def test_only_the_flagship_takes_context_slices():
+def test_methods_without_context_refuse_context_slices():
     card = {"input": {"size": 32, "spacing_mm": 7.0, "window_hu": [-1000, 500], "context_slices": 1},
             "architecture": {"channels": [8, 8], "num_embeddings": 16, "embedding_dim": 8}}
     with pytest.raises(ModelError, match="context_slices must be 0"):

@@ -94,6 +94,7 @@ def run_detector(detector: Detector, slices: ModelSlices, *, device: torch.devic
     recon = None
     timings = EngineTimings(batch_size=batch, device=str(device), slices=z, slice_spacing_mm=slices.spacing_mm[0])
     detector.to(device)
+    detector.slice_spacing_mm = float(slices.spacing_mm[0])
     for start in range(0, z, batch):
         if cancel is not None and cancel():
             raise Cancelled("cancelled by the user; nothing was written")

@@ -15,6 +15,7 @@ METHOD_MODULES = {
     "vqvae-fs": "medanomaly.detectors.vqvae_fs",
     "deep-knn": "medanomaly.detectors.deep_knn",
     "stylegan2": "medanomaly.detectors.stylegan2",
+    "shape-outlier": "medanomaly.detectors.shape_outlier",
 }
 _REGISTRY: dict[str, type[Detector]] = {}
 

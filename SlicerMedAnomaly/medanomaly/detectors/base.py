@@ -38,13 +38,16 @@ class Detector(nn.Module):
     mixed_precision: ClassVar[bool] = True
     # Whether the method can take neighbouring slices as extra input channels (the card's input.context_slices).
     supports_context: ClassVar[bool] = False
+    # Spacing along S (mm) of the slices and context slices the engine passes to `score`; it sets this before scoring
+    # (methods that measure across slices need it); None: not told.
+    slice_spacing_mm: float | None = None
 
     def __init__(self, card: dict):
         super().__init__()
         self.card = card
         self.spec = InputSpec.from_card(card["input"])
         if self.spec.context_slices and not self.supports_context:
-            raise ModelError(f"method {self.method}: input.context_slices must be 0 (only vqvae-fs models take "
+            raise ModelError(f"method {self.method}: input.context_slices must be 0 (this method takes no "
                              f"neighbouring slices), got {self.spec.context_slices}")
 
     @classmethod

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 TRAINER_MODULES = {"vqvae-recon": "medanomaly.training.vqvae_recon", "hu-outlier": "medanomaly.training.hu_outlier",
                    "vqvae-fs": "medanomaly.training.vqvae_fs", "deep-knn": "medanomaly.training.deep_knn",
-                   "stylegan2": "medanomaly.training.stylegan2",
+                   "stylegan2": "medanomaly.training.stylegan2", "shape-outlier": "medanomaly.training.shape_outlier",
                    "stylegan2-encoder": "medanomaly.training.stylegan2_encoder"}
 WEIGHTS_NAME = "weights.safetensors"
 

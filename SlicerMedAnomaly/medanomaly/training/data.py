@@ -92,7 +92,8 @@ class SliceBuffer:
         for v, source in enumerate(load_sources(self.paths, spec, split=split, with_hash=True, **self.split_args)):
             self.records.append({"file": Path(source.path).name, "sha256": source.sha256,
                                  "train_slices": int(source.train_z.size),
-                                 "heldout_slices": int(source.heldout_z.size)})
+                                 "heldout_slices": int(source.heldout_z.size),
+                                 "slice_spacing_mm": round(float(source.slices.spacing_mm[0]), 6)})
             self.counts.append(int(source.train_z.size))
             if source.heldout_z.size:
                 self.heldout_paths.append(source.path)
@@ -122,6 +123,13 @@ class SliceBuffer:
         self.batches_served += 1
         idx = torch.randint(len(self.images), (size,), generator=generator)
         return self.images[idx], self.regions[idx]
+
+    def slice_spacing_mm(self) -> np.ndarray:
+        """[N] spacing along S (mm) of every held slice's volume on the model grid (the spacing of its context
+        slices); buffers saved before it was recorded take the spec's slice thickness."""
+        fallback = self.spec.slice_mm or self.spec.spacing_mm
+        per_volume = np.array([float(r.get("slice_spacing_mm", fallback)) for r in self.records])
+        return per_volume[self.origins[:, 0].numpy()]
 
     def refresh(self) -> None:
         """Re-read the next volume and swap its share of the reservoir for fresh slices of it."""
