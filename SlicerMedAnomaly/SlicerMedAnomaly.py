@@ -161,11 +161,13 @@ class SlicerMedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshModels(self):
         self.ui.modelSelector.clear()
         try:
-            from medanomaly.bundle import list_models
+            from medanomaly.bundle import list_ensembles, list_models
 
             for m in list_models():
                 self.ui.modelSelector.addItem(f"{m['name']} - {m['body_region']}, {m['method']} {m['version']}",
                                               m["name"])
+            for e in list_ensembles():  # recommended combinations; the name is the --model the command line takes
+                self.ui.modelSelector.addItem(f"{e['name']} - {e['body_region']}, ensemble", e["name"])
         except ImportError:
             self.ui.modelSelector.addItem("(dependencies not installed yet)", "")
 

@@ -123,3 +123,28 @@ def test_download_checks_sha256_and_imports(default_model, tmp_path, capsys):
         assert "does not match" in err and "Traceback" not in err
     finally:
         server.shutdown()
+
+
+def test_catalog_recommends_ensembles_of_installed_models(tmp_path, monkeypatch):
+    """The shipped catalog lists the lung-nodule ensemble (for the Slicer model list and `models list`); an ensemble
+    whose members are not all installed is not offered, and rewriting the models keeps the ensembles."""
+    from medanomaly.bundle import list_ensembles, read_catalog, write_catalog
+    from medanomaly.ensemble import parse_spec
+
+    recommended = "ensemble-max:chest-ct-vqvae-fs-256,chest-ct-shape-outlier"
+    offered = {e["name"]: e for e in list_ensembles()}
+    assert recommended in offered and offered[recommended]["description"]
+    combine, names = parse_spec(recommended)
+    assert combine == "max" and [resolve_model(n).method for n in names] == ["vqvae-fs", "shape-outlier"]
+
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "catalog.json").write_text(json.dumps({"models": [], "ensembles": [
+        {"name": "ensemble:chest-ct-hu-outlier,not-installed", "body_region": "chest", "description": "x"},
+        {"name": "ensemble:chest-ct-hu-outlier,chest-ct-vqvae-recon", "body_region": "chest", "description": "y"}]}))
+    monkeypatch.setenv("MEDANOMALY_MODELS", str(extra))
+    names = [e["name"] for e in list_ensembles()]
+    assert "ensemble:chest-ct-hu-outlier,chest-ct-vqvae-recon" in names and recommended in names
+    assert "ensemble:chest-ct-hu-outlier,not-installed" not in names
+    write_catalog(extra, [])  # as train_default_models.py rewrites the models
+    assert [e["name"] for e in read_catalog(extra, "ensembles")][0] == "ensemble:chest-ct-hu-outlier,not-installed"

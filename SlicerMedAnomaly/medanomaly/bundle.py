@@ -174,12 +174,13 @@ def model_dirs() -> list[Path]:
     return dirs + [user_models_dir(), repository_models_dir()]
 
 
-def read_catalog(folder: Path) -> list[dict]:
+def read_catalog(folder: Path, key: str = "models") -> list[dict]:
+    """The catalog's model entries, or with key "ensembles" its recommended ensembles."""
     file = folder / CATALOG_NAME
     if not file.is_file():
         return []
     try:
-        entries = json.loads(file.read_text()).get("models", [])
+        entries = json.loads(file.read_text()).get(key, [])
     except (json.JSONDecodeError, AttributeError):
         raise ModelError(f"{file}: catalog is not valid JSON; fix or delete it") from None
     return [dict(entry, catalog=str(folder)) for entry in entries]
@@ -193,6 +194,24 @@ def list_models() -> list[dict]:
             if entry["name"] not in seen:
                 seen.add(entry["name"])
                 out.append(entry)
+    return out
+
+
+def list_ensembles() -> list[dict]:
+    """The recommended ensembles of every catalog on the search path (entries with a `name` such as
+    "ensemble-max:A,B", usable wherever a model name is), those whose members are all installed; an earlier folder
+    shadows a later one with the same name."""
+    from .ensemble import parse_spec  # here: ensemble imports this module
+
+    installed = {m["name"] for m in list_models()}
+    seen, out = set(), []
+    for folder in model_dirs():
+        for entry in read_catalog(folder, "ensembles"):
+            spec = parse_spec(entry["name"])
+            if entry["name"] in seen or spec is None or not set(spec[1]) <= installed:
+                continue
+            seen.add(entry["name"])
+            out.append(entry)
     return out
 
 
@@ -223,9 +242,12 @@ def catalog_entry(bundle: ModelBundle, path: str, default: bool = False) -> dict
             "default": default}
 
 
-def write_catalog(folder: Path, entries: list[dict]) -> None:
-    entries = [{k: v for k, v in e.items() if k != "catalog"} for e in entries]
-    atomic_write_text(folder / CATALOG_NAME, json.dumps({"models": entries}, indent=2) + "\n")
+def write_catalog(folder: Path, entries: list[dict], ensembles: list[dict] | None = None) -> None:
+    """Write the catalog's model entries; its recommended ensembles are kept as they are unless given."""
+    strip = lambda items: [{k: v for k, v in e.items() if k != "catalog"} for e in items]  # noqa: E731
+    ensembles = read_catalog(folder, "ensembles") if ensembles is None else ensembles
+    catalog = {"models": strip(entries), **({"ensembles": strip(ensembles)} if ensembles else {})}
+    atomic_write_text(folder / CATALOG_NAME, json.dumps(catalog, indent=2) + "\n")
 
 
 def import_model(source: str | os.PathLike, destination: Path | None = None) -> ModelBundle:

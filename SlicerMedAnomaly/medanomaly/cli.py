@@ -190,7 +190,7 @@ def _cmd_detect(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    from .bundle import download_model, import_model, list_models, resolve_model
+    from .bundle import download_model, import_model, list_ensembles, list_models, resolve_model
 
     if args.models_command == "list":
         models = list_models()
@@ -199,6 +199,8 @@ def _cmd_models(args) -> int:
         for m in models:
             flag = " (default)" if m.get("default") else ""
             print(f"{m['name']}{flag}: {m['method']} {m['version']}, {m['body_region']} - {m['catalog']}")
+        for e in list_ensembles():
+            print(f"{e['name']}: recommended ensemble, {e['body_region']} - {e['description']}")
     elif args.models_command == "show":
         bundle = resolve_model(args.name)
         card = {k: v for k, v in bundle.card.items() if k != "calibration"}
