@@ -11,7 +11,7 @@ import torch
 
 from medanomaly.api import detect_volume
 from medanomaly.bundle import ModelBundle
-from medanomaly.detectors.shape_outlier import ShapeOutlierDetector, blobness, gaussian_kernels, largest_eigenvalue
+from medanomaly.detectors.shape_outlier import ShapeOutlierDetector, blobness, eigenvalues, gaussian_kernels
 from medanomaly.errors import ModelError
 from medanomaly.preprocess import with_context
 from medanomaly.synth import LesionInserter
@@ -32,13 +32,13 @@ def test_derivative_kernels_are_exact_on_quadratics_even_when_truncated(sigma, h
         assert float((g2 * f).sum()) == pytest.approx(curvature, abs=1e-6)
 
 
-def test_closed_form_largest_eigenvalue_matches_lapack():
+def test_closed_form_eigenvalues_match_lapack():
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(20000, 3, 3, generator=generator) * 50
     a = a + a.transpose(-1, -2)
     a[:10] = torch.diag_embed(torch.tensor([-3.0, -3.0, -3.0])) * torch.arange(10.0)[:, None, None]  # repeated
-    reference = torch.linalg.eigvalsh(a.double())[:, -1]
-    closed = largest_eigenvalue(a[:, 0, 0], a[:, 1, 1], a[:, 2, 2], a[:, 0, 1], a[:, 0, 2], a[:, 1, 2])
+    reference = torch.linalg.eigvalsh(a.double()).flip(-1)  # largest first
+    closed = torch.stack(eigenvalues(a[:, 0, 0], a[:, 1, 1], a[:, 2, 2], a[:, 0, 1], a[:, 0, 2], a[:, 1, 2]), -1)
     assert float((closed.double() - reference).abs().max()) < 1e-4 * float(a.abs().max())
 
 
@@ -63,7 +63,8 @@ def test_blobness_at_a_gaussian_blob_is_the_analytic_value():
 
 
 def test_a_ball_is_a_blob_and_tubes_are_not():
-    """A 8 mm ball, a tube along S and one in plane, all 40 HU in lung at -850: only the ball responds."""
+    """A 8 mm ball, a tube along S and one in plane, all 40 HU in lung at -850: only the ball is a blob; with
+    shape "tube" all three respond, and flat lung does not."""
     z, y, x = np.meshgrid(np.arange(21) * 2.0, np.arange(64) * 1.75, np.arange(64) * 1.75, indexing="ij")
     hu = np.full(z.shape, -850.0)
     hu[(z - 20) ** 2 + (y - 28) ** 2 + (x - 28) ** 2 < 16] = 40.0
@@ -74,6 +75,16 @@ def test_a_ball_is_a_blob_and_tubes_are_not():
     assert float(blob[16, 16]) > 100.0
     assert float(blob[16, 48]) < 1.0 and float(blob[48, 30]) < 1.0
     assert float(blob.max()) == pytest.approx(float(blob[14:19, 14:19].max()))
+    tube = blobness(stack, [1.0, 1.5, 2.0], 1.75, 2.0, shape="tube")[0, 0]
+    assert min(float(tube[16, 16]), float(tube[16, 48]), float(tube[48, 30])) > 100.0
+    assert float(tube[40:44, 4:8].max()) < 1.0  # lung far from all three
+
+
+def test_shape_must_be_blob_or_tube():
+    card = {"input": {"size": 32, "spacing_mm": 7.0, "window_hu": [-1000, 500], "context_slices": 1},
+            "architecture": {"shape": "sheet"}}
+    with pytest.raises(ModelError, match="use blob or tube"):
+        ShapeOutlierDetector(card)
 
 
 def test_it_needs_context_slices():
@@ -110,3 +121,17 @@ def test_trained_on_real_ct_it_outlines_an_inserted_nodule(demo_image, tmp_path)
     assert ((result.labels == top["label"]) & labels).any(), f"the strongest finding misses the nodule: {top}"
     clean = detect_volume(volume_from_image(demo_image, name="clean"), bundle)
     assert not (clean.labels[labels] > 0).any()
+
+
+def test_the_shipped_tube_outlier_outlines_an_inserted_needle(demo_image):
+    """The shipped tube statistics (window to 3071 HU, the whole body) on the demo CT with a 1.5 mm metal needle
+    inserted: the needle is the strongest finding; the untouched CT has no finding on it."""
+    insertion = LesionInserter(demo_image).insert("needle", seed=5, diameter_mm=1.5, streaks=False)
+    lesioned = sitk.GetImageFromArray(insertion.volume)
+    lesioned.CopyInformation(demo_image)
+    result = detect_volume(volume_from_image(lesioned, name="needle"), "chest-ct-tube-outlier")
+    assert result.findings, "no finding"
+    top = max(result.findings, key=lambda f: f["peak_significance"])
+    assert ((result.labels == top["label"]) & insertion.mask).any(), f"the strongest finding misses the needle: {top}"
+    clean = detect_volume(volume_from_image(demo_image, name="clean"), "chest-ct-tube-outlier")
+    assert not (clean.labels[insertion.mask] > 0).any()

@@ -240,6 +240,22 @@ RECIPES = {
                     "split with held-out slabs for calibration). Finds round lesions such as lung nodules, which "
                     "the slice-wise networks confuse with vessels seen end-on; not thin or diffuse ones.",
     ),
+    # the same statistics for bright tubes (the Hessian's middle eigenvalue) at 1-2 mm over the whole body, in a
+    # window that keeps metal (-1024..3071 HU): a needle or wire is far denser than any normal tube of its tissue class
+    "chest-ct-tube-outlier": dict(
+        method="shape-outlier",
+        data=CHEST_DATA,
+        steps=0, seed=0,
+        input=dict(CHEST_INPUT_256, context_slices=3, smoothing_mm=1.0, window_hu=[-1024.0, 3071.0]),
+        architecture={"shape": "tube", "sigmas_mm": [1.0, 1.5, 2.0]},
+        description="3D tube outlier in the body (no network): at every pixel the scale-normalized middle eigenvalue "
+                    "of the Hessian of the smoothed HU volume (sigma 1, 1.5 and 2 mm; from the slice and 3 neighbours "
+                    "on each side; HU window -1024..3071, so metal is not clipped), spread over the tube's width and "
+                    "divided by its 99.9th percentile in normal tissue of the same class (a wide local mean of HU), "
+                    "on normal chest slices (chest_ct_01, slab split with held-out slabs for calibration). Finds thin "
+                    "dense lines such as needles and wires, denser than any normal vessel or bone edge of their "
+                    "surroundings; contrast-filled vessels would look alike.",
+    ),
     "chest-ct-hu-outlier": dict(
         method="hu-outlier",
         data=CHEST_DATA,

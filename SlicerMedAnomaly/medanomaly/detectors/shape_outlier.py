@@ -33,6 +33,7 @@ DEFAULT_ARCHITECTURE = {
     "class_edges_hu": [-1100, -900, -750, -600, -400, -200, -100, -50, 0, 50, 100, 200, 400, 700, 4000],
     "quantile": 0.999,  # the high quantile of normal blobness per class that a score of 1 means
     "spread": True,  # each scale's response spread over the disc of the blob it answers (see blobness)
+    "shape": "blob",  # "blob": bright balls (all three curvatures); "tube": bright tubes and balls (two of three)
 }
 
 
@@ -54,24 +55,28 @@ def gaussian_kernels(positions_mm: torch.Tensor, sigma_mm: float) -> torch.Tenso
     return torch.stack([g, g1, g2]).float()
 
 
-def largest_eigenvalue(a11: torch.Tensor, a22: torch.Tensor, a33: torch.Tensor, a12: torch.Tensor,
-                       a13: torch.Tensor, a23: torch.Tensor) -> torch.Tensor:
-    """Largest eigenvalue of symmetric 3x3 matrices given elementwise by their six entries, in closed form
-    (the trigonometric solution of the characteristic cubic): several times faster than a batched eigvalsh over
-    every pixel, and as exact in float32 to about 1e-4 of the matrix's scale."""
+def eigenvalues(a11: torch.Tensor, a22: torch.Tensor, a33: torch.Tensor, a12: torch.Tensor, a13: torch.Tensor,
+                a23: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenvalues (largest, middle, smallest) of symmetric 3x3 matrices given elementwise by their six entries, in
+    closed form (the trigonometric solution of the characteristic cubic): several times faster than a batched
+    eigvalsh over every pixel, and as exact in float32 to about 1e-4 of the matrix's scale."""
     q = (a11 + a22 + a33) / 3
     b11, b22, b33 = a11 - q, a22 - q, a33 - q
     off = a12 * a12 + a13 * a13 + a23 * a23
     p = torch.sqrt(((b11 * b11 + b22 * b22 + b33 * b33 + 2 * off) / 6).clamp_min(1e-30))
     det = (b11 * (b22 * b33 - a23 * a23) - a12 * (a12 * b33 - a23 * a13) + a13 * (a12 * a23 - b22 * a13))
-    r = (det / (2 * p**3)).clamp(-1.0, 1.0)
-    return q + 2 * p * torch.cos(torch.acos(r) / 3)
+    angle = torch.acos((det / (2 * p**3)).clamp(-1.0, 1.0)) / 3
+    largest = q + 2 * p * torch.cos(angle)
+    smallest = q + 2 * p * torch.cos(angle + 2 * math.pi / 3)
+    return largest, 3 * q - largest - smallest, smallest
 
 
-def blobness(hu: torch.Tensor, sigmas_mm, spacing_mm: float, slice_mm: float, spread: bool = False) -> torch.Tensor:
+def blobness(hu: torch.Tensor, sigmas_mm, spacing_mm: float, slice_mm: float, spread: bool = False,
+             shape: str = "blob") -> torch.Tensor:
     """hu: [B, C, H, W], C = 2k + 1 slices along S (the middle one scored), `slice_mm` apart, pixels of `spacing_mm`.
     Returns [B, 1, H, W]: the largest over scales of sigma^2 * max(0, -lambda_max) of the Hessian at the middle
-    slice. With `spread`, each scale's response is first spread (a maximum filter) over the disc of the blob it
+    slice. With `shape` "tube", the middle eigenvalue instead: strongly negative for bright tubes and blobs alike.
+    With `spread`, each scale's response is first spread (a maximum filter) over the disc of the blob it
     answers most, so that a finding covers the blob rather than its centre."""
     b, c, h, w = hu.shape
     k = c // 2
@@ -89,9 +94,9 @@ def blobness(hu: torch.Tensor, sigmas_mm, spacing_mm: float, slice_mm: float, sp
             image = F.conv2d(image, pk[dy].view(1, 1, -1, 1))
             return F.conv2d(image, pk[dx].view(1, 1, 1, -1))
 
-        largest = largest_eigenvalue(inplane(2, 0, 0), inplane(0, 2, 0), inplane(0, 0, 2),
-                                     inplane(1, 1, 0), inplane(1, 0, 1), inplane(0, 1, 1))
-        response = sigma**2 * (-largest).clamp_min(0)
+        largest, middle, _ = eigenvalues(inplane(2, 0, 0), inplane(0, 2, 0), inplane(0, 0, 2),
+                                         inplane(1, 1, 0), inplane(1, 0, 1), inplane(0, 1, 1))
+        response = sigma**2 * (-(middle if shape == "tube" else largest)).clamp_min(0)
         if spread:  # over the disc of the blob that this scale answers most (radius sigma * sqrt(3))
             radius = int(round(sigma * math.sqrt(3) / spacing_mm))
             if radius > 0:
@@ -116,6 +121,9 @@ class ShapeOutlierDetector(Detector):
         self.context_px = round(float(arch["context_mm"]) / self.spec.spacing_mm)
         self.quantile = float(arch["quantile"])
         self.spread = bool(arch["spread"])
+        self.shape = str(arch["shape"])
+        if self.shape not in ("blob", "tube"):
+            raise ModelError(f"architecture.shape {self.shape!r}: use blob or tube")
         edges = torch.tensor(arch["class_edges_hu"], dtype=torch.float32)
         self.register_buffer("class_edges", edges)
         self.register_buffer("class_scale", torch.ones(len(edges) - 1))
@@ -127,7 +135,8 @@ class ShapeOutlierDetector(Detector):
         hu = image.float() * (hi - lo) + lo
         middle = hu[:, self.spec.context_slices:self.spec.context_slices + 1]
         classes = torch.bucketize(local_mean(middle, self.context_px), self.class_edges[1:-1].contiguous())
-        return classes, blobness(hu, self.sigmas_mm, self.spec.spacing_mm, slice_mm, self.spread)
+        return classes, blobness(hu, self.sigmas_mm, self.spec.spacing_mm, slice_mm, self.spread,
+                                 self.shape)
 
     def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
         assert image.ndim == 4 and image.shape[1] == self.spec.channels, \
