@@ -131,11 +131,13 @@ def test_catalog_recommends_ensembles_of_installed_models(tmp_path, monkeypatch)
     from medanomaly.bundle import list_ensembles, read_catalog, write_catalog
     from medanomaly.ensemble import parse_spec
 
-    recommended = "ensemble-max:chest-ct-vqvae-fs-256,chest-ct-shape-outlier"
+    recommended = "ensemble-max:chest-ct-vqvae-fs-256,chest-ct-shape-outlier,chest-ct-tube-outlier"
     offered = {e["name"]: e for e in list_ensembles()}
     assert recommended in offered and offered[recommended]["description"]
     combine, names = parse_spec(recommended)
-    assert combine == "max" and [resolve_model(n).method for n in names] == ["vqvae-fs", "shape-outlier"]
+    methods = [resolve_model(n).method for n in names]
+    assert combine == "max" and methods == ["vqvae-fs", "shape-outlier", "shape-outlier"]
+    assert [resolve_model(n).card["architecture"].get("shape", "blob") for n in names[1:]] == ["blob", "tube"]
 
     extra = tmp_path / "extra"
     extra.mkdir()

@@ -2,7 +2,7 @@
 worker against its bound, resumption after kill -9, and how the summary ranks the lab's anomalous cases above its
 normal ones.
 
-    python scripts/benchmark_batch.py [--volumes 20] [--lab-cases runs/lab-cases]
+    python scripts/benchmark_batch.py [--volumes 20] [--lab-cases runs/lab-cases] [--model M] [--ranking-only]
 """
 
 import argparse
@@ -41,6 +41,26 @@ def summary(out):
         return list(csv.DictReader(f))
 
 
+def rank_lab_cases(lab: Path, tmp: Path, model: str) -> None:
+    """Batch the lab's cases with `model` and the reconstruction baseline (2 workers, the cards' calibration, as a
+    user's batch) and print how each summary ranks the anomalous cases above the normal ones."""
+    lab = lab.resolve()  # the listing lives in a temporary folder
+    if not (lab / "cases.json").exists():
+        print(f"no lab cases in {lab}; build them with scripts/benchmark_lab.py")
+        return
+    manifest = json.loads((lab / "cases.json").read_text())
+    listing = tmp / "lab.csv"
+    listing.write_text("path\n" + "\n".join(str(lab / c["volume"]) for c in manifest["cases"]) + "\n")
+    for ranking_model in (model, "chest-ct-vqvae-recon"):
+        out = tmp / f"lab-{ranking_model}"
+        run_batch(listing, out, 2, ranking_model)
+        normal = {c["volume"].split(".")[0]: c["normal"] for c in manifest["cases"]}
+        rows = [r for r in summary(out) if r["status"] == "ok"]
+        auroc = roc_auc([-ranking_key(r)[1] for r in rows], [not normal[r["case"]] for r in rows])
+        print(f"summary ranking of the lab's {len(rows)} cases by {ranking_model}: volume AUROC {auroc:.3f} "
+              f"(anomalous vs normal slabs)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--volumes", type=int, default=20)
@@ -48,9 +68,14 @@ def main() -> None:
     ap.add_argument("--lab-cases", default=str(ROOT / "runs" / "lab-cases"))
     ap.add_argument("--skip-lab", action="store_true")
     ap.add_argument("--model", default=None, help="the model every batch runs (default: the catalog's default)")
+    ap.add_argument("--ranking-only", action="store_true", help="only the summary's ranking of the lab's cases")
     args = ap.parse_args()
     model = args.model or resolve_model(None).name
     print(f"model: {model}")
+    if args.ranking_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            rank_lab_cases(Path(args.lab_cases), Path(tmp), model)
+        return
     image = sitk.ReadImage(str(DEMO))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -114,19 +139,8 @@ def main() -> None:
         print(f"peak RSS per worker: max {max(peaks):.0f} MB, median {statistics.median(peaks):.0f} MB "
               f"(bound 2048 MB per worker)")
 
-        lab = Path(args.lab_cases).resolve()  # the listing lives in a temporary folder
-        if (lab / "cases.json").exists() and not args.skip_lab:
-            manifest = json.loads((lab / "cases.json").read_text())
-            listing = tmp / "lab.csv"
-            listing.write_text("path\n" + "\n".join(str(lab / c["volume"]) for c in manifest["cases"]) + "\n")
-            for ranking_model in (model, "chest-ct-vqvae-recon"):
-                out = tmp / f"lab-{ranking_model}"
-                run_batch(listing, out, 2, ranking_model)
-                normal = {c["volume"].split(".")[0]: c["normal"] for c in manifest["cases"]}
-                rows = [r for r in summary(out) if r["status"] == "ok"]
-                auroc = roc_auc([-ranking_key(r)[1] for r in rows], [not normal[r["case"]] for r in rows])
-                print(f"summary ranking of the lab's {len(rows)} cases by {ranking_model}: volume AUROC {auroc:.3f} "
-                      f"(anomalous vs normal slabs)")
+        if not args.skip_lab:
+            rank_lab_cases(Path(args.lab_cases), tmp, model)
 
 
 if __name__ == "__main__":
