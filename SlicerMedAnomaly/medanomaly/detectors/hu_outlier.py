@@ -25,6 +25,11 @@ def local_mean(image: torch.Tensor, width_px: int) -> torch.Tensor:
     return F.avg_pool2d(image, width, stride=1, padding=width // 2, count_include_pad=False)
 
 
+def tissue_classes(hu: torch.Tensor, context_px: int, edges: torch.Tensor) -> torch.Tensor:
+    """The tissue class of every pixel: the bin of `edges` (HU) that the wide local mean of HU falls in."""
+    return torch.bucketize(local_mean(hu, context_px), edges[1:-1].contiguous())
+
+
 @register
 class HUOutlierDetector(Detector):
     method = "hu-outlier"
@@ -43,10 +48,7 @@ class HUOutlierDetector(Detector):
         """Tissue class index and narrow local mean (HU) of every pixel."""
         lo, hi = self.spec.window_hu
         hu = image * (hi - lo) + lo
-        context = local_mean(hu, self.context_px)
-        value = local_mean(hu, self.value_px)
-        classes = torch.bucketize(context, self.class_edges[1:-1].contiguous())
-        return classes, value
+        return tissue_classes(hu, self.context_px, self.class_edges), local_mean(hu, self.value_px)
 
     def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
         assert image.ndim == 4 and image.shape[1] == 1, f"expected [B, 1, H, W], got {tuple(image.shape)}"

@@ -11,8 +11,12 @@ the blobness of normal tissue in that class. In the lung, where normal anatomy i
 nodule stands out; in soft tissue and bone, where blobs are everywhere, it is large. The shipped model scores the
 lungs only (input.region "lung").
 
-It learns no network: like the HU-outlier baseline it is statistics of normal CT, fitted in seconds. It finds round
-lesions, not thin ones (needles are tubes) nor diffuse ones (ground glass over a lobe is flat).
+With architecture.shape "tube" it takes the middle eigenvalue instead, which is strongly negative for bright tubes
+(and balls): thin dense lines such as a metal needle, far denser than any normal tube of its tissue class when the
+HU window keeps metal.
+
+It learns no network: like the HU-outlier baseline it is statistics of normal CT, fitted in seconds. As "blob" it
+finds round lesions, not thin ones (needles are tubes) nor diffuse ones (ground glass over a lobe is flat).
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ import torch.nn.functional as F
 from ..errors import ModelError
 from . import register
 from .base import Detector, DetectorOutput
-from .hu_outlier import local_mean
+from .hu_outlier import DEFAULT_ARCHITECTURE as HU_OUTLIER_ARCHITECTURE
+from .hu_outlier import tissue_classes
 
 DEFAULT_ARCHITECTURE = {
     "sigmas_mm": [2.0, 3.0, 4.0],  # scales of the Gaussian derivatives: blobs of about 5-14 mm across respond most
     "context_mm": 35.0,  # width of the local mean that decides the tissue class
-    "class_edges_hu": [-1100, -900, -750, -600, -400, -200, -100, -50, 0, 50, 100, 200, 400, 700, 4000],
+    "class_edges_hu": HU_OUTLIER_ARCHITECTURE["class_edges_hu"],  # the HU-outlier baseline's tissue classes
     "quantile": 0.999,  # the high quantile of normal blobness per class that a score of 1 means
     "spread": True,  # each scale's response spread over the disc of the blob it answers (see blobness)
     "shape": "blob",  # "blob": bright balls (all three curvatures); "tube": bright tubes and balls (two of three)
@@ -134,9 +139,8 @@ class ShapeOutlierDetector(Detector):
         lo, hi = self.spec.window_hu
         hu = image.float() * (hi - lo) + lo
         middle = hu[:, self.spec.context_slices:self.spec.context_slices + 1]
-        classes = torch.bucketize(local_mean(middle, self.context_px), self.class_edges[1:-1].contiguous())
-        return classes, blobness(hu, self.sigmas_mm, self.spec.spacing_mm, slice_mm, self.spread,
-                                 self.shape)
+        response = blobness(hu, self.sigmas_mm, self.spec.spacing_mm, slice_mm, self.spread, self.shape)
+        return tissue_classes(middle, self.context_px, self.class_edges), response
 
     def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
         assert image.ndim == 4 and image.shape[1] == self.spec.channels, \
