@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model bundle on normal CT volumes")
     t.add_argument("--method", required=True,
-                   help="vqvae-recon, vqvae-fs, hu-outlier, deep-knn, stylegan2, stylegan2-encoder")
+                   help="vqvae-recon, vqvae-fs, hu-outlier, shape-outlier, deep-knn, stylegan2, stylegan2-encoder")
     t.add_argument("--init-from", default=None,
                    help="start from another bundle's weights (stylegan2-encoder: the stylegan2 bundle)")
     t.add_argument("--data", nargs="+", required=True, help="normal CT volumes (files or DICOM folders)")

@@ -121,7 +121,8 @@ class ShapeOutlierDetector(Detector):
         super().__init__(card)
         arch = {**DEFAULT_ARCHITECTURE, **card.get("architecture", {})}
         if self.spec.context_slices < 1:
-            raise ModelError("method shape-outlier needs input.context_slices >= 1: the Hessian looks across slices")
+            raise ModelError("method shape-outlier needs input.context_slices >= 1 (the Hessian looks across slices); "
+                             "train it with --input-json '{\"context_slices\": 3}' (3 at 2 mm slices: +-6 mm)")
         self.sigmas_mm = [float(s) for s in arch["sigmas_mm"]]
         self.context_px = round(float(arch["context_mm"]) / self.spec.spacing_mm)
         self.quantile = float(arch["quantile"])
