@@ -51,10 +51,10 @@ def rank_lab_cases(lab: Path, tmp: Path, model: str) -> None:
     manifest = json.loads((lab / "cases.json").read_text())
     listing = tmp / "lab.csv"
     listing.write_text("path\n" + "\n".join(str(lab / c["volume"]) for c in manifest["cases"]) + "\n")
+    normal = {c["volume"].split(".")[0]: c["normal"] for c in manifest["cases"]}
     for ranking_model in (model, "chest-ct-vqvae-recon"):
         out = tmp / f"lab-{ranking_model}"
         run_batch(listing, out, 2, ranking_model)
-        normal = {c["volume"].split(".")[0]: c["normal"] for c in manifest["cases"]}
         rows = [r for r in summary(out) if r["status"] == "ok"]
         auroc = roc_auc([-ranking_key(r)[1] for r in rows], [not normal[r["case"]] for r in rows])
         print(f"summary ranking of the lab's {len(rows)} cases by {ranking_model}: volume AUROC {auroc:.3f} "

@@ -25,7 +25,7 @@ from .errors import InputError, OutputError
 from .findings import find_findings
 from .orientation import Reorientation
 from .outputs import CaseStaging, write_image, write_json, write_mood, write_overview, write_segmentation
-from .preprocess import CUT_EDGE_MM, prepare_slices
+from .preprocess import CUT_EDGE_MM, prepare_slices, unwindow
 from .significance import probability_of_significance
 from .volumes import CTVolume, read_volume
 
@@ -293,7 +293,7 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
     reconstruction = None
     if recon is not None and want_reconstruction:
         lo, hi = detector.spec.window_hu
-        delta = (recon * (hi - lo) + lo) - slices.hu.clamp(lo, hi).numpy()
+        delta = unwindow(recon, (lo, hi)) - slices.hu.clamp(lo, hi).numpy()
         delta *= slices.body
         # in place on the one native-sized float32 array: rounded change + input HU, clipped to int16
         native_delta = to_native(delta, slices)

@@ -79,6 +79,12 @@ def window(hu, window_hu) -> torch.Tensor | np.ndarray:
     return ((hu - lo) / (hi - lo)).clip(0, 1)
 
 
+def unwindow(image, window_hu) -> torch.Tensor | np.ndarray:
+    """The inverse of `window` inside it: [0, 1] window units back to HU."""
+    lo, hi = window_hu
+    return image * (hi - lo) + lo
+
+
 @dataclass(frozen=True)
 class ModelGrid:
     """Resize of every canonical slice to the model spacing, then a crop/pad of `size` x `size` centred on the body;

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..preprocess import unwindow
 from . import register
 from .base import Detector, DetectorOutput
 
@@ -46,8 +47,7 @@ class HUOutlierDetector(Detector):
 
     def features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tissue class index and narrow local mean (HU) of every pixel."""
-        lo, hi = self.spec.window_hu
-        hu = image * (hi - lo) + lo
+        hu = unwindow(image, self.spec.window_hu)
         return tissue_classes(hu, self.context_px, self.class_edges), local_mean(hu, self.value_px)
 
     def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
+from ..preprocess import unwindow
 from . import register
 from .base import Detector, DetectorOutput
 from .hu_outlier import DEFAULT_ARCHITECTURE as HU_OUTLIER_ARCHITECTURE
@@ -140,8 +141,7 @@ class ShapeOutlierDetector(Detector):
     def features(self, image: torch.Tensor, slice_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Tissue class index (of the middle slice) and blobness of every pixel; image [B, C, H, W] in window
         units."""
-        lo, hi = self.spec.window_hu
-        hu = image.float() * (hi - lo) + lo
+        hu = unwindow(image.float(), self.spec.window_hu)
         middle = hu[:, self.spec.context_slices:self.spec.context_slices + 1]
         response = blobness(hu, self.sigmas_mm, self.spec.spacing_mm, slice_mm, self.spread, self.shape)
         return tissue_classes(middle, self.context_px, self.class_edges), response
