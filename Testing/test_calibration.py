@@ -67,6 +67,8 @@ def test_thresholds_far_beyond_float32_resolution_stay_distinct(calibration):
     significance = calibration.voxel_significance(scores)
     assert significance.dtype == np.float32 and np.all(np.diff(significance) > 0)
     np.testing.assert_allclose(significance, -calibration.log_exceedance(scores) / np.log(10.0), rtol=1e-6)
+    region = np.array([True, False, True, True, False])
+    assert np.array_equal(calibration.voxel_significance(scores, region), significance * region)
 
 
 def test_fp_curve_is_conservative_and_strictly_decreasing_past_the_first_plateau():

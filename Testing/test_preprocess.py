@@ -93,6 +93,49 @@ def test_body_excludes_couch_and_air(demo_image):
     assert couch_rows.size >= 5, "the demo CT shows the couch under the patient"
 
 
+def test_models_on_one_grid_share_the_resampled_volume(demo_image):
+    """An ensemble's members on one model grid resample the volume and find its body once; each gets what it would
+    have got alone, and a member on another grid gets its own."""
+    from dataclasses import replace
+
+    hu, spacing = canonical(demo_image)
+    body_spec = InputSpec(size=128, spacing_mm=3.5, region="body")
+    lung_spec = replace(body_spec, window_hu=(-1024.0, 3071.0), region="lung")
+    shared: dict = {}
+    body, lung = prepare_slices(hu, spacing, body_spec, shared), prepare_slices(hu, spacing, lung_spec, shared)
+    assert lung.hu is body.hu and lung.body is body.body and lung.region is not body.region
+    assert prepare_slices(hu, spacing, body_spec, shared) is body
+    for spec, got in ((body_spec, body), (lung_spec, lung)):
+        alone = prepare_slices(hu, spacing, spec)
+        assert torch.equal(got.hu, alone.hu) and np.array_equal(got.region, alone.region)
+        assert np.array_equal(got.body, alone.body) and got.grid == alone.grid
+        assert got.spacing_mm == alone.spacing_mm and got.coverage == alone.coverage
+    finer = prepare_slices(hu, spacing, replace(body_spec, spacing_mm=2.5), shared)
+    assert finer.hu.shape[1:] == (128, 128) and finer.spacing_mm[1] == pytest.approx(2.5, rel=0.02)
+    assert len(shared) == 3
+
+
+def test_smoothing_inside_the_region_is_the_normalized_gaussian_of_the_whole_grid():
+    """smooth_scores filters only the region's bounding box; inside the region that is the normalized Gaussian
+    computed on the whole grid, and outside it zero."""
+    from scipy import ndimage as ndi
+
+    from medanomaly.engine import smooth_scores
+
+    rng = np.random.default_rng(3)
+    scores = rng.random((30, 64, 72), dtype=np.float32)
+    region = np.zeros(scores.shape, bool)
+    region[4:25, 10:40, 20:70] = rng.random((21, 30, 50)) > 0.3
+    spacing, sigma_mm = (2.0, 1.75, 1.75), 3.0
+    sigma = [sigma_mm / s for s in spacing]
+    num = ndi.gaussian_filter(scores * region, sigma, mode="constant", truncate=3.0)
+    den = ndi.gaussian_filter(region.astype(np.float32), sigma, mode="constant", truncate=3.0)
+    smoothed = smooth_scores(scores, region, spacing, sigma_mm)
+    np.testing.assert_allclose(smoothed[region], num[region] / den[region], rtol=1e-6)
+    assert not smoothed[~region].any()
+    assert not smooth_scores(scores, np.zeros_like(region), spacing, sigma_mm).any()
+
+
 def test_lung_mask_finds_two_lungs(demo_image):
     hu, spacing = canonical(demo_image)
     slices = prepare_slices(hu, spacing, InputSpec(region="lung"))

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from medanomaly.api import detect_volume
 from medanomaly.bundle import ModelBundle
-from medanomaly.detectors.shape_outlier import ShapeOutlierDetector, blobness, eigenvalues, gaussian_kernels
+from medanomaly.detectors.hu_outlier import local_mean
+from medanomaly.detectors.shape_outlier import (ShapeOutlierDetector, blobness, correlate_channels, eigenvalues,
+                                                gaussian_kernels, maximum_filter)
 from medanomaly.errors import ModelError
 from medanomaly.preprocess import with_context
 from medanomaly.synth import LesionInserter
@@ -40,6 +43,25 @@ def test_closed_form_eigenvalues_match_lapack():
     reference = torch.linalg.eigvalsh(a.double()).flip(-1)  # largest first
     closed = torch.stack(eigenvalues(a[:, 0, 0], a[:, 1, 1], a[:, 2, 2], a[:, 0, 1], a[:, 0, 2], a[:, 1, 2]), -1)
     assert float((closed.double() - reference).abs().max()) < 1e-4 * float(a.abs().max())
+
+
+def test_fast_filters_equal_torch_pooling_and_grouped_convolution():
+    """The shifted-operation filters that the outliers use for speed give what torch's own operators give."""
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(2, 6, 37, 41, generator=generator) * 100
+    kernels = torch.randn(6, 9, generator=generator)
+    along_p = F.conv2d(image, kernels[:, None, :, None], groups=6)
+    along_l = F.conv2d(image, kernels[:, None, None, :], groups=6)
+    assert torch.allclose(correlate_channels(image, kernels, dim=2), along_p, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(correlate_channels(image, kernels, dim=3), along_l, rtol=1e-5, atol=1e-3)
+    for radius in (0, 1, 4, 30):  # 30: wider than the image
+        width = 2 * radius + 1
+        pooled = F.max_pool2d(F.pad(image, (radius,) * 4, value=-float("inf")), width, stride=1)
+        assert torch.equal(maximum_filter(image, radius), pooled)
+    for width in (1, 4, 21):  # made odd: 1, 5, 21
+        odd = width | 1
+        square = F.avg_pool2d(image, odd, stride=1, padding=odd // 2, count_include_pad=False)
+        assert torch.allclose(local_mean(image, width), square, rtol=1e-5, atol=1e-3)
 
 
 def gaussian_blob(amplitude: float, s: float, spacing: float, half_extent_mm: float) -> torch.Tensor:

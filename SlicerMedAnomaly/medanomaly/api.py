@@ -134,11 +134,12 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     watch.lap("preprocess")
     maps, volume_p_values, reconstruction, network_s, engines, coverages = [], [], None, 0.0, [], []
     unlike = []  # per member: each canonical slice's exceedance share over its reference's (None: not calibrated)
+    shared_slices: dict = {}  # members on the same model grid resample the volume once
     for index, detector in enumerate(members):
         member_notify = (lambda stage, fraction, i=index: notify(stage, (i + fraction) / len(members)))
         significance, member_p, recon, engine, ratio, member_coverage = _score_member(
             detector, volume, reorientation, hu_canonical, torch_device, memory_budget_mb, member_notify, cancel,
-            watch, want_reconstruction=reconstruction is None)
+            watch, want_reconstruction=reconstruction is None, shared_slices=shared_slices)
         maps.append(significance)
         volume_p_values.append(member_p)
         unlike.append(ratio)
@@ -268,12 +269,12 @@ def check_reference(unlike: list, volume: CTVolume, reorientation: Reorientation
 
 def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorientation, hu_canonical: np.ndarray,
                   device: torch.device, memory_budget_mb: float, notify, cancel, watch: "Stopwatch", *,
-                  want_reconstruction: bool):
+                  want_reconstruction: bool, shared_slices: dict | None = None):
     """One detector over the volume: its calibrated heatmap as significance on the input grid, its volume p-value, its
     pseudo-healthy reconstruction (HU on the input grid) when it makes one, the engine, each canonical slice's ratio
     to the normal reference (Calibration.unlike_reference) and how much of the body its field of view leaves out."""
     calibration = Calibration.from_card(detector.card["calibration"])
-    slices = prepare_slices(hu_canonical, reorientation.canonical_spacing, detector.spec)
+    slices = prepare_slices(hu_canonical, reorientation.canonical_spacing, detector.spec, shared_slices)
     if slices.grid.resamples_slices:
         log.info("%s: %d slices of %.3g mm averaged to %d of %.3g mm, the thickness model %s was trained on",
                  volume.case_name, slices.grid.native_slices, reorientation.canonical_spacing[0],
@@ -283,7 +284,7 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
                                          progress=notify, cancel=cancel)
     watch.lap("network_and_smoothing")
     notify("postprocess", 0.0)
-    significance = calibration.voxel_significance(scores) * slices.region
+    significance = calibration.voxel_significance(scores, slices.region)
     p_value = calibration.volume_p_value(scores, slices.region, slices.spacing_mm, engine.slice_scores)
     unlike = calibration.unlike_reference(probability_of_significance(significance), slices.region)
     if unlike is not None:  # per canonical slice, from the model slice nearest to it

@@ -141,10 +141,15 @@ class Calibration(FalseFindingCurve):
             return None
         return exceedance_shares(probability, region) / max(self.reference_share_max, 1e-6)
 
-    def voxel_significance(self, scores) -> np.ndarray:
+    def voxel_significance(self, scores, region: np.ndarray | None = None) -> np.ndarray:
         """Raw (smoothed) scores -> significance -log10(1 - probability), float32: unlike a float32 probability,
-        which cannot tell 1 - 1e-8 from 1, it keeps the calibrated tail's order and resolution."""
-        return (self.log_exceedance(scores) / -LN10).astype(np.float32)
+        which cannot tell 1 - 1e-8 from 1, it keeps the calibrated tail's order and resolution. With `region` (bool,
+        the shape of scores), 0 outside it, and only the region's voxels are computed."""
+        if region is None:
+            return (self.log_exceedance(scores) / -LN10).astype(np.float32)
+        out = np.zeros(np.shape(scores), np.float32)
+        out[region] = self.log_exceedance(np.asarray(scores)[region]) / -LN10
+        return out
 
     def voxel_probability(self, scores, dtype=np.float32) -> np.ndarray:
         """Raw (smoothed) scores -> calibrated probability in [0, 1]."""

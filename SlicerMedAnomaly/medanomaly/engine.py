@@ -124,12 +124,19 @@ def smooth_scores(scores: np.ndarray, region: np.ndarray, spacing_mm, sigma_mm: 
     """Normalized 3D Gaussian smoothing inside the region (sigma in mm on every axis); zero outside it."""
     if sigma_mm <= 0:
         return scores * region
+    out = np.zeros_like(scores)
+    box = ndi.find_objects(region.view(np.uint8) if region.dtype == bool else region.astype(np.uint8))
+    if not box:
+        return out
+    # on the region's bounding box only: everything outside it is zero in both filtered arrays, as the zero padding
+    # of mode "constant" is, so the values inside are the same as on the whole grid
+    box = box[0]
+    inside, scores = region[box], scores[box]
     sigma = [sigma_mm / s for s in spacing_mm]
-    weight = region.astype(np.float32)
+    weight = inside.astype(np.float32)
     num = ndi.gaussian_filter(scores * weight, sigma, mode="constant", truncate=3.0)
     den = ndi.gaussian_filter(weight, sigma, mode="constant", truncate=3.0)
-    out = np.zeros_like(scores)
-    np.divide(num, den, out=out, where=region & (den > 1e-6))
+    np.divide(num, den, out=out[box], where=inside & (den > 1e-6))
     return out
 
 

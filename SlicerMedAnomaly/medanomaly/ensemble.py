@@ -77,8 +77,8 @@ class Ensemble:
         """The members' significance maps (-log10(1 - p)) combined as their probabilities are: the maximum, or
         the mean probability (-log10 of the mean of 1 - p, which keeps the tail's resolution)."""
         if self.combine == "max":
-            return np.maximum.reduce(maps)
-        low = np.minimum.reduce(maps)  # each term 10^-(m - low) <= 1: no underflow however far out in the tail
+            return elementwise(np.maximum, maps)
+        low = elementwise(np.minimum, maps)  # each term 10^-(m - low) <= 1: no underflow however far out in the tail
         total = np.zeros_like(low)
         for m in maps:
             total += np.power(np.float32(10.0), low - m, dtype=np.float32)
@@ -88,6 +88,15 @@ class Ensemble:
         """The members' volume p-values (1 - volume score) combined as their volume scores are: 1 - the mean of the
         scores is the mean of the p-values, 1 - their maximum the minimum."""
         return float(np.min(p_values) if self.combine == "max" else np.mean(p_values))
+
+
+def elementwise(ufunc: np.ufunc, maps: list[np.ndarray]) -> np.ndarray:
+    """ufunc (np.maximum, np.minimum) over same-shaped arrays, pairwise into one new array: ufunc.reduce over a list
+    first stacks them all into one (several GB for three whole chest CTs), which takes longer than the reduction."""
+    out = maps[0].copy()
+    for m in maps[1:]:
+        ufunc(out, m, out=out)
+    return out
 
 
 def load_scorer(model: "str | Path | ModelBundle | Detector | Ensemble | None") -> "Detector | Ensemble":

@@ -145,8 +145,9 @@ def cross_calibrated(scorer: Detector | Ensemble, cases_dir: Path, cases: list[d
         volume = read_volume(cases_dir / case["volume"])
         r = Reorientation.for_image(volume.image)
         hu = r.to_canonical(volume.hu)
+        shared: dict = {}
         for i, member in enumerate(members):
-            slices = prepare_slices(hu, r.canonical_spacing, member.spec)
+            slices = prepare_slices(hu, r.canonical_spacing, member.spec, shared)
             smoothed, _, engine = score_slices(member, slices, device=torch_device)
             refs[i].setdefault(case["group"], []).append(
                 ((smoothed, slices.region, slices.spacing_mm), engine.slice_scores))

@@ -6,7 +6,7 @@ Everything here works on canonical [S, P, L] arrays (see orientation.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -215,14 +215,46 @@ class ModelSlices:
     grid: ModelGrid
     spacing_mm: tuple[float, float, float]  # (S, P, L) spacing of the model grid
     coverage: dict = field(default_factory=dict)  # how much of the body lies outside the model window (coverage())
+    cut: dict = field(default_factory=dict)  # where the body is cut off (cut_edges)
 
     def windowed(self, spec: InputSpec) -> torch.Tensor:
         return window(self.hu, spec.window_hu)
 
 
-def prepare_slices(canonical_hu: np.ndarray, canonical_spacing, spec: InputSpec) -> ModelSlices:
+def prepare_slices(canonical_hu: np.ndarray, canonical_spacing, spec: InputSpec,
+                   shared: dict | None = None) -> ModelSlices:
     """Resample canonical HU slices to the model's in-plane spacing (and thin slices to its slice thickness) and crop
-    the model window around the body."""
+    the model window around the body.
+
+    `shared`: a dict kept by the caller for one volume, so that models on the same grid (an ensemble's members, which
+    differ in window and method) resample the volume and find its body and region once. What is returned is then
+    shared between them: read it, never write to it."""
+    if shared is None:
+        return _prepare_slices(canonical_hu, canonical_spacing, spec)
+    key = (spec.size, spec.spacing_mm, spec.slice_mm, spec.region)
+    if key not in shared:
+        grid_key = key[:3]
+        same_grid = next((v for k, v in shared.items() if k[:3] == grid_key), None)
+        if same_grid is None:
+            shared[key] = _prepare_slices(canonical_hu, canonical_spacing, spec)
+        else:  # only the region differs
+            shared[key] = replace(same_grid, region=_region(same_grid.hu.numpy(), same_grid.body,
+                                                            same_grid.spacing_mm, same_grid.cut, spec.region))
+    return shared[key]
+
+
+def _region(hu: np.ndarray, body: np.ndarray, spacing_mm, cut: dict, region: str) -> np.ndarray:
+    """Where scores count: the body or the lungs, less the bands along cut edges (_without_cut_edges)."""
+    if region == "lung":
+        mask = lung_mask(hu, body, spacing_mm)
+    elif region == "body":
+        mask = body
+    else:
+        raise ValueError(f"unknown region mask {region!r}")
+    return _without_cut_edges(mask, cut, spacing_mm)
+
+
+def _prepare_slices(canonical_hu: np.ndarray, canonical_spacing, spec: InputSpec) -> ModelSlices:
     sz, sy, sx = canonical_spacing
     z, h, w = canonical_hu.shape
     resized_shape = (max(1, int(round(h * sy / spec.spacing_mm))), max(1, int(round(w * sx / spec.spacing_mm))))
@@ -244,14 +276,9 @@ def prepare_slices(canonical_hu: np.ndarray, canonical_spacing, spec: InputSpec)
     cut = cut_edges(body_resized, offset, spec.size)
     examined = coverage(body_resized, int(body.sum()), offset, spec, cut)
     model_spacing = (z * float(sz) / model_z, h * sy / resized_shape[0], w * sx / resized_shape[1])
-    if spec.region == "lung":
-        region = lung_mask(hu.numpy(), body, model_spacing)
-    elif spec.region == "body":
-        region = body
-    else:
-        raise ValueError(f"unknown region mask {spec.region!r}")
-    region = _without_cut_edges(region, cut, model_spacing)
-    return ModelSlices(hu=hu, region=region, body=body, grid=grid, spacing_mm=model_spacing, coverage=examined)
+    region = _region(hu.numpy(), body, model_spacing, cut, spec.region)
+    return ModelSlices(hu=hu, region=region, body=body, grid=grid, spacing_mm=model_spacing, coverage=examined,
+                       cut=cut)
 
 
 CUT_EDGE_MM = 15.0  # where the body is cut off (by the model window or the scan's own field of view), this band

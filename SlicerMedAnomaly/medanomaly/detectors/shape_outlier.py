@@ -77,10 +77,47 @@ def eigenvalues(a11: torch.Tensor, a22: torch.Tensor, a33: torch.Tensor, a12: to
     return largest, 3 * q - largest - smallest, smallest
 
 
+def correlate_channels(image: torch.Tensor, kernels: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each channel of `image` [B, C, H, W] correlated along `dim` (2 or 3) with its own 1D kernel (`kernels` [C,
+    n]), without padding (the output is n - 1 shorter along `dim`). Shifted multiply-adds: on a CPU about 6x faster
+    than the equivalent grouped conv2d of [n, 1] or [1, n] kernels, whose im2col does not pay for so few taps."""
+    taps = kernels.shape[1]
+    length = image.shape[dim] - taps + 1
+    weights = kernels.to(image)[None, :, :, None, None].movedim(2, 0)  # [n, 1, C, 1, 1]
+    out = image.narrow(dim, 0, length) * weights[0]
+    for tap in range(1, taps):
+        out.addcmul_(image.narrow(dim, tap, length), weights[tap])
+    return out
+
+
+def maximum_filter(image: torch.Tensor, radius: int) -> torch.Tensor:
+    """The maximum over the (2 radius + 1)^2 square around each pixel of [B, C, H, W] (of the pixels inside the
+    image), separably by shifted elementwise maxima: the same values as max_pool2d, about 20x faster on a CPU."""
+    out = image
+    for dim in (2, 3):
+        source, out, length = out, out.clone(), image.shape[dim]
+        for shift in range(1, min(radius, length - 1) + 1):
+            ahead = out.narrow(dim, 0, length - shift)
+            torch.maximum(ahead, source.narrow(dim, shift, length - shift), out=ahead)
+            behind = out.narrow(dim, shift, length - shift)
+            torch.maximum(behind, source.narrow(dim, 0, length - shift), out=behind)
+    return out
+
+
 # The derivative orders (0, 1, 2) along S, P and L of the Hessian entries zz, yy, xx, zy, zx, yx.
 HESSIAN_Z_ORDER = [2, 0, 0, 1, 1, 0]
 HESSIAN_Y_ORDER = [0, 2, 0, 1, 0, 1]
 HESSIAN_X_ORDER = [0, 0, 2, 0, 1, 1]
+
+
+def kernel_half_width(sigma_mm: float, spacing_mm: float) -> int:
+    """Pixels on each side of the in-plane Gaussian derivative kernels (3 sigma)."""
+    return max(1, math.ceil(3 * sigma_mm / spacing_mm))
+
+
+def spread_radius(sigma_mm: float, spacing_mm: float) -> int:
+    """Pixels over which a scale's response is spread: the radius sigma * sqrt(3) of the blob it answers most."""
+    return int(round(sigma_mm * math.sqrt(3) / spacing_mm))
 
 
 def blobness(hu: torch.Tensor, sigmas_mm, spacing_mm: float, slice_mm: float, spread: bool = False,
@@ -88,7 +125,7 @@ def blobness(hu: torch.Tensor, sigmas_mm, spacing_mm: float, slice_mm: float, sp
     """hu: [B, C, H, W], C = 2k + 1 slices along S (the middle one scored), `slice_mm` apart, pixels of `spacing_mm`.
     Returns [B, 1, H, W]: the largest over scales of sigma^2 * max(0, -lambda_max) of the Hessian at the middle
     slice. With `shape` "tube", the middle eigenvalue instead: strongly negative for bright tubes and blobs alike.
-    With `spread`, each scale's response is first spread (a maximum filter) over the disc of the blob it
+    With `spread`, each scale's response is first spread (a square maximum filter) over the disc of the blob it
     answers most, so that a finding covers the blob rather than its centre."""
     b, c, h, w = hu.shape
     k = c // 2
@@ -97,19 +134,16 @@ def blobness(hu: torch.Tensor, sigmas_mm, spacing_mm: float, slice_mm: float, sp
     for sigma in sigmas_mm:
         zk = gaussian_kernels(z_positions, sigma).to(hu)  # [3, C]
         along_z = torch.einsum("dc,bchw->bdhw", zk, hu)  # smoothed, first and second derivative along S
-        half = max(1, math.ceil(3 * sigma / spacing_mm))
+        half, radius = kernel_half_width(sigma, spacing_mm), spread_radius(sigma, spacing_mm)
         pk = gaussian_kernels(torch.arange(-half, half + 1, device=hu.device) * spacing_mm, sigma).to(hu)
         padded = F.pad(along_z, (half, half, half, half), mode="replicate")
-        # the six Hessian entries as separable filters, all in two grouped convolutions (one along P, one along L)
-        image = padded[:, HESSIAN_Z_ORDER]
-        image = F.conv2d(image, pk[HESSIAN_Y_ORDER][:, None, :, None], groups=6)
-        hzz, hyy, hxx, hzy, hzx, hyx = F.conv2d(image, pk[HESSIAN_X_ORDER][:, None, None, :], groups=6).unbind(1)
+        # the six Hessian entries as separable filters, all six at once along P, then along L
+        image = correlate_channels(padded[:, HESSIAN_Z_ORDER], pk[HESSIAN_Y_ORDER], dim=2)
+        hzz, hyy, hxx, hzy, hzx, hyx = correlate_channels(image, pk[HESSIAN_X_ORDER], dim=3).unbind(1)
         largest, middle, _ = eigenvalues(hzz, hyy, hxx, hzy, hzx, hyx)
         response = sigma**2 * (-(middle if shape == "tube" else largest)).clamp_min(0)[:, None]
         if spread:  # over the disc of the blob that this scale answers most (radius sigma * sqrt(3))
-            radius = int(round(sigma * math.sqrt(3) / spacing_mm))
-            if radius > 0:
-                response = F.max_pool2d(response, 2 * radius + 1, stride=1, padding=radius)
+            response = maximum_filter(response, radius)
         best = torch.maximum(best, response)
     return best
 
@@ -137,6 +171,9 @@ class ShapeOutlierDetector(Detector):
         edges = torch.tensor(arch["class_edges_hu"], dtype=torch.float32)
         self.register_buffer("class_edges", edges)
         self.register_buffer("class_scale", torch.ones(len(edges) - 1))
+        # how far in plane a pixel's score looks: the derivative kernels and the spread, and the tissue class's mean
+        self.reach_px = max([kernel_half_width(s, self.spec.spacing_mm) + self.spread * spread_radius(
+            s, self.spec.spacing_mm) for s in self.sigmas_mm] + [(max(1, self.context_px) | 1) // 2])
 
     def features(self, image: torch.Tensor, slice_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Tissue class index (of the middle slice) and blobness of every pixel; image [B, C, H, W] in window
@@ -149,5 +186,23 @@ class ShapeOutlierDetector(Detector):
     def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
         assert image.ndim == 4 and image.shape[1] == self.spec.channels, \
             f"expected [B, {self.spec.channels}, H, W], got {tuple(image.shape)}"
-        classes, blob = self.features(image, self.slice_spacing_mm or self.spec.slice_mm or self.spec.spacing_mm)
-        return DetectorOutput(score=blob / self.class_scale[classes] * region)
+        slice_mm = self.slice_spacing_mm or self.spec.slice_mm or self.spec.spacing_mm
+        score = image.new_zeros((image.shape[0], 1) + image.shape[2:], dtype=torch.float32)
+        box = region_box(region, self.reach_px)
+        if box is not None:  # only around the region, which is all that is scored: the same values, less work
+            classes, blob = self.features(image[..., box[0], box[1]], slice_mm)
+            score[..., box[0], box[1]] = blob / self.class_scale[classes] * region[..., box[0], box[1]]
+        return DetectorOutput(score=score)
+
+
+def region_box(region: torch.Tensor, margin: int) -> tuple[slice, slice] | None:
+    """Rows and columns of [B, 1, H, W] `region`'s bounding box over the batch, widened by `margin` pixels on each
+    side (within the image); None where the region is empty. A filter that reaches no further than `margin` gives
+    the same values inside the region on this crop as on the whole image: its edge effects stay in the margin."""
+    rows = torch.nonzero(region.flatten(0, 1).any(0).any(1))[:, 0]
+    cols = torch.nonzero(region.flatten(0, 1).any(0).any(0))[:, 0]
+    if rows.numel() == 0:
+        return None
+    h, w = region.shape[-2:]
+    return (slice(max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, h)),
+            slice(max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, w)))
