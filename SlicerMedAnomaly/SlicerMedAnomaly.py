@@ -166,8 +166,9 @@ class SlicerMedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for m in list_models():
                 self.ui.modelSelector.addItem(f"{m['name']} - {m['body_region']}, {m['method']} {m['version']}",
                                               m["name"])
-            for e in list_ensembles():  # recommended combinations; the name is the --model the command line takes
-                self.ui.modelSelector.addItem(f"{e['name']} - {e['body_region']}, ensemble", e["name"])
+            for e in list_ensembles():  # recommended combinations, by the --model name the command line takes
+                name = e.get("alias") or e["name"]
+                self.ui.modelSelector.addItem(f"{name} - {e['body_region']}, ensemble ({e['name']})", name)
         except ImportError:
             self.ui.modelSelector.addItem("(dependencies not installed yet)", "")
 

@@ -150,3 +150,29 @@ def test_catalog_recommends_ensembles_of_installed_models(tmp_path, monkeypatch)
     assert "ensemble:chest-ct-hu-outlier,not-installed" not in names
     write_catalog(extra, [])  # as train_default_models.py rewrites the models
     assert [e["name"] for e in read_catalog(extra, "ensembles")][0] == "ensemble:chest-ct-hu-outlier,not-installed"
+
+
+def test_a_recommended_ensemble_is_usable_by_its_alias(tmp_path, monkeypatch):
+    """`--model chest-ct-nodules-needles` is the shipped catalog's three-model ensemble: the same members, rule and
+    model identity (batch's re-run check) as the spelled-out spec; an installed model of the same name comes first,
+    and a name that is neither stays a single-model name."""
+    from medanomaly.ensemble import Ensemble, load_scorer, model_identity, parse_spec, resolved_spec
+
+    spec = "ensemble-max:chest-ct-vqvae-fs-256,chest-ct-shape-outlier,chest-ct-tube-outlier"
+    assert parse_spec("chest-ct-nodules-needles") == parse_spec(spec)
+    assert parse_spec("chest-ct-nodules") == ("max", ["chest-ct-vqvae-fs-256", "chest-ct-shape-outlier"])
+    assert parse_spec("chest-ct-hu-outlier") is None and parse_spec("no-such-alias") is None
+    assert model_identity("chest-ct-nodules-needles") == model_identity(spec)
+    assert resolved_spec("chest-ct-nodules-needles") == resolved_spec(spec)
+    scorer = load_scorer("chest-ct-nodules-needles")
+    assert isinstance(scorer, Ensemble) and scorer.combine == "max"
+    assert [m.card["name"] for m in scorer.members] == parse_spec(spec)[1]
+
+    extra = tmp_path / "extra"  # a user's model named like the alias shadows it
+    bundle = resolve_model("chest-ct-hu-outlier")
+    shutil.copytree(bundle.path, extra / "mine")
+    (extra / "catalog.json").write_text(json.dumps({"models": [
+        {"name": "chest-ct-nodules", "path": "mine", "method": bundle.method, "version": "0.1.0",
+         "body_region": "chest", "description": "", "default": False}]}))
+    monkeypatch.setenv("MEDANOMALY_MODELS", str(extra))
+    assert parse_spec("chest-ct-nodules") is None and parse_spec("chest-ct-nodules-needles") is not None

@@ -215,6 +215,14 @@ def list_ensembles() -> list[dict]:
     return out
 
 
+def ensemble_for_alias(name: str) -> str | None:
+    """The ensemble spec ("ensemble-max:A,B,...") that a recommended ensemble's `alias` in a catalog stands for, or
+    None when `name` is no such alias; a bundle folder or installed model of that name comes first."""
+    if Path(name).is_dir() or any(m["name"] == name for m in list_models()):
+        return None
+    return next((e["name"] for e in list_ensembles() if e.get("alias") == name), None)
+
+
 def default_model_name() -> str:
     models = list_models()
     defaults = [m for m in models if m.get("default")]

@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA files or DICOM folders")
     d.add_argument("-o", "--output", default="medanomaly-out", help="output folder; results go to OUT/<case>/")
     d.add_argument("--model", default=None, help="model name from the catalog, a bundle folder, or ensemble:NAME1,NAME2 "
-                   "(mean of calibrated maps) / ensemble-max:NAME1,NAME2 (default: catalog default)")
+                   "(mean of calibrated maps) / ensemble-max:NAME1,NAME2, or a recommended ensemble's name such as "
+                   "chest-ct-nodules-needles (`medanomaly models list`; default: catalog default)")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto: CUDA when present)")
     d.add_argument("--sensitivity", type=float, default=None,
                    help="0..1: higher finds more, with more false positives (0.5 = 0.32 false findings per normal volume)")
@@ -200,7 +201,8 @@ def _cmd_models(args) -> int:
             flag = " (default)" if m.get("default") else ""
             print(f"{m['name']}{flag}: {m['method']} {m['version']}, {m['body_region']} - {m['catalog']}")
         for e in list_ensembles():
-            print(f"{e['name']}: recommended ensemble, {e['body_region']} - {e['description']}")
+            alias = f"{e['alias']} = " if e.get("alias") else ""
+            print(f"{alias}{e['name']}: recommended ensemble, {e['body_region']} - {e['description']}")
     elif args.models_command == "show":
         bundle = resolve_model(args.name)
         card = {k: v for k, v in bundle.card.items() if k != "calibration"}

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .bundle import ModelBundle, resolve_model
+from .bundle import ModelBundle, ensemble_for_alias, resolve_model
 from .errors import InputError
 from .significance import FalseFindingCurve
 
@@ -31,7 +31,8 @@ PREFIXES = {"ensemble:": "mean", "ensemble-mean:": "mean", "ensemble-max:": "max
 
 
 def parse_spec(model: str | None) -> tuple[str, list[str]] | None:
-    """'ensemble-max:A,B' -> ('max', ['A', 'B']); None for a single model."""
+    """'ensemble-max:A,B' -> ('max', ['A', 'B']); the same for the alias a catalog gives a recommended ensemble
+    (`chest-ct-nodules-needles`); None for a single model."""
     if not isinstance(model, str):
         return None
     for prefix, combine in PREFIXES.items():
@@ -40,7 +41,8 @@ def parse_spec(model: str | None) -> tuple[str, list[str]] | None:
             if len(names) < 2:
                 raise InputError(f"--model {model}: an ensemble needs at least two models, as {prefix}NAME1,NAME2")
             return combine, names
-    return None
+    spec = ensemble_for_alias(model)
+    return parse_spec(spec) if spec is not None else None
 
 
 class EnsembleCalibration(FalseFindingCurve):
