@@ -136,6 +136,29 @@ def test_smoothing_inside_the_region_is_the_normalized_gaussian_of_the_whole_gri
     assert not smooth_scores(scores, np.zeros_like(region), spacing, sigma_mm).any()
 
 
+def test_the_pleural_lung_region_takes_in_a_nodule_on_the_pleura(demo_image):
+    """A nodule on the chest wall is denser than the -400 HU lung threshold, so the lung region leaves much of it out;
+    region "lung_pleura" (the lungs closed with a 15 mm rolling ball) takes it in and adds little else."""
+    from medanomaly.synth import LesionInserter
+
+    image = demo_image[:, :, 10:50]
+    inserter = LesionInserter(image)
+    insertion = inserter.insert("nodule_juxtapleural", seed=4, diameter_mm=16.0, shape="lobulated")
+    lesioned = sitk.GetImageFromArray(insertion.volume)
+    lesioned.CopyInformation(image)
+    hu, spacing = canonical(lesioned)
+    spec = InputSpec(size=128, spacing_mm=2.0, region="lung")
+    lung = prepare_slices(hu, spacing, spec)
+    pleura = prepare_slices(hu, spacing, InputSpec(size=128, spacing_mm=2.0, region="lung_pleura"))
+    mask = inserter.reorientation.to_canonical(insertion.mask).astype(np.float32)
+    lesion = lung.grid.to_model(torch.from_numpy(np.ascontiguousarray(mask)), 0.0).numpy() > 0.5
+    assert lesion.sum() > 20
+    assert lung.region[lesion].mean() < 0.8 <= pleura.region[lesion].mean()
+    normal = canonical(image)
+    grown = prepare_slices(*normal, InputSpec(size=128, spacing_mm=2.0, region="lung_pleura")).region.sum()
+    assert grown < 1.1 * prepare_slices(*normal, spec).region.sum()
+
+
 def test_lung_mask_finds_two_lungs(demo_image):
     hu, spacing = canonical(demo_image)
     slices = prepare_slices(hu, spacing, InputSpec(region="lung"))

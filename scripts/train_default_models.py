@@ -232,13 +232,16 @@ RECIPES = {
         method="shape-outlier",
         data=CHEST_DATA,
         steps=0, seed=0,
-        input=dict(CHEST_INPUT_256, context_slices=3, smoothing_mm=1.0, region="lung"),
+        # version 0.2.0: scored in the lungs closed with a 15 mm rolling ball (region "lung_pleura"), so that nodules
+        # on the pleura, which the -400 HU lung threshold leaves out, count too (README, Results)
+        input=dict(CHEST_INPUT_256, context_slices=3, smoothing_mm=1.0, region="lung_pleura"), version="0.2.0",
         description="3D shape outlier in the lungs (no network): at every pixel the scale-normalized blobness of "
                     "the Hessian of the smoothed HU volume (sigma 2, 3 and 4 mm; from the slice and 3 neighbours "
                     "on each side), spread over the blob's disc and divided by its 99.9th percentile in normal "
                     "tissue of the same class (a wide local mean of HU), on normal chest slices (chest_ct_01, slab "
                     "split with held-out slabs for calibration). Finds round lesions such as lung nodules, which "
-                    "the slice-wise networks confuse with vessels seen end-on; not thin or diffuse ones.",
+                    "the slice-wise networks confuse with vessels seen end-on, and nodules on the pleura (the "
+                    "lungs are closed with a 15 mm rolling ball); not thin or diffuse ones.",
     ),
     # the same statistics for bright tubes (the Hessian's middle eigenvalue) at 1-2 mm over the whole body, in a
     # window that keeps metal (-1024..3071 HU): a needle or wire is far denser than any normal tube of its tissue class

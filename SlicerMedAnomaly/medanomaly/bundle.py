@@ -44,7 +44,7 @@ CARD_SCHEMA = {
                 "size": {"type": "integer", "minimum": 16},
                 "spacing_mm": {"type": "number", "exclusiveMinimum": 0},
                 "window_hu": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
-                "region": {"enum": ["body", "lung"]},
+                "region": {"enum": ["body", "lung", "lung_pleura"]},
                 "body_region": {"type": "string"},
                 "smoothing_mm": {"type": "number", "minimum": 0},
                 "line_mm": {"type": "number", "minimum": 0},

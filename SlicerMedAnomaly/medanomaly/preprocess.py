@@ -19,6 +19,9 @@ AIR_HU = -1024.0
 DEFAULT_SLICE_MM = 2.0
 BODY_THRESHOLD_HU = -500.0
 LUNG_THRESHOLD_HU = -400.0
+# region "lung_pleura": the lungs closed in plane with a rolling ball of this radius, so that a nodule on the pleura,
+# which the -400 HU threshold leaves outside the lung, is scored as well (a notch up to twice as wide is filled)
+PLEURA_CLOSING_MM = 15.0
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class InputSpec:
     size: int = 128
     spacing_mm: float = 3.5
     window_hu: tuple[float, float] = (-1000.0, 500.0)
-    region: str = "body"  # "body" or "lung": where scores count
+    region: str = "body"  # "body", "lung" or "lung_pleura" (lungs and nodules on the pleura): where scores count
     smoothing_mm: float = 3.0  # 3D Gaussian sigma applied to slice-wise maps
     body_region: str = "chest"
     line_mm: float = 0.0  # > 0: also in-plane line means (Gaussian of this sigma along the line) keep thin straight
@@ -183,9 +186,10 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
 
 
 def lung_mask(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float, float],
-              min_volume_ml: float = 20.0) -> np.ndarray:
+              min_volume_ml: float = 20.0, closing_mm: float = 6.0) -> np.ndarray:
     """Lungs from HU thresholds and connectivity: air inside the body, in components of at least `min_volume_ml`,
-    closed so that vessels and nodules inside the lung are part of it."""
+    closed in plane with a disc of radius `closing_mm` so that vessels and nodules inside the lung are part of it
+    (with PLEURA_CLOSING_MM, a rolling ball that takes in nodules on the pleura too)."""
     air = (hu < LUNG_THRESHOLD_HU) & body
     labels, n = ndi.label(air)
     if n == 0:
@@ -195,11 +199,12 @@ def lung_mask(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float, 
     sizes[0] = 0
     keep = sizes >= min_volume_ml
     lungs = keep[labels]
-    radius = max(1, int(round(6.0 / spacing_mm[1])))
+    radius = max(1, int(round(closing_mm / spacing_mm[1])))
     disk = np.zeros((1, 2 * radius + 1, 2 * radius + 1), bool)
     yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
     disk[0] = yy**2 + xx**2 <= radius**2
-    lungs = ndi.binary_closing(lungs, structure=disk)
+    pad = ((0, 0), (radius, radius), (radius, radius))  # so that the closing's erosion does not eat the image's edge
+    lungs = ndi.binary_closing(np.pad(lungs, pad), structure=disk)[:, radius:-radius, radius:-radius]
     inplane = np.zeros((3, 3, 3), bool)
     inplane[1] = ndi.generate_binary_structure(2, 1)
     return ndi.binary_fill_holes(lungs, structure=inplane) & body
@@ -247,6 +252,8 @@ def _region(hu: np.ndarray, body: np.ndarray, spacing_mm, cut: dict, region: str
     """Where scores count: the body or the lungs, less the bands along cut edges (_without_cut_edges)."""
     if region == "lung":
         mask = lung_mask(hu, body, spacing_mm)
+    elif region == "lung_pleura":
+        mask = lung_mask(hu, body, spacing_mm, closing_mm=PLEURA_CLOSING_MM)
     elif region == "body":
         mask = body
     else:

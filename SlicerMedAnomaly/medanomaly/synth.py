@@ -16,9 +16,9 @@ from scipy import ndimage as ndi
 from .orientation import Reorientation
 from .preprocess import body_mask, lung_mask
 
-LESION_KINDS = ("nodule_solid", "nodule_part_solid", "ggo", "consolidation", "needle", "effusion", "ascites",
-                "mood_intensity", "mood_noise", "mood_deformation", "mood_mirror")
-LUNG_KINDS = {"nodule_solid", "nodule_part_solid", "ggo", "consolidation", "effusion"}
+LESION_KINDS = ("nodule_solid", "nodule_part_solid", "nodule_juxtapleural", "ggo", "consolidation", "needle",
+                "effusion", "ascites", "mood_intensity", "mood_noise", "mood_deformation", "mood_mirror")
+LUNG_KINDS = {"nodule_solid", "nodule_part_solid", "nodule_juxtapleural", "ggo", "consolidation", "effusion"}
 
 
 @dataclass
@@ -82,6 +82,17 @@ class LesionInserter:
             candidates = np.argwhere(depth >= depth.max() * 0.8)
         return candidates[rng.integers(len(candidates))] * step
 
+    def _pick_pleural_centre(self, radius_mm: float, rng: np.random.Generator) -> np.ndarray:
+        """A random lung voxel 0.3-0.6 `radius_mm` inside the lung's border (on a coarse grid), so that a nodule of
+        that radius centred there abuts the pleura: the chest wall, mediastinum or diaphragm."""
+        step = np.maximum(1, np.round(2.0 / self.spacing).astype(int))
+        coarse = self.lung[::step[0], ::step[1], ::step[2]]
+        if not coarse.any():
+            raise ValueError("the anatomy for this lesion is absent from the volume")
+        depth = ndi.distance_transform_edt(coarse, sampling=self.spacing * step)
+        candidates = np.argwhere((depth >= 0.3 * radius_mm) & (depth <= max(0.6 * radius_mm, depth[coarse].min())))
+        return candidates[rng.integers(len(candidates))] * step
+
     def _crop(self, centre: np.ndarray, half_mm: float) -> tuple[slice, ...]:
         half = np.ceil(half_mm / self.spacing).astype(int) + 2
         return tuple(slice(max(0, int(c - h)), min(n, int(c + h + 1))) for c, h, n in zip(centre, half, self.hu.shape))
@@ -131,13 +142,18 @@ class LesionInserter:
     def _insert_nodule_part_solid(self, kind, rng, **p):
         return self._nodule(kind, rng, part_solid=True, **p)
 
+    def _insert_nodule_juxtapleural(self, kind, rng, **p):
+        """A solid nodule on the pleura: centred just inside the lung's border, the part beyond it cut off by the
+        lung (as a nodule growing against the chest wall is flattened there)."""
+        return self._nodule(kind, rng, part_solid=False, pleural=True, **p)
+
     def _nodule(self, kind, rng, part_solid: bool, diameter_mm: float | None = None, hu: float | None = None,
-                shape: str | None = None):
+                shape: str | None = None, pleural: bool = False):
         diameter = float(diameter_mm if diameter_mm is not None else rng.uniform(3.0, 30.0))
         radius = diameter / 2
         shape = shape or rng.choice(["lobulated", "spiculated"])
         hu = float(hu if hu is not None else rng.uniform(20.0, 60.0))
-        centre = self._pick_centre(self.lung, radius * 0.9, rng)
+        centre = self._pick_pleural_centre(radius, rng) if pleural else self._pick_centre(self.lung, radius * 0.9, rng)
         reach = radius * (2.2 if shape == "spiculated" else 1.5) + 3
         crop = self._crop(centre, reach)
         xyz = self._coords_mm(crop, centre)
