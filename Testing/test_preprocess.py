@@ -136,6 +136,27 @@ def test_smoothing_inside_the_region_is_the_normalized_gaussian_of_the_whole_gri
     assert not smooth_scores(scores, np.zeros_like(region), spacing, sigma_mm).any()
 
 
+@pytest.mark.parametrize("radius", [1, 3, 9])
+def test_closing_by_distance_transforms_is_the_binary_closing_with_a_disc(radius):
+    """close_in_plane gives the voxels of ndi.binary_closing with the disc yy^2 + xx^2 <= r^2, slice by slice, with
+    background beyond the slice's edges (the mask here touches them), and leaves empty slices empty."""
+    from scipy import ndimage as ndi
+
+    from medanomaly.preprocess import close_in_plane
+
+    rng = np.random.default_rng(radius)
+    mask = ndi.gaussian_filter(rng.random((4, 60, 70)), (0, 3, 3)) > 0.52
+    mask[2] = False
+    disc = np.zeros((1, 2 * radius + 1, 2 * radius + 1), bool)
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    disc[0] = yy**2 + xx**2 <= radius**2
+    pad = ((0, 0), (radius, radius), (radius, radius))
+    expected = ndi.binary_closing(np.pad(mask, pad), structure=disc)[:, radius:-radius, radius:-radius]
+    closed = close_in_plane(mask, radius)
+    assert mask[:, 0].any() and closed.sum() > mask.sum()
+    assert np.array_equal(closed, expected) and not closed[2].any()
+
+
 def test_the_pleural_lung_region_takes_in_a_nodule_on_the_pleura(demo_image):
     """A nodule on the chest wall is denser than the -400 HU lung threshold, so the lung region leaves much of it out;
     region "lung_pleura" (the lungs closed with a 15 mm rolling ball) takes it in and adds little else."""
