@@ -243,6 +243,17 @@ RECIPES = {
                     "the slice-wise networks confuse with vessels seen end-on, and nodules on the pleura (the "
                     "lungs are closed with a 15 mm rolling ball); not thin or diffuse ones.",
     ),
+    # an experiment: the middle eigenvalue at the shape outlier's scales in its region (a nodule on the pleura is a
+    # bump on a wall, curved in two directions, where the largest eigenvalue stays near zero)
+    "chest-ct-shape-outlier-pleura-tube": dict(
+        method="shape-outlier",
+        data=CHEST_DATA,
+        steps=0, seed=0,
+        input=dict(CHEST_INPUT_256, context_slices=3, smoothing_mm=1.0, region="lung_pleura"),
+        architecture={"shape": "tube"},
+        experiment=True,
+        description="experiment: the middle eigenvalue at sigma 2, 3 and 4 mm in the lungs and on the pleura.",
+    ),
     # the same statistics for bright tubes (the Hessian's middle eigenvalue) at 1-2 mm over the whole body, in a
     # window that keeps metal (-1024..3071 HU): a needle or wire is far denser than any normal tube of its tissue class
     "chest-ct-tube-outlier": dict(
