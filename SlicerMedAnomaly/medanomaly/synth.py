@@ -70,13 +70,18 @@ class LesionInserter:
         mad = np.median(np.abs(values - np.median(values)))
         return float(1.4826 * mad * np.sqrt(9 / 8))  # the 3x3 mean removes 1/9 of the variance
 
-    def _pick_centre(self, region: np.ndarray, radius_mm: float, rng: np.random.Generator) -> np.ndarray:
-        """A random voxel of `region` at least `radius_mm` from its border (on a coarse grid), else any voxel."""
+    def _depth(self, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distance in mm of each voxel of `region` from its border, on a coarse grid of about 2 mm, and the grid's
+        step in voxels."""
         step = np.maximum(1, np.round(2.0 / self.spacing).astype(int))
         coarse = region[::step[0], ::step[1], ::step[2]]
         if not coarse.any():
             raise ValueError("the anatomy for this lesion is absent from the volume")
-        depth = ndi.distance_transform_edt(coarse, sampling=self.spacing * step)
+        return ndi.distance_transform_edt(coarse, sampling=self.spacing * step), step
+
+    def _pick_centre(self, region: np.ndarray, radius_mm: float, rng: np.random.Generator) -> np.ndarray:
+        """A random voxel of `region` at least `radius_mm` from its border (on a coarse grid), else any voxel."""
+        depth, step = self._depth(region)
         candidates = np.argwhere(depth >= radius_mm)
         if candidates.size == 0:
             candidates = np.argwhere(depth >= depth.max() * 0.8)
@@ -85,12 +90,9 @@ class LesionInserter:
     def _pick_pleural_centre(self, radius_mm: float, rng: np.random.Generator) -> np.ndarray:
         """A random lung voxel 0.3-0.6 `radius_mm` inside the lung's border (on a coarse grid), so that a nodule of
         that radius centred there abuts the pleura: the chest wall, mediastinum or diaphragm."""
-        step = np.maximum(1, np.round(2.0 / self.spacing).astype(int))
-        coarse = self.lung[::step[0], ::step[1], ::step[2]]
-        if not coarse.any():
-            raise ValueError("the anatomy for this lesion is absent from the volume")
-        depth = ndi.distance_transform_edt(coarse, sampling=self.spacing * step)
-        candidates = np.argwhere((depth >= 0.3 * radius_mm) & (depth <= max(0.6 * radius_mm, depth[coarse].min())))
+        depth, step = self._depth(self.lung)
+        nearest = depth[depth > 0].min()  # the border voxels themselves, for nodules too small to reach 0.6 radii in
+        candidates = np.argwhere((depth >= 0.3 * radius_mm) & (depth <= max(0.6 * radius_mm, nearest)))
         return candidates[rng.integers(len(candidates))] * step
 
     def _crop(self, centre: np.ndarray, half_mm: float) -> tuple[slice, ...]:
