@@ -1,0 +1,88 @@
+"""Nodules on the pleura: how much of each lies in the lung regions, and a probe of blobness with the wall masked.
+
+python scripts/experiment_pleural_region.py [--cases runs/lab-pleural] [--wall]
+
+For every nodule case of a lab case set (benchmark_lab.py, e.g. the pleural set built with --kinds
+nodule_juxtapleural:6 ...), the share of the nodule's voxels (on the model grid of chest-ct-shape-outlier) inside region
+"lung" (the lungs closed with a 6 mm disc) and "lung_pleura" (a 15 mm rolling ball), and how much larger lung_pleura
+is on the normal slabs. With --wall, also the probe the README reports: the raw blobness peak of each nodule against
+the normal slab's maximum, as is and with the HU outside lung_pleura set to air before the Hessian.
+The cases come from chest_ct_01 (see ../shared/data/SOURCES.md for its provenance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SlicerMedAnomaly"))
+
+from medanomaly.bundle import resolve_model  # noqa: E402
+from medanomaly.detectors.shape_outlier import blobness  # noqa: E402
+from medanomaly.orientation import Reorientation  # noqa: E402
+from medanomaly.preprocess import InputSpec, prepare_slices, with_context  # noqa: E402
+
+
+def blob_volume(slices, card_arch: dict, air_outside: bool) -> np.ndarray:
+    """Raw blobness of every region voxel, as the shape outlier computes it (before the per-class scale)."""
+    hu = slices.hu.clone()
+    if air_outside:
+        hu[~torch.from_numpy(slices.region)] = -1000.0
+    out = np.zeros(slices.region.shape, np.float32)
+    with torch.inference_mode():
+        for start in range(0, hu.shape[0], 8):
+            index = range(start, min(start + 8, hu.shape[0]))
+            response = blobness(with_context(hu, index, 3), card_arch["sigmas_mm"], slices.spacing_mm[1],
+                                slices.spacing_mm[0], True, "blob")
+            out[start:start + len(index)] = response[:, 0].numpy()
+    return out * slices.region
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="runs/lab-pleural")
+    ap.add_argument("--wall", action="store_true", help="also the wall-masking probe (slower)")
+    args = ap.parse_args()
+    card = resolve_model("chest-ct-shape-outlier").card
+    base = InputSpec.from_card(dict(card["input"], region="lung"))
+    pleura = InputSpec.from_card(dict(card["input"], region="lung_pleura"))
+    cases = json.loads((Path(args.cases) / "cases.json").read_text())["cases"]
+    shares, normal_peak, peaks = {"lung": [], "lung_pleura": []}, {}, []
+    for case in cases:
+        image = sitk.ReadImage(str(Path(args.cases) / case["volume"]))
+        r = Reorientation.for_image(image)
+        hu = r.to_canonical(sitk.GetArrayFromImage(image))
+        shared: dict = {}
+        lung, wide = (prepare_slices(hu, r.canonical_spacing, spec, shared) for spec in (base, pleura))
+        if case["normal"]:
+            print(f"{case['case']}: lung_pleura / lung region voxels {wide.region.sum() / lung.region.sum():.4f}")
+            if args.wall:
+                normal_peak[case["group"]] = {m: blob_volume(wide, card["architecture"], m).max() for m in (0, 1)}
+            continue
+        if not case["lesions"][0]["kind"].startswith("nodule"):
+            continue
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(args.cases) / case["labels"])))
+        mask = np.ascontiguousarray(r.to_canonical(labels).astype(np.float32))
+        lesion = lung.grid.to_model(torch.from_numpy(mask), 0.0).numpy() > 0.5
+        shares["lung"].append(float(lung.region[lesion].mean()))
+        shares["lung_pleura"].append(float(wide.region[lesion].mean()))
+        print(f"{case['case']}: share in lung {shares['lung'][-1]:.2f}, in lung_pleura {shares['lung_pleura'][-1]:.2f}")
+        if args.wall:
+            peaks.append((case["group"], {m: blob_volume(wide, card["architecture"], m)[lesion].max() for m in (0, 1)}))
+    for name, values in shares.items():
+        print(f"{name}: nodule share in the region median {np.median(values):.2f}, range {min(values):.2f}-"
+              f"{max(values):.2f} ({len(values)} nodules)")
+    for masked in (0, 1) if args.wall else ():
+        above = sum(p[masked] > normal_peak[group][masked] for group, p in peaks)
+        print(f"{'air outside the region' if masked else 'as is'}: {above}/{len(peaks)} nodule peaks above the "
+              "normal slab's maximum")
+
+
+if __name__ == "__main__":
+    main()
