@@ -64,6 +64,27 @@ def test_fast_filters_equal_torch_pooling_and_grouped_convolution():
         assert torch.allclose(local_mean(image, width), square, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["chest-ct-shape-outlier", "chest-ct-tube-outlier"])
+def test_scoring_on_the_region_box_gives_the_whole_image_values(name):
+    """score() computes only the region's bounding box widened by the filters' reach (reach_px): inside the region
+    that is what the whole image gives, to the bit, and zero outside it."""
+    from medanomaly.bundle import resolve_model
+    from medanomaly.detectors import build_detector
+
+    detector = build_detector(resolve_model(name))
+    detector.slice_spacing_mm = 2.0
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, detector.spec.channels, 128, 120, generator=generator)
+    region = torch.zeros(3, 1, 128, 120, dtype=torch.bool)
+    region[:, :, 40:90, 30:70] = True
+    region[1, :, 20:25, 60:64] = True
+    with torch.inference_mode():
+        cropped = detector.score(image, region).score
+        classes, blob = detector.features(image, 2.0)
+    assert detector.reach_px > 0 and cropped[region].gt(0).any()
+    assert torch.equal(cropped, blob / detector.class_scale[classes] * region)
+
+
 def gaussian_blob(amplitude: float, s: float, spacing: float, half_extent_mm: float) -> torch.Tensor:
     n = int(round(half_extent_mm / spacing))
     axis = np.arange(-n, n + 1) * spacing

@@ -197,13 +197,13 @@ def list_models() -> list[dict]:
     return out
 
 
-def list_ensembles() -> list[dict]:
+def list_ensembles(models: list[dict] | None = None) -> list[dict]:
     """The recommended ensembles of every catalog on the search path (entries with a `name` such as
-    "ensemble-max:A,B", usable wherever a model name is), those whose members are all installed; an earlier folder
-    shadows a later one with the same name."""
+    "ensemble-max:A,B", usable wherever a model name is), those whose members are all installed (`models`: the
+    list_models() already read, if any); an earlier folder shadows a later one with the same name."""
     from .ensemble import parse_spec  # here: ensemble imports this module
 
-    installed = {m["name"] for m in list_models()}
+    installed = {m["name"] for m in (list_models() if models is None else models)}
     seen, out = set(), []
     for folder in model_dirs():
         for entry in read_catalog(folder, "ensembles"):
@@ -218,9 +218,12 @@ def list_ensembles() -> list[dict]:
 def ensemble_for_alias(name: str) -> str | None:
     """The ensemble spec ("ensemble-max:A,B,...") that a recommended ensemble's `alias` in a catalog stands for, or
     None when `name` is no such alias; a bundle folder or installed model of that name comes first."""
-    if Path(name).is_dir() or any(m["name"] == name for m in list_models()):
+    if Path(name).is_dir():
         return None
-    return next((e["name"] for e in list_ensembles() if e.get("alias") == name), None)
+    models = list_models()
+    if any(m["name"] == name for m in models):
+        return None
+    return next((e["name"] for e in list_ensembles(models) if e.get("alias") == name), None)
 
 
 def default_model_name() -> str:

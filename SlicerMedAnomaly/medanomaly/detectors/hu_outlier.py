@@ -21,11 +21,16 @@ DEFAULT_ARCHITECTURE = {
 }
 
 
+def mean_width(width_px: int) -> int:
+    """The side of local_mean's square: `width_px` made odd (at least 1). It reaches width // 2 pixels each way."""
+    return max(1, int(width_px) | 1)
+
+
 def local_mean(image: torch.Tensor, width_px: int) -> torch.Tensor:
     """Mean over the square of `width_px` (made odd) around each pixel, of the pixels inside the image. Separably,
     along rows then columns: the same mean (the count of a rectangle is the product of its sides' counts), about 6x
     faster than one square pool at a width of 20."""
-    width = max(1, int(width_px) | 1)  # odd
+    width = mean_width(width_px)
     rows = F.avg_pool2d(image, (width, 1), stride=1, padding=(width // 2, 0), count_include_pad=False)
     return F.avg_pool2d(rows, (1, width), stride=1, padding=(0, width // 2), count_include_pad=False)
 

@@ -31,7 +31,7 @@ from ..preprocess import unwindow
 from . import register
 from .base import Detector, DetectorOutput
 from .hu_outlier import DEFAULT_ARCHITECTURE as HU_OUTLIER_ARCHITECTURE
-from .hu_outlier import tissue_classes
+from .hu_outlier import mean_width, tissue_classes
 
 DEFAULT_ARCHITECTURE = {
     "sigmas_mm": [2.0, 3.0, 4.0],  # scales of the Gaussian derivatives: blobs of about 5-14 mm across respond most
@@ -173,7 +173,7 @@ class ShapeOutlierDetector(Detector):
         self.register_buffer("class_scale", torch.ones(len(edges) - 1))
         # how far in plane a pixel's score looks: the derivative kernels and the spread, and the tissue class's mean
         self.reach_px = max([kernel_half_width(s, self.spec.spacing_mm) + self.spread * spread_radius(
-            s, self.spec.spacing_mm) for s in self.sigmas_mm] + [(max(1, self.context_px) | 1) // 2])
+            s, self.spec.spacing_mm) for s in self.sigmas_mm] + [mean_width(self.context_px) // 2])
 
     def features(self, image: torch.Tensor, slice_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Tissue class index (of the middle slice) and blobness of every pixel; image [B, C, H, W] in window
