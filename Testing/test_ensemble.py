@@ -24,6 +24,7 @@ def test_parse_spec():
     assert parse_spec("chest-ct-vqvae-recon") is None
     assert parse_spec("ensemble:a, b") == ("mean", ["a", "b"])
     assert parse_spec("ensemble-max:a,b,c") == ("max", ["a", "b", "c"])
+    assert parse_spec("ensemble-max-rate:a,b") == ("max-rate", ["a", "b"])
     with pytest.raises(InputError, match="at least two"):
         parse_spec("ensemble:a")
 
@@ -98,3 +99,50 @@ def test_ensemble_batch_rows(small_ct_file, tmp_path):
     assert [r["status"] for r in rows] == ["ok"]
     with open(tmp_path / "b" / "summary.csv") as f:
         assert next(csv.DictReader(f))["case"] == "small_ct"
+
+
+def test_max_rate_matches_members_by_false_finding_rate():
+    """max-rate maps each member's significance to the common curve's level of the same false-finding rate, so at a
+    target rate each member runs at 1/M of it: its threshold alone at R/M maps to the ensemble's threshold at R."""
+    scorer = load_scorer("ensemble-max-rate:" + ",".join(MEMBERS))
+    members = scorer.calibration.members
+    assert [c.fp_tail_slope for c in members] and members[0].log_fp_rates(3.0) != members[1].log_fp_rates(3.0)
+    levels = np.array([0.5, 1.5, 2.5, 4.0, 6.0, 9.0, 30.0])
+    common = scorer.calibration.common_log_fp_rates
+    for i, c in enumerate(members):
+        mapped = scorer.member_transform(i)(levels.astype(np.float32))
+        assert np.all(np.diff(mapped) > 0)  # order within a member is kept
+        np.testing.assert_allclose(common(mapped.astype(np.float64)), c.log_fp_rates(levels), atol=2e-3)
+    for target, extent in ((0.32, 30.0), (2.0, 12.0), (10.0, 4.0)):
+        ensemble_level = scorer.calibration.threshold_significance(target, extent)
+        for i, c in enumerate(members):
+            own = np.float32(c.threshold_significance(target / len(members), extent))
+            assert scorer.member_transform(i)(np.array([own]))[0] == pytest.approx(ensemble_level, abs=5e-3)
+        # and the union bound holds with equality: M members each at the common curve's rate
+        total = np.exp(scorer.calibration.log_fp_rate(log_exceedance=-ensemble_level * np.log(10.0))) * extent
+        assert total == pytest.approx(target, rel=1e-3)
+    # the volume p-value: M members expect M times as many findings as strong as the strongest (Sidak)
+    assert scorer.combine_p_values([0.5, 0.01]) == pytest.approx(1 - 0.99**2)
+    assert scorer.combine_p_values([1.0, 1.0]) == 1.0 and scorer.combine_p_values([1e-30, 0.4]) == pytest.approx(2e-30)
+
+
+def test_max_rate_detects_on_the_input_grid(small_ct):
+    volume = volume_from_image(small_ct, name="small")
+    spec = "ensemble-max-rate:" + ",".join(MEMBERS)
+    plain = detect_volume(volume, "ensemble-max:" + ",".join(MEMBERS), device="cpu")
+    result = detect_volume(volume, spec, device="cpu")
+    assert result.significance.shape == volume.hu.shape and result.settings["ensemble"]["combine"] == "max-rate"
+    assert result.model["name"].startswith("ensemble-max-rate(")
+    # the same members and their own volume p-values; only the combination differs
+    assert result.settings["ensemble"]["member_volume_scores"] == plain.settings["ensemble"]["member_volume_scores"]
+    assert not np.array_equal(result.significance, plain.significance)
+    assert model_identity(spec) != model_identity("ensemble-max:" + ",".join(MEMBERS))
+
+
+def test_match_levels_is_the_tables_interpolation():
+    from medanomaly.ensemble import MATCH_GRID, match_levels
+
+    table = np.sqrt(MATCH_GRID) * 3 + 0.1 * MATCH_GRID  # increasing, curved
+    s = np.r_[np.random.default_rng(0).uniform(0, 60, 10000), [0.0, 39.998, 39.999, 40.0, 299.9, 300.0, 1e3]]
+    np.testing.assert_allclose(match_levels(s.astype(np.float32), table),
+                               np.interp(s.astype(np.float32), MATCH_GRID, table), rtol=2e-6, atol=2e-6)

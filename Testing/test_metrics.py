@@ -103,6 +103,10 @@ def test_froc_by_hand():
     assert froc.sensitivity_at(0.5) == pytest.approx(0.5)
     assert froc.sensitivity_at(0.25) == pytest.approx(0.0)
     assert froc.sensitivity_at(4.0) == pytest.approx(0.5)
+    table = froc.lesion_table(0.5)  # at 0.5 FP per volume the threshold is 0.9: lesion 1 found, lesion 2 not
+    assert table["threshold"] == pytest.approx(0.9)
+    assert [(row["label"], row["found"]) for row in table["lesions"]] == [(1, True), (2, False)]
+    assert table["lesions"][1]["best"] == -1.0 and froc.lesion_table(0.25)["lesions"][0]["found"] is False
     # a minimum size removes the 1-voxel false positives
     sized = FROC()
     sized.add_case(heat, lesions, base_threshold=0.5, min_voxels=2, case="a")

@@ -116,7 +116,8 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     """Detect anomalies in one volume, in memory: heatmap, findings and scores on the input grid.
 
     Args:
-        model: a catalog name, bundle folder, `ensemble:NAME1,NAME2` / `ensemble-max:...`, or a loaded model.
+        model: a catalog name, bundle folder, `ensemble:NAME1,NAME2` / `ensemble-max:...` /
+            `ensemble-max-rate:...`, or a loaded model.
         sensitivity: 0..1; sets the target false-positive findings per normal volume (0.5 -> 0.32).
         fp_rate: that target directly (overrides sensitivity); default: the model card's.
         min_size_mm3: smallest finding kept; default: the model card's.
@@ -139,7 +140,8 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
         member_notify = (lambda stage, fraction, i=index: notify(stage, (i + fraction) / len(members)))
         significance, member_p, recon, engine, ratio, member_coverage = _score_member(
             detector, volume, reorientation, hu_canonical, torch_device, memory_budget_mb, member_notify, cancel,
-            watch, want_reconstruction=reconstruction is None, shared_slices=shared_slices)
+            watch, want_reconstruction=reconstruction is None, shared_slices=shared_slices,
+            transform=scorer.member_transform(index) if isinstance(scorer, Ensemble) else None)
         maps.append(significance)
         volume_p_values.append(member_p)
         unlike.append(ratio)
@@ -269,10 +271,12 @@ def check_reference(unlike: list, volume: CTVolume, reorientation: Reorientation
 
 def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorientation, hu_canonical: np.ndarray,
                   device: torch.device, memory_budget_mb: float, notify, cancel, watch: "Stopwatch", *,
-                  want_reconstruction: bool, shared_slices: dict | None = None):
+                  want_reconstruction: bool, shared_slices: dict | None = None, transform=None):
     """One detector over the volume: its calibrated heatmap as significance on the input grid, its volume p-value, its
     pseudo-healthy reconstruction (HU on the input grid) when it makes one, the engine, each canonical slice's ratio
-    to the normal reference (Calibration.unlike_reference) and how much of the body its field of view leaves out."""
+    to the normal reference (Calibration.unlike_reference) and how much of the body its field of view leaves out.
+    `transform` (an ensemble's, Ensemble.member_transform) maps the significance inside the region before it goes to
+    the input grid; the volume p-value and the reference check stay the member's own."""
     calibration = Calibration.from_card(detector.card["calibration"])
     slices = prepare_slices(hu_canonical, reorientation.canonical_spacing, detector.spec, shared_slices)
     if slices.grid.resamples_slices:
@@ -289,6 +293,8 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
     unlike = calibration.unlike_reference(probability_of_significance(significance), slices.region)
     if unlike is not None:  # per canonical slice, from the model slice nearest to it
         unlike = unlike[slices.grid.native_slice_index()]
+    if transform is not None:
+        significance[slices.region] = transform(significance[slices.region])
     native = np.ascontiguousarray(reorientation.to_input(to_native(significance, slices)))
     np.maximum(native, 0.0, out=native)
     reconstruction = None

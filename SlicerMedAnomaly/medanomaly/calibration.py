@@ -178,6 +178,22 @@ class Calibration(FalseFindingCurve):
             return float(np.interp(-xt, -x, y))
         return float(y[-1] + self.fp_tail_slope * (xt - x[-1]))
 
+    def log_fp_rates(self, significance) -> np.ndarray:
+        """log_fp_rate at each significance, vectorized, and strictly decreasing over all of them: below the curve's
+        first threshold (rates above any measured) it continues in proportion to the voxel exceedance (slope 1 in
+        log-log) instead of staying flat. What matching ensemble members by their rates needs (ensemble-max-rate);
+        thresholds keep using log_fp_rate. Raises ValueError when the curve saw no false finding."""
+        knots = self.fp_knots()
+        if knots.size == 0:
+            raise ValueError("the calibration saw no false finding: its false-findings curve is empty")
+        x = np.log(1.0 - self.fp_thresholds[knots])  # decreasing
+        y = np.log(self.fp_per_cm[knots])
+        xt = np.asarray(significance, np.float64) * -LN10
+        inside = np.interp(-xt, -x, y)
+        tail = y[-1] + max(self.fp_tail_slope, 1e-3) * (xt - x[-1])
+        head = y[0] + (xt - x[0])
+        return np.where(xt > x[0], head, np.where(xt >= x[-1], inside, tail))
+
     def volume_score(self, scores: np.ndarray, region: np.ndarray, spacing_mm,
                      slice_scores: np.ndarray | None = None) -> float:
         """P(a normal volume of this length has no finding as strong as this one's strongest), in [0, 1]; from the

@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA files or DICOM folders")
     d.add_argument("-o", "--output", default="medanomaly-out", help="output folder; results go to OUT/<case>/")
     d.add_argument("--model", default=None, help="model name from the catalog, a bundle folder, or ensemble:NAME1,NAME2 "
-                   "(mean of calibrated maps) / ensemble-max:NAME1,NAME2, or a recommended ensemble's name such as "
+                   "(mean of calibrated maps) / ensemble-max:NAME1,NAME2 / ensemble-max-rate:NAME1,NAME2 (maximum after "
+                   "matching members by false-finding rate), or a recommended ensemble's name such as "
                    "chest-ct-nodules-needles (`medanomaly models list`; default: catalog default)")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto: CUDA when present)")
     d.add_argument("--sensitivity", type=float, default=None,

@@ -281,6 +281,7 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         "calibration": ("cross-group: each group scored with the model recalibrated on the other groups' normal cases"
                         if calibration == "cross" else "model card"),
         "case_scores": case_scores,
+        "lesions_at_2fp": froc.lesion_table(2.0),
         "provenance": {"manifest_sha256": sha256_of(manifest_path), "sources": manifest["sources"]},
     }
     result["intervals_95"] = intervals(result)

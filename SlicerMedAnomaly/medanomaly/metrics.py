@@ -198,11 +198,23 @@ class FROC:
         sens = np.array([(bests >= t).sum() for t in thresholds]) / max(len(bests), 1)
         return thresholds, fp_rate, sens
 
-    def sensitivity_at(self, fp_per_volume: float, subset=None) -> float:
-        """Highest sensitivity (over `subset` of lesions if given) at no more than `fp_per_volume`."""
+    def threshold_at(self, fp_per_volume: float) -> float:
+        """The lowest candidate score with no more than `fp_per_volume` false positives per volume at or above it."""
         thresholds, fp_rate, _ = self.curve()
         ok = thresholds[fp_rate <= fp_per_volume]
-        t = ok.min() if ok.size else np.inf
+        return float(ok.min()) if ok.size else float("inf")
+
+    def lesion_table(self, fp_per_volume: float) -> dict:
+        """Each lesion with its best candidate score and whether it is found at `fp_per_volume`: which lesions a
+        sensitivity counts, for diagnosing misses without scoring again."""
+        t = self.threshold_at(fp_per_volume)
+        return {"fp_per_volume": fp_per_volume, "threshold": t if np.isfinite(t) else None,
+                "lesions": [dict(lesion, best=round(float(lesion["best"]), 6), found=bool(lesion["best"] >= t))
+                            for lesion in self.lesions]}
+
+    def sensitivity_at(self, fp_per_volume: float, subset=None) -> float:
+        """Highest sensitivity (over `subset` of lesions if given) at no more than `fp_per_volume`."""
+        t = self.threshold_at(fp_per_volume)
         lesions = [lesion for lesion in self.lesions if subset is None or subset(lesion)]
         if not lesions:
             return float("nan")
