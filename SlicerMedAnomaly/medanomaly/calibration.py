@@ -166,13 +166,20 @@ class Calibration(FalseFindingCurve):
         fp = self.fp_per_cm[: observed[-1] + 1]
         return np.unique(np.r_[0, np.nonzero(fp[1:] < fp[:-1])[0], fp.size - 1])
 
-    def log_fp_rate(self, threshold: float | None = None, *, log_exceedance: float | None = None) -> float:
-        """log of fp_rate, which keeps its resolution far out in the tail (-inf where no false finding was seen)."""
+    def fp_curve_points(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The false-findings curve through its knots: (log(1 - threshold), decreasing; log false findings per cm),
+        or None where no false finding was seen."""
         knots = self.fp_knots()
         if knots.size == 0:
+            return None
+        return np.log(1.0 - self.fp_thresholds[knots]), np.log(self.fp_per_cm[knots])
+
+    def log_fp_rate(self, threshold: float | None = None, *, log_exceedance: float | None = None) -> float:
+        """log of fp_rate, which keeps its resolution far out in the tail (-inf where no false finding was seen)."""
+        points = self.fp_curve_points()
+        if points is None:
             return float("-inf")
-        x = np.log(1.0 - self.fp_thresholds[knots])
-        y = np.log(self.fp_per_cm[knots])
+        x, y = points
         xt = log_exceedance if log_exceedance is not None else np.log(max(1.0 - threshold, 1e-300))
         if xt >= x[-1]:  # within the measured range (x decreases as the threshold rises)
             return float(np.interp(-xt, -x, y))
@@ -183,11 +190,10 @@ class Calibration(FalseFindingCurve):
         first threshold (rates above any measured) it continues in proportion to the voxel exceedance (slope 1 in
         log-log) instead of staying flat. What matching ensemble members by their rates needs (ensemble-max-rate);
         thresholds keep using log_fp_rate. Raises ValueError when the curve saw no false finding."""
-        knots = self.fp_knots()
-        if knots.size == 0:
+        points = self.fp_curve_points()
+        if points is None:
             raise ValueError("the calibration saw no false finding: its false-findings curve is empty")
-        x = np.log(1.0 - self.fp_thresholds[knots])  # decreasing
-        y = np.log(self.fp_per_cm[knots])
+        x, y = points
         xt = np.asarray(significance, np.float64) * -LN10
         inside = np.interp(-xt, -x, y)
         tail = y[-1] + max(self.fp_tail_slope, 1e-3) * (xt - x[-1])

@@ -141,7 +141,7 @@ class Ensemble:
 
 def match_levels(significance: np.ndarray, table: np.ndarray) -> np.ndarray:
     """np.interp(significance, MATCH_GRID, table) as float32, with the uniform part of the grid indexed directly
-    instead of searched: a CT's millions of region voxels in a tenth of the time."""
+    instead of searched (a third of np.interp's time on a CT's millions of region voxels)."""
     s = np.asarray(significance, np.float32)
     position = np.clip(s, 0.0, MATCH_FINE_END - MATCH_STEP) * np.float32(1.0 / MATCH_STEP)
     index = np.minimum(position.astype(np.int64), MATCH_FINE - 2)
