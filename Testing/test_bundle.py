@@ -131,12 +131,12 @@ def test_catalog_recommends_ensembles_of_installed_models(tmp_path, monkeypatch)
     from medanomaly.bundle import list_ensembles, read_catalog, write_catalog
     from medanomaly.ensemble import parse_spec
 
-    recommended = "ensemble-max:chest-ct-vqvae-fs-256,chest-ct-shape-outlier,chest-ct-tube-outlier"
+    recommended = "ensemble-max-rate:chest-ct-vqvae-fs-256,chest-ct-shape-outlier,chest-ct-tube-outlier"
     offered = {e["name"]: e for e in list_ensembles()}
     assert recommended in offered and offered[recommended]["description"]
     combine, names = parse_spec(recommended)
     methods = [resolve_model(n).method for n in names]
-    assert combine == "max" and methods == ["vqvae-fs", "shape-outlier", "shape-outlier"]
+    assert combine == "max-rate" and methods == ["vqvae-fs", "shape-outlier", "shape-outlier"]
     assert [resolve_model(n).card["architecture"].get("shape", "blob") for n in names[1:]] == ["blob", "tube"]
 
     extra = tmp_path / "extra"
@@ -158,14 +158,14 @@ def test_a_recommended_ensemble_is_usable_by_its_alias(tmp_path, monkeypatch):
     and a name that is neither stays a single-model name."""
     from medanomaly.ensemble import Ensemble, load_scorer, model_identity, parse_spec, resolved_spec
 
-    spec = "ensemble-max:chest-ct-vqvae-fs-256,chest-ct-shape-outlier,chest-ct-tube-outlier"
+    spec = "ensemble-max-rate:chest-ct-vqvae-fs-256,chest-ct-shape-outlier,chest-ct-tube-outlier"
     assert parse_spec("chest-ct-nodules-needles") == parse_spec(spec)
-    assert parse_spec("chest-ct-nodules") == ("max", ["chest-ct-vqvae-fs-256", "chest-ct-shape-outlier"])
+    assert parse_spec("chest-ct-nodules") == ("max-rate", ["chest-ct-vqvae-fs-256", "chest-ct-shape-outlier"])
     assert parse_spec("chest-ct-hu-outlier") is None and parse_spec("no-such-alias") is None
     assert model_identity("chest-ct-nodules-needles") == model_identity(spec)
     assert resolved_spec("chest-ct-nodules-needles") == resolved_spec(spec)
     scorer = load_scorer("chest-ct-nodules-needles")
-    assert isinstance(scorer, Ensemble) and scorer.combine == "max"
+    assert isinstance(scorer, Ensemble) and scorer.combine == "max-rate"
     assert [m.card["name"] for m in scorer.members] == parse_spec(spec)[1]
 
     extra = tmp_path / "extra"  # a user's model named like the alias shadows it
