@@ -201,3 +201,17 @@ def test_slices_much_thicker_than_the_models_are_warned_about(small_ct, default_
     (warning,) = [w for w in warned.warnings if "mm the model learned from" in w]
     assert warning.startswith("its slices are 6 mm apart, 3.0x the 2 mm the model learned from")
     assert warned.settings["model_slices"] == 8
+
+
+def test_a_minimum_size_below_the_calibrations_is_warned_about(small_ct, default_model):
+    """--min-size-mm3 below the card's calibrated minimum keeps findings the false-finding curve never counted: a
+    warning says the p-values are then too small; the card's minimum or a larger one runs without it."""
+    volume = volume_from_image(small_ct)
+    calibrated = json.loads((default_model / "model_card.json").read_text())["calibration"]["min_size_mm3"]
+    results = {size: detect_volume(volume, str(default_model), min_size_mm3=size)
+               for size in (None, calibrated * 2, calibrated / 4)}
+    marker = "were calibrated on findings of at least"
+    assert not any(marker in w for r in (results[None], results[calibrated * 2]) for w in r.warnings)
+    (warning,) = [w for w in results[calibrated / 4].warnings if marker in w]
+    assert warning.startswith(f"findings down to {calibrated / 4:g} mm3 are kept") and f"{calibrated:g} mm3" in warning
+    assert results[calibrated / 4].settings["min_size_mm3"] == calibrated / 4

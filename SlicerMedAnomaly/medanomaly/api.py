@@ -184,6 +184,7 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     coverage, coverage_warnings = check_coverage(coverages, volume.case_name)
     warnings += coverage_warnings
     warnings += check_slice_thickness(members, reorientation.canonical_spacing[0], volume.case_name)
+    warnings += check_min_size(min_size, calibration.min_size_mm3, volume.case_name)
     if isinstance(scorer, Ensemble):
         settings["ensemble"] = {"combine": scorer.combine,
                                 "member_volume_scores": [1.0 - p for p in volume_p_values]}
@@ -228,6 +229,19 @@ def check_slice_thickness(members: list[Detector], slice_spacing_mm: float, case
     warning = (f"its slices are {slice_spacing_mm:.3g} mm apart, {slice_spacing_mm / model_mm:.1f}x the "
                f"{model_mm:g} mm the model learned from and was calibrated on: its p-values may be too small and its "
                "findings less reliable; a thinner reconstruction of the scan is better, if there is one")
+    log.warning("%s: %s", case_name, warning)
+    return [warning]
+
+
+def check_min_size(min_size_mm3: float, calibrated_mm3: float, case_name: str) -> list[str]:
+    """A warning when findings smaller than the calibration's minimum are kept (--min-size-mm3): normal CT makes more
+    of them than the calibration counted, so the threshold lets through more false findings than --fp-rate or
+    --sensitivity asks, and their p-values are too small. A larger minimum only drops findings (conservative)."""
+    if min_size_mm3 >= calibrated_mm3:
+        return []
+    warning = (f"findings down to {min_size_mm3:g} mm3 are kept, but the model's false-finding rates were calibrated "
+               f"on findings of at least {calibrated_mm3:g} mm3: expect more false findings than the sensitivity "
+               "setting promises, and p-values that are too small")
     log.warning("%s: %s", case_name, warning)
     return [warning]
 
