@@ -130,6 +130,14 @@ def test_evaluate_runs_every_metric_and_prints_tables(demo_image, tmp_path):
         assert target["nodules >= 6 mm"]["lesions"] == 2 and target["needles"]["lesions"] == 2
         assert target["nodules >= 6 mm"]["sensitivity"] == r["per_kind"]["nodule_solid"]["sensitivity_at_2fp"]
         assert target["needles"]["sensitivity"] == r["per_kind"]["needle"]["sensitivity_at_2fp"]
+        # each lesion's record: the sensitivities at 2 FP count exactly the ones marked found
+        table = r["lesions_at_2fp"]["lesions"]
+        assert len(table) == 6 and {lesion["case"] for lesion in table} == {c["case"] for c in manifest["cases"]
+                                                                            if not c["normal"]}
+        for name, subset in TARGET_SUBSETS.items():
+            found = [lesion["found"] for lesion in table if subset(lesion)]
+            assert np.mean(found) == pytest.approx(target[name]["sensitivity"])
+        assert np.mean([lesion["found"] for lesion in table]) == pytest.approx(r["froc"]["2.0"])
         # 95% intervals: the slab AUROC's from the case scores, each sensitivity's from its lesion count
         ci = r["intervals_95"]
         assert ci["volume_auroc"][0] <= r["volume_auroc"] <= ci["volume_auroc"][1]

@@ -22,8 +22,8 @@ from pathlib import Path
 from medanomaly.bundle import list_models, resolve_model
 from medanomaly.calibration import contiguous_runs
 from medanomaly.ensemble import parse_spec
-from medanomaly.lab import (build_cases, evaluate, intervals, markdown_breakdown, markdown_table, pooled_localization,
-                            record_in_card)
+from medanomaly.lab import (TARGET_SUBSETS, build_cases, evaluate, intervals, markdown_breakdown, markdown_table,
+                            pooled_localization, record_in_card)
 from medanomaly.synth import LESION_KINDS
 from medanomaly.training.data import slab_split
 
@@ -113,6 +113,13 @@ def report(results: list[dict]) -> None:
         low, high = r["intervals_95"]["froc_at_2fp"]
         print(f"{name}: all lesions at 2 false positives per slab {r['froc']['2.0']:.2f} (95% interval "
               f"{low:.2f}-{high:.2f})")
+        if "lesions_at_2fp" in r:  # results since stop 29 name the target lesions missed
+            missed = [lesion for lesion in r["lesions_at_2fp"]["lesions"] if not lesion["found"]
+                      and any(subset(lesion) for subset in TARGET_SUBSETS.values())]
+            print(f"{name}: target lesions missed at 2 false positives per slab: "
+                  + (", ".join(f"{m['case']} ({m['kind']} {m['diameter_mm']:g} mm, "
+                               + (f"best candidate {m['best']:.2f})" if m["best"] >= 0 else "no candidate)")
+                               for m in missed) or "none"))
 
 
 if __name__ == "__main__":
