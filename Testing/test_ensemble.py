@@ -3,6 +3,7 @@ thresholds; from the API, the command line and a batch."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 
@@ -146,3 +147,14 @@ def test_match_levels_is_the_tables_interpolation():
     s = np.r_[np.random.default_rng(0).uniform(0, 60, 10000), [0.0, 39.998, 39.999, 40.0, 299.9, 300.0, 1e3]]
     np.testing.assert_allclose(match_levels(s.astype(np.float32), table),
                                np.interp(s.astype(np.float32), MATCH_GRID, table), rtol=2e-6, atol=2e-6)
+
+
+def test_max_rate_needs_every_members_false_finding_curve():
+    """A member whose calibration counted no false finding has no rate to match by: a one-line error naming it."""
+    scorer = load_scorer("ensemble-max-rate:" + ",".join(MEMBERS))
+    quiet = copy.copy(scorer.members[1])
+    cal = dict(quiet.card["calibration"], fp_per_cm=[0.0] * len(quiet.card["calibration"]["fp_per_cm"]))
+    quiet.card = dict(quiet.card, calibration=cal)
+    with pytest.raises(InputError, match=f"^{MEMBERS[1]}: its calibration counted no false finding"):
+        Ensemble([scorer.members[0], quiet], "max-rate")
+    assert Ensemble([scorer.members[0], quiet], "max").combine == "max"  # the plain maximum still works

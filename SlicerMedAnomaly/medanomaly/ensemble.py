@@ -106,10 +106,11 @@ class Ensemble:
                                                matched=self.combine == "max-rate")
         self.match_tables = None
         if self.combine == "max-rate":
-            try:
-                self.match_tables = self.calibration.rate_matching_tables()
-            except ValueError as error:
-                raise InputError(f"{self.card['name']}: a member's {error}; use ensemble-max") from None
+            for member, calibration in zip(self.members, self.calibration.members):
+                if calibration.fp_curve_points() is None:
+                    raise InputError(f"{member.card['name']}: its calibration counted no false finding, so it has no "
+                                     "false-finding rate to match by; use ensemble-max with it")
+            self.match_tables = self.calibration.rate_matching_tables()
 
     def member_transform(self, index: int):
         """What maps member `index`'s significance before the maps are combined (None: nothing): with max-rate, to
