@@ -1,12 +1,14 @@
 """Nodules on the pleura: how much of each lies in the lung regions, and a probe of blobness with the wall masked.
 
-python scripts/experiment_pleural_region.py [--cases runs/lab-pleural] [--wall]
+python scripts/experiment_pleural_region.py [--cases runs/lab-pleural] [--wall] [--notch]
 
 For every nodule case of a lab case set (benchmark_lab.py, e.g. the pleural set built with --kinds
 nodule_juxtapleural:6 ...), the share of the nodule's voxels (on the model grid of chest-ct-shape-outlier) inside region
 "lung" (the lungs closed with a 6 mm disc) and "lung_pleura" (a 15 mm rolling ball), and how much larger lung_pleura
 is on the normal slabs. With --wall, also the probe the README reports: the raw blobness peak of each nodule against
-the normal slab's maximum, as is and with the HU outside lung_pleura set to air before the Hessian.
+the normal slab's maximum, as is and with the HU outside lung_pleura set to air before the Hessian. With --notch,
+the thickest dense notch (tissue above -400 HU that the rolling ball adds to the lungs) in each nodule against the
+normal slab's thickest.
 The cases come from chest_ct_01 (see ../shared/data/SOURCES.md for its provenance).
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SlicerMedAnomaly"))
 
@@ -44,16 +47,29 @@ def blob_volume(slices, card_arch: dict, air_outside: bool) -> np.ndarray:
     return out * slices.region
 
 
+def notch_thickness(lung, wide) -> np.ndarray:
+    """In-plane thickness (mm, twice the distance to its edge) of the dense tissue that the rolling ball adds to the
+    lungs: lung_pleura, less the lung mask, above -400 HU. A nodule on the pleura is a bump there; the probe asks
+    whether normal CT has bumps as thick."""
+    notch = wide.region & ~lung.region & (wide.hu.numpy() > -400.0)
+    out = np.zeros(notch.shape, np.float32)
+    for z in np.nonzero(notch.reshape(notch.shape[0], -1).any(1))[0]:
+        out[z] = 2.0 * ndi.distance_transform_edt(notch[z], sampling=wide.spacing_mm[1:])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="runs/lab-pleural")
     ap.add_argument("--wall", action="store_true", help="also the wall-masking probe (slower)")
+    ap.add_argument("--notch", action="store_true", help="also the probe of the dense notches the rolling ball fills")
     args = ap.parse_args()
     card = resolve_model("chest-ct-shape-outlier").card
     base = InputSpec.from_card(dict(card["input"], region="lung"))
     pleura = InputSpec.from_card(dict(card["input"], region="lung_pleura"))
     cases = json.loads((Path(args.cases) / "cases.json").read_text())["cases"]
     shares, normal_peak, peaks = {"lung": [], "lung_pleura": []}, {}, []
+    notch_normal, notch_peaks = {}, []
     for case in cases:
         image = sitk.ReadImage(str(Path(args.cases) / case["volume"]))
         r = Reorientation.for_image(image)
@@ -64,6 +80,12 @@ def main() -> None:
             print(f"{case['case']}: lung_pleura / lung region voxels {wide.region.sum() / lung.region.sum():.4f}")
             if args.wall:
                 normal_peak[case["group"]] = {m: blob_volume(wide, card["architecture"], m).max() for m in (0, 1)}
+            if args.notch:
+                thickness = notch_thickness(lung, wide)
+                components, n = ndi.label(thickness > 0)
+                tops = sorted(ndi.maximum(thickness, components, range(1, n + 1)), reverse=True)[:5] if n else [0.0]
+                notch_normal[case["group"]] = tops[0]
+                print(f"{case['case']}: dense notches {n}, thickest (mm) {', '.join(f'{t:.1f}' for t in tops)}")
             continue
         if not case["lesions"][0]["kind"].startswith("nodule"):
             continue
@@ -73,11 +95,18 @@ def main() -> None:
         shares["lung"].append(float(lung.region[lesion].mean()))
         shares["lung_pleura"].append(float(wide.region[lesion].mean()))
         print(f"{case['case']}: share in lung {shares['lung'][-1]:.2f}, in lung_pleura {shares['lung_pleura'][-1]:.2f}")
+        if args.notch:
+            notch_peaks.append((case["group"], case["case"], float(notch_thickness(lung, wide)[lesion].max())))
         if args.wall:
             peaks.append((case["group"], {m: blob_volume(wide, card["architecture"], m)[lesion].max() for m in (0, 1)}))
     for name, values in shares.items():
         print(f"{name}: nodule share in the region median {np.median(values):.2f}, range {min(values):.2f}-"
               f"{max(values):.2f} ({len(values)} nodules)")
+    if args.notch:
+        for group, name, value in notch_peaks:
+            print(f"{name}: thickest dense notch in the nodule {value:.1f} mm (normal slab: {notch_normal[group]:.1f})")
+        above = sum(value > notch_normal[group] for group, _, value in notch_peaks)
+        print(f"dense notches: {above}/{len(notch_peaks)} nodules thicker than the normal slab's thickest")
     for masked in (0, 1) if args.wall else ():
         above = sum(p[masked] > normal_peak[group][masked] for group, p in peaks)
         print(f"{'air outside the region' if masked else 'as is'}: {above}/{len(peaks)} nodule peaks above the "
