@@ -247,3 +247,23 @@ def test_real_child_process_reports_one_line(tmp_path):
     debug = subprocess.run([sys.executable, "-m", "medanomaly.cli", "--debug", *cmd[3:]], capture_output=True,
                            encoding="utf-8", errors="replace", env=env, timeout=120)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("failing", ["heatmap.nrrd", "labels.nrrd"])
+def test_a_write_that_fails_leaves_nothing(small_ct_file, default_model, tmp_path, capsys, monkeypatch, failing):
+    """Running out of space while the images are written (the large ones in worker threads, the others in the main
+    one) gives one line and no case or staging folder, after every pending write has stopped."""
+    import medanomaly.api as api
+
+    real = api.write_image
+
+    def write_image(array, reference, path, *args, **kwargs):
+        if Path(path).name == failing:
+            raise OSError(28, "No space left on device")
+        return real(array, reference, path, *args, **kwargs)
+
+    monkeypatch.setattr(api, "write_image", write_image)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["-q", "detect", str(small_ct_file), "-o", str(out), "--model", str(default_model)],
+                           capsys)
+    assert_clean_failure(code, err, out, "writing results failed (No space left on device)")
