@@ -335,7 +335,7 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
     t0 = time.perf_counter()
     with CaseStaging(Path(output_dir), volume.case_name) as staging, ThreadPoolExecutor(WRITE_THREADS) as pool:
         try:
-            # the large images are compressed in threads while the rest is written (ITK's compression overlaps: measured)
+            # the large images are compressed in threads while the rest is written (ITK's compression overlaps)
             writes = [pool.submit(write_image, result.heatmap, image, staging.path / "heatmap.nrrd"),
                       # the heatmap's tail, which the float32 probability rounds to 1
                       pool.submit(write_image, np.round(result.significance, SIGNIFICANCE_DECIMALS), image,
