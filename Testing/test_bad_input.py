@@ -251,8 +251,8 @@ def test_real_child_process_reports_one_line(tmp_path):
 
 @pytest.mark.parametrize("failing", ["heatmap.nrrd", "labels.nrrd"])
 def test_a_write_that_fails_leaves_nothing(small_ct_file, default_model, tmp_path, capsys, monkeypatch, failing):
-    """Running out of space while the images are written (the large ones in worker threads, the others in the main
-    one) gives one line and no case or staging folder, after every pending write has stopped."""
+    """Running out of space while the images are written, at the first or a later image, gives one line and no case
+    or staging folder."""
     import medanomaly.api as api
 
     real = api.write_image

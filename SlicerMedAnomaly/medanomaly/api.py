@@ -8,7 +8,6 @@ import resource
 import sys
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,7 +198,6 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     )
 
 
-WRITE_THREADS = 2  # a case's large images are written two at a time (write_case)
 COVERAGE_WARN_SHARE = 0.001  # a body share outside the model's field of view that is worth a warning
 
 
@@ -333,18 +331,15 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
     """Write a case's files into OUT/<case>/ atomically (a staging folder renamed when complete)."""
     volume, image = result.volume, result.volume.image
     t0 = time.perf_counter()
-    with CaseStaging(Path(output_dir), volume.case_name) as staging, ThreadPoolExecutor(WRITE_THREADS) as pool:
+    with CaseStaging(Path(output_dir), volume.case_name) as staging:
         try:
-            # the large images are compressed in threads while the rest is written (ITK's compression overlaps)
-            writes = [pool.submit(write_image, result.heatmap, image, staging.path / "heatmap.nrrd"),
-                      # the heatmap's tail, which the float32 probability rounds to 1
-                      pool.submit(write_image, np.round(result.significance, SIGNIFICANCE_DECIMALS), image,
-                                  staging.path / "significance.nrrd")]
-            if result.reconstruction is not None:
-                writes.append(pool.submit(write_image, result.reconstruction, image,
-                                          staging.path / "reconstruction.nrrd"))
+            write_image(result.heatmap, image, staging.path / "heatmap.nrrd")
+            # the heatmap's tail, which the float32 probability rounds to 1
+            write_image(np.round(result.significance, SIGNIFICANCE_DECIMALS), image, staging.path / "significance.nrrd")
             write_image(result.labels, image, staging.path / "labels.nrrd")
             write_segmentation(result.labels, result.findings, image, staging.path / "anomalies.seg.nrrd")
+            if result.reconstruction is not None:
+                write_image(result.reconstruction, image, staging.path / "reconstruction.nrrd")
             if overview:
                 reorientation = Reorientation.for_image(image)
                 hu_canonical = reorientation.to_canonical(volume.hu)
@@ -361,8 +356,6 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
                 write_overview(staging.path / "overview.png", hu_canonical,
                                reorientation.to_canonical(result.significance), reorientation.canonical_spacing,
                                result.threshold_significance, centres, title="\n".join(title))
-            for write in writes:
-                write.result()  # raises what the writing raised
             result.files = {name: name for name in sorted(p.name for p in staging.path.iterdir())}
             if mood:
                 result.files["mood"] = write_mood(result.significance, image, result.volume_p_value, Path(output_dir),
