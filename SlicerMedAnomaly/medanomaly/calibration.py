@@ -176,29 +176,29 @@ class Calibration(FalseFindingCurve):
 
     def log_fp_rate(self, threshold: float | None = None, *, log_exceedance: float | None = None) -> float:
         """log of fp_rate, which keeps its resolution far out in the tail (-inf where no false finding was seen)."""
-        points = self.fp_curve_points()
-        if points is None:
+        if self.fp_curve_points() is None:
             return float("-inf")
-        x, y = points
         xt = log_exceedance if log_exceedance is not None else np.log(max(1.0 - threshold, 1e-300))
-        if xt >= x[-1]:  # within the measured range (x decreases as the threshold rises)
-            return float(np.interp(-xt, -x, y))
-        return float(y[-1] + self.fp_tail_slope * (xt - x[-1]))
+        return float(self._log_fp_curve(xt, extended=False))
 
     def log_fp_rates(self, significance) -> np.ndarray:
         """log_fp_rate at each significance, vectorized, and strictly decreasing over all of them: below the curve's
         first threshold (rates above any measured) it continues in proportion to the voxel exceedance (slope 1 in
         log-log) instead of staying flat. What matching ensemble members by their rates needs (ensemble-max-rate);
         thresholds keep using log_fp_rate. Raises ValueError when the curve saw no false finding."""
-        points = self.fp_curve_points()
-        if points is None:
+        if self.fp_curve_points() is None:
             raise ValueError("the calibration saw no false finding: its false-findings curve is empty")
-        x, y = points
-        xt = np.asarray(significance, np.float64) * -LN10
-        inside = np.interp(-xt, -x, y)
-        tail = y[-1] + max(self.fp_tail_slope, 1e-3) * (xt - x[-1])
-        head = y[0] + (xt - x[0])
-        return np.where(xt > x[0], head, np.where(xt >= x[-1], inside, tail))
+        return self._log_fp_curve(np.asarray(significance, np.float64) * -LN10, extended=True)
+
+    def _log_fp_curve(self, log_exceedance, extended: bool) -> np.ndarray:
+        """The false-findings curve at log(1 - threshold): interpolated between its knots, extrapolated beyond the
+        last with the tail slope; before the first knot flat, or (`extended`) with slope 1 and a tail slope of at least
+        1e-3, so that it decreases strictly."""
+        x, y = self.fp_curve_points()
+        xt = log_exceedance
+        head = y[0] + (xt - x[0]) if extended else y[0]
+        slope = max(self.fp_tail_slope, 1e-3) if extended else self.fp_tail_slope
+        return np.where(xt > x[0], head, np.where(xt >= x[-1], np.interp(-xt, -x, y), y[-1] + slope * (xt - x[-1])))
 
     def volume_score(self, scores: np.ndarray, region: np.ndarray, spacing_mm,
                      slice_scores: np.ndarray | None = None) -> float:
