@@ -161,6 +161,9 @@ def test_a_recommended_ensemble_is_usable_by_its_alias(tmp_path, monkeypatch):
     spec = "ensemble-max-rate:chest-ct-vqvae-fs-256,chest-ct-shape-outlier,chest-ct-tube-outlier"
     assert parse_spec("chest-ct-nodules-needles") == parse_spec(spec)
     assert parse_spec("chest-ct-nodules") == ("max-rate", ["chest-ct-vqvae-fs-256", "chest-ct-shape-outlier"])
+    combine, broad = parse_spec("chest-ct-broad")  # the same three and deep kNN, for opacities and effusions
+    assert combine == "max-rate" and broad == parse_spec(spec)[1] + ["chest-ct-deep-knn"]
+    assert resolve_model(broad[-1]).method == "deep-knn"
     assert parse_spec("chest-ct-hu-outlier") is None and parse_spec("no-such-alias") is None
     assert model_identity("chest-ct-nodules-needles") == model_identity(spec)
     assert resolved_spec("chest-ct-nodules-needles") == resolved_spec(spec)

@@ -32,11 +32,24 @@ from medanomaly.orientation import Reorientation  # noqa: E402
 from medanomaly.preprocess import InputSpec, prepare_slices, with_context  # noqa: E402
 
 
-def blob_volume(slices, card_arch: dict, air_outside: bool) -> np.ndarray:
+def white_top_hat(hu: torch.Tensor, radius_mm: float, spacing_mm: float) -> torch.Tensor:
+    """Each slice less its grey opening with a disc of `radius_mm`: what is narrower than the disc (a nodule's bump,
+    a vessel) stays, what is wider (the chest wall, the mediastinum) goes to zero."""
+    r = int(round(radius_mm / spacing_mm))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    disc = (yy**2 + xx**2) <= r * r
+    arr = hu.numpy()
+    out = np.stack([arr[z] - ndi.grey_opening(arr[z], footprint=disc, mode="nearest") for z in range(arr.shape[0])])
+    return torch.from_numpy(out) - 1000.0  # the same range as HU over air (a constant: the Hessian ignores it)
+
+
+def blob_volume(slices, card_arch: dict, air_outside: bool, tophat_mm: float = 0.0) -> np.ndarray:
     """Raw blobness of every region voxel, as the shape outlier computes it (before the per-class scale)."""
     hu = slices.hu.clone()
     if air_outside:
         hu[~torch.from_numpy(slices.region)] = -1000.0
+    if tophat_mm:
+        hu = white_top_hat(hu, tophat_mm, slices.spacing_mm[1])
     out = np.zeros(slices.region.shape, np.float32)
     with torch.inference_mode():
         for start in range(0, hu.shape[0], 8):
@@ -63,6 +76,8 @@ def main() -> None:
     ap.add_argument("--cases", default="runs/lab-pleural")
     ap.add_argument("--wall", action="store_true", help="also the wall-masking probe (slower)")
     ap.add_argument("--notch", action="store_true", help="also the probe of the dense notches the rolling ball fills")
+    ap.add_argument("--tophat", type=float, nargs="*", default=[], metavar="MM",
+                    help="also the probe of blobness after a white top-hat of each slice with a disc of MM radius")
     args = ap.parse_args()
     card = resolve_model("chest-ct-shape-outlier").card
     base = InputSpec.from_card(dict(card["input"], region="lung"))
@@ -70,6 +85,7 @@ def main() -> None:
     cases = json.loads((Path(args.cases) / "cases.json").read_text())["cases"]
     shares, normal_peak, peaks = {"lung": [], "lung_pleura": []}, {}, []
     notch_normal, notch_peaks = {}, []
+    tophat_normal, tophat_peaks = {}, []
     for case in cases:
         image = sitk.ReadImage(str(Path(args.cases) / case["volume"]))
         r = Reorientation.for_image(image)
@@ -80,6 +96,8 @@ def main() -> None:
             print(f"{case['case']}: lung_pleura / lung region voxels {wide.region.sum() / lung.region.sum():.4f}")
             if args.wall:
                 normal_peak[case["group"]] = {m: blob_volume(wide, card["architecture"], m).max() for m in (0, 1)}
+            for mm in args.tophat:
+                tophat_normal[(case["group"], mm)] = blob_volume(wide, card["architecture"], False, mm).max()
             if args.notch:
                 thickness = notch_thickness(lung, wide)
                 components, n = ndi.label(thickness > 0)
@@ -99,6 +117,11 @@ def main() -> None:
             notch_peaks.append((case["group"], case["case"], float(notch_thickness(lung, wide)[lesion].max())))
         if args.wall:
             peaks.append((case["group"], {m: blob_volume(wide, card["architecture"], m)[lesion].max() for m in (0, 1)}))
+        for mm in args.tophat:
+            peak = blob_volume(wide, card["architecture"], False, mm)[lesion].max()
+            tophat_peaks.append((case["group"], mm, peak))
+            print(f"{case['case']}: top-hat {mm:g} mm: nodule peak {peak:.1f}, normal slab's maximum "
+                  f"{tophat_normal[(case['group'], mm)]:.1f}")
     for name, values in shares.items():
         print(f"{name}: nodule share in the region median {np.median(values):.2f}, range {min(values):.2f}-"
               f"{max(values):.2f} ({len(values)} nodules)")
@@ -107,6 +130,10 @@ def main() -> None:
             print(f"{name}: thickest dense notch in the nodule {value:.1f} mm (normal slab: {notch_normal[group]:.1f})")
         above = sum(value > notch_normal[group] for group, _, value in notch_peaks)
         print(f"dense notches: {above}/{len(notch_peaks)} nodules thicker than the normal slab's thickest")
+    for mm in args.tophat:
+        above = sum(p > tophat_normal[(group, mm)] for group, m, p in tophat_peaks if m == mm)
+        print(f"top-hat {mm:g} mm: {above}/{len(peaks) or len(tophat_peaks) // len(args.tophat)} nodule peaks above "
+              "the normal slab's maximum")
     for masked in (0, 1) if args.wall else ():
         above = sum(p[masked] > normal_peak[group][masked] for group, p in peaks)
         print(f"{'air outside the region' if masked else 'as is'}: {above}/{len(peaks)} nodule peaks above the "

@@ -22,7 +22,7 @@ from .detectors import Detector
 from .ensemble import Ensemble, calibration_of, load_scorer
 from .engine import CancelCheck, ProgressCallback, pick_device, score_slices, to_native
 from .errors import InputError, OutputError
-from .findings import find_findings
+from .findings import find_findings, min_voxels_for, strongest_finding_p_value
 from .orientation import Reorientation
 from .outputs import CaseStaging, write_image, write_json, write_mood, write_overview, write_segmentation
 from .preprocess import CUT_EDGE_MM, prepare_slices, unwindow
@@ -149,17 +149,20 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
         network_s += engine.network_s
         engines.append(engine)
         coverages.append(member_coverage)
-    if isinstance(scorer, Ensemble):
-        significance = scorer.combine_significance(maps)
-        volume_p_value = scorer.combine_p_values(volume_p_values)
-    else:
-        significance, volume_p_value = maps[0], volume_p_values[0]
-    volume_score = 1.0 - volume_p_value  # P(no normal finding as strong); the p-value keeps what this rounds away
-    del maps
     calibration = calibration_of(scorer)
     card = scorer.card
-
     extent_cm = hu_canonical.shape[0] * reorientation.canonical_spacing[0] / 10.0
+    significance = scorer.combine_significance(maps) if isinstance(scorer, Ensemble) else maps[0]
+    del maps  # before the search below, which labels the whole map
+    if isinstance(scorer, Ensemble):
+        # the strongest finding of the combined map, under the ensemble's own false-finding curve: a member's volume
+        # p-value may come from its slice scores (deep kNN), whose calibration need not agree with its map's
+        volume_p_value = strongest_finding_p_value(significance, calibration, extent_cm, min_voxels_for(
+            calibration.min_size_mm3, volume.voxel_volume_mm3))
+    else:
+        volume_p_value = volume_p_values[0]
+    volume_score = 1.0 - volume_p_value  # P(no normal finding as strong); the p-value keeps what this rounds away
+
     target_fp = fp_rate if fp_rate is not None else (
         sensitivity_to_fp_per_volume(sensitivity) if sensitivity is not None else calibration.default_fp_per_volume)
     threshold_significance = calibration.threshold_significance(target_fp, extent_cm)

@@ -2,7 +2,9 @@
 `ensemble-max-rate:NAME1,NAME2,...`.
 
 Each member scores the volume on its own grid and calibrates its own map; the ensemble combines the members'
-calibrated voxel probabilities and volume scores by their mean or their maximum.
+calibrated voxel probabilities by their mean or their maximum. Its volume p-value is that of the combined map's
+strongest finding under the ensemble's false-finding curve (below), as for a single model's map; the members' own
+volume scores are reported beside it.
 
 Thresholds: a voxel where the mean (or the maximum) of the members' probabilities reaches t has at least one member
 at t or more, so a false finding of the ensemble at t is a false finding of some member at t. The expected false
@@ -129,15 +131,6 @@ class Ensemble:
         for m in maps:
             total += np.power(np.float32(10.0), low - m, dtype=np.float32)
         return low - np.log10(total / np.float32(len(maps)))
-
-    def combine_p_values(self, p_values: list[float]) -> float:
-        """The members' volume p-values (1 - volume score) combined as their volume scores are: 1 - the mean of the
-        scores is the mean of the p-values, 1 - their maximum the minimum. Matched by rate, the strongest finding is
-        the one whose member expects the fewest as strong, and M members expect M times as many: 1 - (1 - min)^M."""
-        if self.combine == "max-rate":
-            lowest = min(p_values)
-            return 1.0 if lowest >= 1.0 else float(-np.expm1(len(p_values) * np.log1p(-lowest)))
-        return float(np.min(p_values) if self.combine == "max" else np.mean(p_values))
 
 
 def match_levels(significance: np.ndarray, table: np.ndarray) -> np.ndarray:

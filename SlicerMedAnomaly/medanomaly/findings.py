@@ -69,6 +69,18 @@ def strongest_component_level(scores: np.ndarray, region: np.ndarray, min_voxels
     return best
 
 
+def strongest_finding_p_value(significance: np.ndarray, curve, extent_cm: float, min_voxels: int,
+                              floor_fp_per_volume: float = 50.0) -> float:
+    """P(a normal volume of this length has a finding at least as strong as the strongest of this significance
+    map), under `curve`'s calibrated false-finding rate (a FalseFindingCurve; Poisson model): the p-value the
+    strongest finding find_findings reports would carry, at every threshold that keeps it. A map with no component
+    of `min_voxels` above the level at which normal CT makes `floor_fp_per_volume` findings gets that level's
+    p-value (1 to float precision)."""
+    floor = curve.threshold_significance(floor_fp_per_volume, extent_cm)
+    level = strongest_component_level(significance, significance >= floor, min_voxels, floor)
+    return float(-np.expm1(-np.exp(curve.log_expected_findings(level, extent_cm))))
+
+
 def find_findings(significance: np.ndarray, hu: np.ndarray, image: sitk.Image, threshold: float,
                   min_size_mm3: float, log_expected=None) -> tuple[np.ndarray, list[dict], int]:
     """Threshold the heatmap's `significance` (-log10(1 - probability), [k, j, i] on `image`'s grid) at
