@@ -138,6 +138,33 @@ def test_strongest_component_level_by_hand():
     assert strongest_component_level(scores, region, 1, 0.0) == pytest.approx(9.0, abs=1e-4)
 
 
+def test_strongest_finding_p_value_by_hand():
+    """The volume p-value of a significance map: the Poisson probability of a normal finding at least as strong as
+    its strongest component of the minimum size, under a false-finding curve; the floor's where none reaches it."""
+    from medanomaly.findings import strongest_finding_p_value
+    from medanomaly.significance import FalseFindingCurve
+
+    class Curve(FalseFindingCurve):  # 100 * 10^-s false findings per cm at significance s
+        def log_fp_rate(self, threshold=None, *, log_exceedance=None):
+            return np.log(100.0) + float(log_exceedance if log_exceedance is not None else np.log1p(-threshold))
+
+    significance = np.zeros((5, 10, 10), np.float32)
+    significance[2, 2:4, 2:4] = 5.0  # 4 voxels at 5
+    significance[1, 7, 7] = 9.0  # one voxel at 9: too small for a finding of 4
+    extent_cm = 2.0
+    expected = 200.0 * 10.0**-5  # normal findings at least this strong in 2 cm
+    p = strongest_finding_p_value(significance, Curve(), extent_cm, 4)
+    assert p == pytest.approx(-np.expm1(-expected), rel=1e-4)
+    assert strongest_finding_p_value(significance, Curve(), extent_cm, 1) == pytest.approx(
+        -np.expm1(-200.0 * 10.0**-9), rel=1e-4)
+    # nothing of 5 voxels above the floor, the level where normal CT makes 50 findings in this length (s = log10 4;
+    # the map's zeros lie below it): that level's p-value, 1 - e^-50; with a floor of 2 findings, 1 - e^-2
+    assert strongest_finding_p_value(significance, Curve(), extent_cm, 5) == pytest.approx(-np.expm1(-50.0))
+    assert strongest_finding_p_value(significance, Curve(), extent_cm, 5, 2.0) == pytest.approx(-np.expm1(-2.0),
+                                                                                                rel=1e-6)
+    assert strongest_finding_p_value(significance, Curve(), extent_cm, 4, 2.0) == pytest.approx(p, rel=1e-6)
+
+
 def brute_strongest_level(scores, region, min_voxels, floor):
     """Every value of the scores from the top down, until one holds a large enough component."""
     for level in np.unique(scores[region & (scores >= floor)])[::-1]:
