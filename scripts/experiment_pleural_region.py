@@ -78,10 +78,16 @@ def main() -> None:
     ap.add_argument("--notch", action="store_true", help="also the probe of the dense notches the rolling ball fills")
     ap.add_argument("--tophat", type=float, nargs="*", default=[], metavar="MM",
                     help="also the probe of blobness after a white top-hat of each slice with a disc of MM radius")
+    ap.add_argument("--spacing", type=float, default=None, metavar="MM",
+                    help="the model grid's pixel size for every probe (default: the card's; the field of view is kept)")
     args = ap.parse_args()
     card = resolve_model("chest-ct-shape-outlier").card
-    base = InputSpec.from_card(dict(card["input"], region="lung"))
-    pleura = InputSpec.from_card(dict(card["input"], region="lung_pleura"))
+    grid = {}
+    if args.spacing:  # the same field of view on a finer or coarser grid
+        grid = {"spacing_mm": args.spacing, "size": int(round(card["input"]["size"] * card["input"]["spacing_mm"]
+                                                                 / args.spacing))}
+    base = InputSpec.from_card(dict(card["input"], region="lung", **grid))
+    pleura = InputSpec.from_card(dict(card["input"], region="lung_pleura", **grid))
     cases = json.loads((Path(args.cases) / "cases.json").read_text())["cases"]
     shares, normal_peak, peaks = {"lung": [], "lung_pleura": []}, {}, []
     notch_normal, notch_peaks = {}, []
