@@ -1,6 +1,7 @@
 """Nodules on the pleura: how much of each lies in the lung regions, and a probe of blobness with the wall masked.
 
-python scripts/experiment_pleural_region.py [--cases runs/lab-pleural] [--wall] [--notch]
+python scripts/experiment_pleural_region.py [--cases runs/lab-pleural] [--wall] [--notch] [--tophat MM ...]
+    [--spacing MM]
 
 For every nodule case of a lab case set (benchmark_lab.py, e.g. the pleural set built with --kinds
 nodule_juxtapleural:6 ...), the share of the nodule's voxels (on the model grid of chest-ct-shape-outlier) inside region
@@ -8,7 +9,8 @@ nodule_juxtapleural:6 ...), the share of the nodule's voxels (on the model grid 
 is on the normal slabs. With --wall, also the probe the README reports: the raw blobness peak of each nodule against
 the normal slab's maximum, as is and with the HU outside lung_pleura set to air before the Hessian. With --notch,
 the thickest dense notch (tissue above -400 HU that the rolling ball adds to the lungs) in each nodule against the
-normal slab's thickest.
+normal slab's thickest. With --tophat, the blobness peaks after a white top-hat of each slice (the slice less its
+grey opening with a disc of MM radius). --spacing runs every probe on a finer or coarser model grid.
 The cases come from chest_ct_01 (see ../shared/data/SOURCES.md for its provenance).
 """
 
