@@ -234,6 +234,14 @@ def test_cross_calibration_uses_only_the_other_groups_normal_cases(demo_image, t
     for group, recalibrated in ensemble.items():
         assert isinstance(recalibrated, Ensemble) and recalibrated.combine == "max"
         assert recalibrated.members[0].card["calibration"] == by_group[group].card["calibration"]
+    # the experiments' iterator: every case in order, its volume, the scorer recalibrated for its group
+    from medanomaly.lab import cross_calibrated_cases
+
+    seen = list(cross_calibrated_cases(tmp_path / "cases", "chest-ct-hu-outlier"))
+    assert [c["case"] for c, _, _ in seen] == [c["case"] for c in cases]
+    for case, volume, recalibrated in seen:
+        assert volume.hu.shape == read_volume(tmp_path / "cases" / case["volume"]).hu.shape
+        assert recalibrated.card["calibration"] == by_group[case["group"]].card["calibration"]
     result = evaluate(tmp_path / "cases", scorer, calibration="cross")
     assert result["calibration"].startswith("cross-group")
     assert [c["case"] for c in result["case_scores"]] == [c["case"] for c in cases]

@@ -19,10 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from medanomaly.api import detect_volume
-from medanomaly.ensemble import load_scorer
-from medanomaly.lab import MANIFEST, cross_calibrated
+from medanomaly.lab import cross_calibrated_cases
 from medanomaly.metrics import roc_auc
-from medanomaly.volumes import read_volume
 
 
 def members_combined(p_values: list[float], combine: str) -> float:
@@ -39,13 +37,9 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="an ensemble spec or a recommended ensemble's alias")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    cases_dir = Path(args.cases)
-    manifest = json.loads((cases_dir / MANIFEST).read_text())
-    scorer = load_scorer(args.model)
-    scorers = cross_calibrated(scorer, cases_dir, manifest["cases"])
     rows = []
-    for case in manifest["cases"]:
-        result = detect_volume(read_volume(cases_dir / case["volume"]), scorers[case["group"]])
+    for case, volume, scorer in cross_calibrated_cases(args.cases, args.model):
+        result = detect_volume(volume, scorer)
         members = [1.0 - s for s in result.settings["ensemble"]["member_volume_scores"]]
         rows.append({"case": case["case"], "normal": bool(case["normal"]), "map": result.volume_p_value,
                      "members_combined": members_combined(members, scorer.combine), "members": members})

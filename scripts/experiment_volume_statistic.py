@@ -23,11 +23,10 @@ from scipy.stats import poisson
 
 from medanomaly.api import detect_volume
 from medanomaly.calibration import count_components, min_voxels_for
-from medanomaly.ensemble import calibration_of, load_scorer
-from medanomaly.lab import MANIFEST, cross_calibrated
+from medanomaly.ensemble import calibration_of
+from medanomaly.lab import cross_calibrated_cases
 from medanomaly.metrics import roc_auc
 from medanomaly.orientation import Reorientation
-from medanomaly.volumes import read_volume
 
 
 def main() -> None:
@@ -36,14 +35,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="catalog name or bundle folder (default: the default model)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    cases_dir = Path(args.cases)
-    manifest = json.loads((cases_dir / MANIFEST).read_text())
-    scorers = cross_calibrated(load_scorer(args.model), cases_dir, manifest["cases"])
     rows = []
-    for case in manifest["cases"]:
-        volume = read_volume(cases_dir / case["volume"])
+    for case, volume, scorer in cross_calibrated_cases(args.cases, args.model):
         r = Reorientation.for_image(volume.image)
-        scorer = scorers[case["group"]]
         result = detect_volume(volume, scorer)
         cal = calibration_of(scorer)
         extent_cm = volume.hu.shape[r.axes[0]] * r.canonical_spacing[0] / 10.0

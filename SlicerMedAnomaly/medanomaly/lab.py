@@ -165,6 +165,17 @@ def cross_calibrated(scorer: Detector | Ensemble, cases_dir: Path, cases: list[d
     return out
 
 
+def cross_calibrated_cases(cases_dir: str | Path, model: str | Detector | Ensemble | None = None,
+                           device: str = "cpu"):
+    """Every case of a lab case set with its volume and the model recalibrated on the other groups' normal cases (as
+    evaluate scores them by default): (case, volume, scorer) in the manifest's order, for experiments on the lab."""
+    cases_dir = Path(cases_dir)
+    cases = json.loads((cases_dir / MANIFEST).read_text())["cases"]
+    scorers = cross_calibrated(load_scorer(model), cases_dir, cases, device)
+    for case in cases:
+        yield case, read_volume(cases_dir / case["volume"]), scorers[case["group"]]
+
+
 def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = None, *, device: str = "cpu",
              progress=None, calibration: str = "auto") -> dict:
     """Run a detector over the lab's cases and compute every metric; returns a JSON-able dict.
