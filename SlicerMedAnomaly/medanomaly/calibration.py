@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .findings import count_components, min_voxels_for, strongest_component_level  # noqa: F401
-from .significance import LN10, FalseFindingCurve
+from .significance import LN10, FalseFindingCurve, poisson_p_value
 
 VOXEL_LEVELS = np.unique(np.concatenate([np.linspace(0.0, 0.99, 100), 1.0 - np.logspace(-2, -6, 41)]))
 FP_THRESHOLDS = 1.0 - np.logspace(-1, -6.5, 56)
@@ -176,25 +176,27 @@ class Calibration(FalseFindingCurve):
 
     def log_fp_rate(self, threshold: float | None = None, *, log_exceedance: float | None = None) -> float:
         """log of fp_rate, which keeps its resolution far out in the tail (-inf where no false finding was seen)."""
-        if self.fp_curve_points() is None:
+        points = self.fp_curve_points()
+        if points is None:
             return float("-inf")
         xt = log_exceedance if log_exceedance is not None else np.log(max(1.0 - threshold, 1e-300))
-        return float(self._log_fp_curve(xt, extended=False))
+        return float(self._log_fp_curve(points, xt, extended=False))
 
     def log_fp_rates(self, significance) -> np.ndarray:
         """log_fp_rate at each significance, vectorized, and strictly decreasing over all of them: below the curve's
         first threshold (rates above any measured) it continues in proportion to the voxel exceedance (slope 1 in
         log-log) instead of staying flat. What matching ensemble members by their rates needs (ensemble-max-rate);
         thresholds keep using log_fp_rate. Raises ValueError when the curve saw no false finding."""
-        if self.fp_curve_points() is None:
+        points = self.fp_curve_points()
+        if points is None:
             raise ValueError("the calibration saw no false finding: its false-findings curve is empty")
-        return self._log_fp_curve(np.asarray(significance, np.float64) * -LN10, extended=True)
+        return self._log_fp_curve(points, np.asarray(significance, np.float64) * -LN10, extended=True)
 
-    def _log_fp_curve(self, log_exceedance, extended: bool) -> np.ndarray:
+    def _log_fp_curve(self, points: tuple[np.ndarray, np.ndarray], log_exceedance, extended: bool) -> np.ndarray:
         """The false-findings curve at log(1 - threshold): interpolated between its knots, extrapolated beyond the
         last with the tail slope; before the first knot flat, or (`extended`) with slope 1 and a tail slope of at least
         1e-3, so that it decreases strictly."""
-        x, y = self.fp_curve_points()
+        x, y = points  # fp_curve_points()
         xt = log_exceedance
         head = y[0] + (xt - x[0]) if extended else y[0]
         slope = max(self.fp_tail_slope, 1e-3) if extended else self.fp_tail_slope
@@ -212,7 +214,7 @@ class Calibration(FalseFindingCurve):
         """1 - volume_score, computed without rounding: P(a normal volume of this length has a finding (slice) as
         strong). Where the volume score rounds to 1.0 this still orders volumes, so it is the ranking key. Poisson
         model: 1 - exp(-m), m the expected number of normal findings (or slices) as strong in a volume this long."""
-        return float(-np.expm1(-np.exp(self.volume_log_expected(scores, region, spacing_mm, slice_scores))))
+        return poisson_p_value(self.volume_log_expected(scores, region, spacing_mm, slice_scores))
 
     def volume_log_expected(self, scores: np.ndarray, region: np.ndarray, spacing_mm,
                             slice_scores: np.ndarray | None = None) -> float:

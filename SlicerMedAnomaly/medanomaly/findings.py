@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage as ndi
 
-from .significance import probability_of_significance
+from .significance import poisson_p_value, probability_of_significance
 
 if TYPE_CHECKING:  # only annotations: the training package imports this module and never reads images
     import SimpleITK as sitk
@@ -78,7 +78,7 @@ def strongest_finding_p_value(significance: np.ndarray, curve, extent_cm: float,
     p-value (1 to float precision)."""
     floor = curve.threshold_significance(floor_fp_per_volume, extent_cm)
     level = strongest_component_level(significance, significance >= floor, min_voxels, floor)
-    return float(-np.expm1(-np.exp(curve.log_expected_findings(level, extent_cm))))
+    return poisson_p_value(curve.log_expected_findings(level, extent_cm))
 
 
 def find_findings(significance: np.ndarray, hu: np.ndarray, image: sitk.Image, threshold: float,
@@ -157,8 +157,8 @@ def find_findings(significance: np.ndarray, hu: np.ndarray, image: sitk.Image, t
             "significance": round(float(strength[c]), 3),
         }
         if log_expected is not None:
-            expected = float(np.exp(log_expected(float(strength[c]))))
-            finding["expected_normal_findings"] = float(f"{expected:.4g}")
-            finding["p_value"] = float(f"{-np.expm1(-expected):.4g}")
+            log_e = log_expected(float(strength[c]))
+            finding["expected_normal_findings"] = float(f"{np.exp(log_e):.4g}")
+            finding["p_value"] = float(f"{poisson_p_value(log_e):.4g}")
         findings.append(finding)
     return out, findings, dropped

@@ -21,6 +21,12 @@ def probability_of_significance(significance, dtype=np.float32):
     return np.negative(out, out=out)
 
 
+def poisson_p_value(log_expected: float) -> float:
+    """P(at least one) for a Poisson count of mean exp(log_expected): 1 - exp(-m), without rounding where m is small
+    (the p-value of a finding or a volume from the expected number of normal findings as strong)."""
+    return float(-np.expm1(-np.exp(log_expected)))
+
+
 def significance_for_rate(log_fp_rate, fp_per_volume: float, extent_cm: float) -> float:
     """The lowest significance s = -log10(1 - threshold) with exp(log_fp_rate(log(1 - threshold))) * extent_cm <=
     fp_per_volume, for a non-increasing false-findings-per-cm curve (bisection on s in [0, MAX_SIGNIFICANCE]; in
