@@ -8,6 +8,7 @@ import resource
 import sys
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class DetectionResult:
         }
 
 
+FILE_WRITERS = 2  # images written at once by write_case (each holds a compressed copy while it writes)
 SIGNIFICANCE_DECIMALS = 2  # significance.nrrd is for display: 0.01 of -log10(1 - p) keeps it a third of the size
 
 
@@ -336,29 +338,23 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
     t0 = time.perf_counter()
     with CaseStaging(Path(output_dir), volume.case_name) as staging:
         try:
-            write_image(result.heatmap, image, staging.path / "heatmap.nrrd")
-            # the heatmap's tail, which the float32 probability rounds to 1
-            write_image(np.round(result.significance, SIGNIFICANCE_DECIMALS), image, staging.path / "significance.nrrd")
-            write_image(result.labels, image, staging.path / "labels.nrrd")
-            write_segmentation(result.labels, result.findings, image, staging.path / "anomalies.seg.nrrd")
+            # the large images compress in SimpleITK's C++ without holding the GIL: two at a time, and the overview
+            # (matplotlib) is drawn meanwhile
+            writes = [lambda: write_image(result.heatmap, image, staging.path / "heatmap.nrrd"),
+                      # the heatmap's tail, which the float32 probability rounds to 1
+                      lambda: write_image(np.round(result.significance, SIGNIFICANCE_DECIMALS), image,
+                                          staging.path / "significance.nrrd"),
+                      lambda: write_image(result.labels, image, staging.path / "labels.nrrd"),
+                      lambda: write_segmentation(result.labels, result.findings, image,
+                                                 staging.path / "anomalies.seg.nrrd")]
             if result.reconstruction is not None:
-                write_image(result.reconstruction, image, staging.path / "reconstruction.nrrd")
-            if overview:
-                reorientation = Reorientation.for_image(image)
-                hu_canonical = reorientation.to_canonical(volume.hu)
-                centres = [(f["id"], reorientation.canonical_index(f["centroid_ijk"][::-1], hu_canonical.shape))
-                           for f in result.findings]
-                title = [f"{volume.case_name}: volume score {result.volume_score:.3f}, "
-                         f"{len(result.findings)} finding(s), model {result.model['name']}"]
-                if result.reference_check.get("slices_unlike"):
-                    title.append(f"warning: {result.reference_check['slices_unlike']} slice(s) look unlike the "
-                                 "model's normal reference (findings.json)")
-                if result.coverage.get("body_share_outside", 0.0) >= COVERAGE_WARN_SHARE:
-                    title.append(f"warning: {result.coverage['body_share_outside'] * 100:.1f}% of the body outside "
-                                 "the model's field of view, not examined (findings.json)")
-                write_overview(staging.path / "overview.png", hu_canonical,
-                               reorientation.to_canonical(result.significance), reorientation.canonical_spacing,
-                               result.threshold_significance, centres, title="\n".join(title))
+                writes.append(lambda: write_image(result.reconstruction, image, staging.path / "reconstruction.nrrd"))
+            with ThreadPoolExecutor(max_workers=FILE_WRITERS) as pool:
+                pending = [pool.submit(write) for write in writes]
+                if overview:
+                    _write_overview(result, staging.path / "overview.png")
+                for job in pending:
+                    job.result()  # a writer's error is raised here, and the pool waits for the others first
             result.files = {name: name for name in sorted(p.name for p in staging.path.iterdir())}
             if mood:
                 result.files["mood"] = write_mood(result.significance, image, result.volume_p_value, Path(output_dir),
@@ -371,6 +367,25 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
                               "check free space and permissions") from None
         result.output_dir = staging.commit()
     return result.output_dir
+
+
+def _write_overview(result: DetectionResult, path: Path) -> None:
+    """overview.png: axial and coronal views through the top finding, the case's warnings in its title."""
+    volume = result.volume
+    reorientation = Reorientation.for_image(volume.image)
+    hu_canonical = reorientation.to_canonical(volume.hu)
+    centres = [(f["id"], reorientation.canonical_index(f["centroid_ijk"][::-1], hu_canonical.shape))
+               for f in result.findings]
+    title = [f"{volume.case_name}: volume score {result.volume_score:.3f}, "
+             f"{len(result.findings)} finding(s), model {result.model['name']}"]
+    if result.reference_check.get("slices_unlike"):
+        title.append(f"warning: {result.reference_check['slices_unlike']} slice(s) look unlike the "
+                     "model's normal reference (findings.json)")
+    if result.coverage.get("body_share_outside", 0.0) >= COVERAGE_WARN_SHARE:
+        title.append(f"warning: {result.coverage['body_share_outside'] * 100:.1f}% of the body outside "
+                     "the model's field of view, not examined (findings.json)")
+    write_overview(path, hu_canonical, reorientation.to_canonical(result.significance), reorientation.canonical_spacing,
+                   result.threshold_significance, centres, title="\n".join(title))
 
 
 def detect(inputs: str | Path | Iterable[str | Path], output: str | Path | None = None, *,
