@@ -270,18 +270,6 @@ RECIPES = {
                     "dense lines such as needles and wires, denser than any normal vessel or bone edge of their "
                     "surroundings; contrast-filled vessels would look alike.",
     ),
-    # an experiment: the tube outlier with bone left out (bone_mask: above 150 HU and not thin), whose cortex makes
-    # its strongest false findings on normal CT
-    "chest-ct-tube-outlier-no-bone": dict(
-        method="shape-outlier",
-        data=CHEST_DATA,
-        steps=0, seed=0,
-        input=dict(CHEST_INPUT_256, context_slices=3, smoothing_mm=1.0, window_hu=[-1024.0, 3071.0]),
-        architecture={"shape": "tube", "sigmas_mm": [1.0, 1.5, 2.0], "bone_hu": 150.0},
-        experiment=True,
-        description="experiment: the tube outlier with bone (above 150 HU, opened in plane with a 3x3 square, and one "
-                    "pixel around it) left out.",
-    ),
     "chest-ct-hu-outlier": dict(
         method="hu-outlier",
         data=CHEST_DATA,

@@ -40,7 +40,6 @@ DEFAULT_ARCHITECTURE = {
     "quantile": 0.999,  # the high quantile of normal blobness per class that a score of 1 means
     "spread": True,  # each scale's response spread over the disc of the blob it answers (see blobness)
     "shape": "blob",  # "blob": bright balls (all three curvatures); "tube": bright tubes and balls (two of three)
-    "bone_hu": None,  # where set, bone (bone_mask: above this HU and not thin) responds nothing; None: no exclusion
 }
 
 
@@ -121,23 +120,13 @@ def spread_radius(sigma_mm: float, spacing_mm: float) -> int:
     return int(round(sigma_mm * math.sqrt(3) / spacing_mm))
 
 
-def bone_mask(hu: torch.Tensor, bone_hu: float) -> torch.Tensor:
-    """[B, 1, H, W] HU -> where bone is, as 0/1: pixels above `bone_hu` that survive an in-plane opening with a 3x3
-    square, so that a line 1-2 pixels wide (a needle, a wire) is not bone while a rib or a vertebra is, widened by one
-    pixel to take in the partial volume of its cortex."""
-    dense = (hu > bone_hu).float()
-    eroded = 1.0 - maximum_filter(1.0 - dense, 1)
-    return maximum_filter(eroded, 2)  # the opening's dilation by one pixel, and one pixel more
-
-
 def blobness(hu: torch.Tensor, sigmas_mm, spacing_mm: float, slice_mm: float, spread: bool = False,
-             shape: str = "blob", exclude: torch.Tensor | None = None) -> torch.Tensor:
+             shape: str = "blob") -> torch.Tensor:
     """hu: [B, C, H, W], C = 2k + 1 slices along S (the middle one scored), `slice_mm` apart, pixels of `spacing_mm`.
     Returns [B, 1, H, W]: the largest over scales of sigma^2 * max(0, -lambda_max) of the Hessian at the middle
     slice. With `shape` "tube", the middle eigenvalue instead: strongly negative for bright tubes and blobs alike.
     With `spread`, each scale's response is first spread (a square maximum filter) over the disc of the blob it
-    answers most, so that a finding covers the blob rather than its centre. `exclude` ([B, 1, H, W], 1 where
-    excluded) zeroes the response there before it is spread."""
+    answers most, so that a finding covers the blob rather than its centre."""
     b, c, h, w = hu.shape
     k = c // 2
     z_positions = (torch.arange(c, device=hu.device) - k) * slice_mm
@@ -153,8 +142,6 @@ def blobness(hu: torch.Tensor, sigmas_mm, spacing_mm: float, slice_mm: float, sp
         hzz, hyy, hxx, hzy, hzx, hyx = correlate_channels(image, pk[HESSIAN_X_ORDER], dim=3).unbind(1)
         largest, middle, _ = eigenvalues(hzz, hyy, hxx, hzy, hzx, hyx)
         response = sigma**2 * (-(middle if shape == "tube" else largest)).clamp_min(0)[:, None]
-        if exclude is not None:
-            response = response * (1.0 - exclude)
         if spread:  # over the disc of the blob that this scale answers most (radius sigma * sqrt(3))
             response = maximum_filter(response, radius)
         best = torch.maximum(best, response)
@@ -179,7 +166,6 @@ class ShapeOutlierDetector(Detector):
         self.quantile = float(arch["quantile"])
         self.spread = bool(arch["spread"])
         self.shape = str(arch["shape"])
-        self.bone_hu = None if arch["bone_hu"] is None else float(arch["bone_hu"])
         if self.shape not in ("blob", "tube"):
             raise ModelError(f"architecture.shape {self.shape!r}: use blob or tube")
         edges = torch.tensor(arch["class_edges_hu"], dtype=torch.float32)
@@ -194,8 +180,7 @@ class ShapeOutlierDetector(Detector):
         units."""
         hu = unwindow(image.float(), self.spec.window_hu)
         middle = hu[:, self.spec.context_slices:self.spec.context_slices + 1]
-        exclude = None if self.bone_hu is None else bone_mask(middle, self.bone_hu)
-        response = blobness(hu, self.sigmas_mm, self.spec.spacing_mm, slice_mm, self.spread, self.shape, exclude)
+        response = blobness(hu, self.sigmas_mm, self.spec.spacing_mm, slice_mm, self.spread, self.shape)
         return tissue_classes(middle, self.context_px, self.class_edges), response
 
     def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
