@@ -96,7 +96,6 @@ class DetectionResult:
         }
 
 
-FILE_WRITERS = 2  # images written at once by write_case (each holds a compressed copy while it writes)
 SIGNIFICANCE_DECIMALS = 2  # significance.nrrd is for display: 0.01 of -log10(1 - p) keeps it a third of the size
 
 
@@ -138,40 +137,42 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     maps, volume_p_values, reconstruction, network_s, engines, coverages = [], [], None, 0.0, [], []
     unlike = []  # per member: each canonical slice's exceedance share over its reference's (None: not calibrated)
     shared_slices: dict = {}  # members on the same model grid resample the volume once
-    for index, detector in enumerate(members):
-        member_notify = (lambda stage, fraction, i=index: notify(stage, (i + fraction) / len(members)))
-        significance, member_p, recon, engine, ratio, member_coverage = _score_member(
-            detector, volume, reorientation, hu_canonical, torch_device, memory_budget_mb, member_notify, cancel,
-            watch, want_reconstruction=reconstruction is None, shared_slices=shared_slices,
-            transform=scorer.member_transform(index) if isinstance(scorer, Ensemble) else None)
-        maps.append(significance)
-        volume_p_values.append(member_p)
-        unlike.append(ratio)
-        reconstruction = reconstruction if reconstruction is not None else recon
-        network_s += engine.network_s
-        engines.append(engine)
-        coverages.append(member_coverage)
-    calibration = calibration_of(scorer)
-    card = scorer.card
-    extent_cm = hu_canonical.shape[0] * reorientation.canonical_spacing[0] / 10.0
-    significance = scorer.combine_significance(maps) if isinstance(scorer, Ensemble) else maps[0]
-    del maps  # before the search below, which labels the whole map
-    if isinstance(scorer, Ensemble):
-        # the strongest finding of the combined map, under the ensemble's own false-finding curve: a member's volume
-        # p-value may come from its slice scores (deep kNN), whose calibration need not agree with its map's
-        volume_p_value = strongest_finding_p_value(significance, calibration, extent_cm, min_voxels_for(
-            calibration.min_size_mm3, volume.voxel_volume_mm3))
-    else:
-        volume_p_value = volume_p_values[0]
+    # searches for a strongest component (scipy's labelling, which releases the GIL) run beside the main thread's work
+    with ThreadPoolExecutor(max_workers=1) as side:
+        for index, detector in enumerate(members):
+            member_notify = (lambda stage, fraction, i=index: notify(stage, (i + fraction) / len(members)))
+            significance, member_p, recon, engine, ratio, member_coverage = _score_member(
+                detector, volume, reorientation, hu_canonical, torch_device, memory_budget_mb, member_notify, cancel,
+                watch, side, want_reconstruction=reconstruction is None, shared_slices=shared_slices,
+                transform=scorer.member_transform(index) if isinstance(scorer, Ensemble) else None)
+            maps.append(significance)
+            volume_p_values.append(member_p)
+            unlike.append(ratio)
+            reconstruction = reconstruction if reconstruction is not None else recon
+            network_s += engine.network_s
+            engines.append(engine)
+            coverages.append(member_coverage)
+        calibration = calibration_of(scorer)
+        card = scorer.card
+        extent_cm = hu_canonical.shape[0] * reorientation.canonical_spacing[0] / 10.0
+        significance = scorer.combine_significance(maps) if isinstance(scorer, Ensemble) else maps[0]
+        del maps  # before the searches below, which label the whole map
+        if isinstance(scorer, Ensemble):
+            # the strongest finding of the combined map, under the ensemble's own false-finding curve: a member's
+            # volume p-value may come from its slice scores (deep kNN), whose calibration need not agree with its map's
+            strongest = side.submit(strongest_finding_p_value, significance, calibration, extent_cm, min_voxels_for(
+                calibration.min_size_mm3, volume.voxel_volume_mm3))
+        target_fp = fp_rate if fp_rate is not None else (
+            sensitivity_to_fp_per_volume(sensitivity) if sensitivity is not None
+            else calibration.default_fp_per_volume)
+        threshold_significance = calibration.threshold_significance(target_fp, extent_cm)
+        threshold = float(probability_of_significance(threshold_significance, np.float64))
+        min_size = calibration.min_size_mm3 if min_size_mm3 is None else float(min_size_mm3)
+        labels, findings, dropped = find_findings(significance, volume.hu, volume.image, threshold_significance,
+                                                  min_size, lambda s: calibration.log_expected_findings(s, extent_cm))
+        volume_p_values = [p.result() for p in volume_p_values]
+        volume_p_value = strongest.result() if isinstance(scorer, Ensemble) else volume_p_values[0]
     volume_score = 1.0 - volume_p_value  # P(no normal finding as strong); the p-value keeps what this rounds away
-
-    target_fp = fp_rate if fp_rate is not None else (
-        sensitivity_to_fp_per_volume(sensitivity) if sensitivity is not None else calibration.default_fp_per_volume)
-    threshold_significance = calibration.threshold_significance(target_fp, extent_cm)
-    threshold = float(probability_of_significance(threshold_significance, np.float64))
-    min_size = calibration.min_size_mm3 if min_size_mm3 is None else float(min_size_mm3)
-    labels, findings, dropped = find_findings(significance, volume.hu, volume.image, threshold_significance, min_size,
-                                              lambda s: calibration.log_expected_findings(s, extent_cm))
     watch.lap("findings")
     notify("postprocess", 1.0)
 
@@ -289,11 +290,13 @@ def check_reference(unlike: list, volume: CTVolume, reorientation: Reorientation
 
 
 def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorientation, hu_canonical: np.ndarray,
-                  device: torch.device, memory_budget_mb: float, notify, cancel, watch: "Stopwatch", *,
-                  want_reconstruction: bool, shared_slices: dict | None = None, transform=None):
-    """One detector over the volume: its calibrated heatmap as significance on the input grid, its volume p-value, its
-    pseudo-healthy reconstruction (HU on the input grid) when it makes one, the engine, each canonical slice's ratio
-    to the normal reference (Calibration.unlike_reference) and how much of the body its field of view leaves out.
+                  device: torch.device, memory_budget_mb: float, notify, cancel, watch: "Stopwatch",
+                  side: ThreadPoolExecutor, *, want_reconstruction: bool, shared_slices: dict | None = None,
+                  transform=None):
+    """One detector over the volume: its calibrated heatmap as significance on the input grid, its volume p-value (a
+    future: `side` computes it while the caller goes on), its pseudo-healthy reconstruction (HU on the input grid)
+    when it makes one, the engine, each canonical slice's ratio to the normal reference
+    (Calibration.unlike_reference) and how much of the body its field of view leaves out.
     `transform` (an ensemble's, Ensemble.member_transform) maps the significance inside the region before it goes to
     the input grid; the volume p-value and the reference check stay the member's own."""
     calibration = Calibration.from_card(detector.card["calibration"])
@@ -308,7 +311,7 @@ def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorienta
     watch.lap("network_and_smoothing")
     notify("postprocess", 0.0)
     significance = calibration.voxel_significance(scores, slices.region)
-    p_value = calibration.volume_p_value(scores, slices.region, slices.spacing_mm, engine.slice_scores)
+    p_value = side.submit(calibration.volume_p_value, scores, slices.region, slices.spacing_mm, engine.slice_scores)
     unlike = calibration.unlike_reference(probability_of_significance(significance), slices.region)
     if unlike is not None:  # per canonical slice, from the model slice nearest to it
         unlike = unlike[slices.grid.native_slice_index()]
@@ -338,23 +341,27 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
     t0 = time.perf_counter()
     with CaseStaging(Path(output_dir), volume.case_name) as staging:
         try:
-            # the large images compress in SimpleITK's C++ without holding the GIL: two at a time, and the overview
-            # (matplotlib) is drawn meanwhile
-            writes = [lambda: write_image(result.heatmap, image, staging.path / "heatmap.nrrd"),
-                      # the heatmap's tail, which the float32 probability rounds to 1
-                      lambda: write_image(np.round(result.significance, SIGNIFICANCE_DECIMALS), image,
-                                          staging.path / "significance.nrrd"),
-                      lambda: write_image(result.labels, image, staging.path / "labels.nrrd"),
-                      lambda: write_segmentation(result.labels, result.findings, image,
-                                                 staging.path / "anomalies.seg.nrrd")]
-            if result.reconstruction is not None:
-                writes.append(lambda: write_image(result.reconstruction, image, staging.path / "reconstruction.nrrd"))
-            with ThreadPoolExecutor(max_workers=FILE_WRITERS) as pool:
-                pending = [pool.submit(write) for write in writes]
+            # SimpleITK compresses without holding the GIL: the heatmap and significance (float32, one after the
+            # other, each array freed once copied into its image) beside the other images, and the overview (drawn
+            # in this thread) meanwhile; at most one float32 map is held twice at a time, as when writing serially
+            def maps():
+                write_image(lambda: result.heatmap, image, staging.path / "heatmap.nrrd")
+                # the heatmap's tail, which the float32 probability rounds to 1
+                write_image(lambda: np.round(result.significance, SIGNIFICANCE_DECIMALS), image,
+                            staging.path / "significance.nrrd")
+
+            def others():
+                if result.reconstruction is not None:
+                    write_image(result.reconstruction, image, staging.path / "reconstruction.nrrd")
+                write_image(result.labels, image, staging.path / "labels.nrrd")
+                write_segmentation(result.labels, result.findings, image, staging.path / "anomalies.seg.nrrd")
+
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                pending = [pool.submit(maps), pool.submit(others)]
                 if overview:
                     _write_overview(result, staging.path / "overview.png")
                 for job in pending:
-                    job.result()  # a writer's error is raised here, and the pool waits for the others first
+                    job.result()  # a writer's error is raised here, and the pool waits for the other first
             result.files = {name: name for name in sorted(p.name for p in staging.path.iterdir())}
             if mood:
                 result.files["mood"] = write_mood(result.significance, image, result.volume_p_value, Path(output_dir),

@@ -6,6 +6,7 @@ import colorsys
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,12 @@ def image_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return out
 
 
-def write_image(array: np.ndarray, reference: sitk.Image, path: Path, compression_level: int = 1) -> None:
-    sitk.WriteImage(image_like(array, reference), str(path), useCompression=True, compressionLevel=compression_level)
+def write_image(array: "np.ndarray | Callable[[], np.ndarray]", reference: sitk.Image, path: Path,
+                compression_level: int = 1) -> None:
+    """A [k, j, i] array as an image on `reference`'s grid. Given a function that makes the array instead, the array
+    is freed once copied into the image, so that only the image is held while it is compressed and written."""
+    image = image_like(array() if callable(array) else array, reference)
+    sitk.WriteImage(image, str(path), useCompression=True, compressionLevel=compression_level)
 
 
 def write_segmentation(labels: np.ndarray, findings: list[dict], reference: sitk.Image, path: Path) -> None:
