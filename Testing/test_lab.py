@@ -246,3 +246,14 @@ def test_cross_calibration_uses_only_the_other_groups_normal_cases(demo_image, t
     assert result["calibration"].startswith("cross-group")
     assert [c["case"] for c in result["case_scores"]] == [c["case"] for c in cases]
     assert evaluate(tmp_path / "cases", scorer, calibration="card")["calibration"] == "model card"
+    # an experiment's own calibration: per group scorers as given, and more normal references for chosen members
+    given = evaluate(tmp_path / "cases", scorer, scorers=by_group, calibration_note="the experiment's")
+    assert given["calibration"] == "the experiment's" and given["case_scores"] == result["case_scores"]
+    extra = (smoothed[:8], slices.region[:8], slices.spacing_mm)
+    widened = cross_calibrated(Ensemble([scorer, load_scorer("chest-ct-vqvae-recon")], "max"), tmp_path / "cases",
+                               cases, extra_references={0: [extra]})
+    for group, recalibrated in widened.items():
+        cal = recalibrated.members[0].card["calibration"]
+        assert cal["reference_slabs"] == 2 and cal["reference_slices"] == by_group[group].card["calibration"][
+            "reference_slices"] + 8 and "1 more normal slab(s)" in cal["source"]
+        assert recalibrated.members[1].card["calibration"] == ensemble[group].members[1].card["calibration"]

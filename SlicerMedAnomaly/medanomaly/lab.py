@@ -132,11 +132,13 @@ def recalibrated(detector: Detector, references: list, slice_scores: list, sourc
     return clone
 
 
-def cross_calibrated(scorer: Detector | Ensemble, cases_dir: Path, cases: list[dict], device: str = "cpu"
-                     ) -> dict[str, Detector | Ensemble]:
+def cross_calibrated(scorer: Detector | Ensemble, cases_dir: Path, cases: list[dict], device: str = "cpu",
+                     extra_references: dict[int, list] | None = None) -> dict[str, Detector | Ensemble]:
     """For each case group, the scorer recalibrated on the normal cases of the *other* groups, so that no case is
     scored against a calibration that saw it (or its untouched base). Members of an ensemble are recalibrated one
-    by one. Raises InputError when a group has no normal case outside it."""
+    by one. Raises InputError when a group has no normal case outside it. `extra_references`: per member index,
+    more normal references ((smoothed scores, region, spacing), as Calibration.fit takes) that every group's
+    calibration of that member adds."""
     groups = sorted({c["group"] for c in cases})
     members = scorer.members if isinstance(scorer, Ensemble) else [scorer]
     torch_device = pick_device(device)
@@ -159,8 +161,11 @@ def cross_calibrated(scorer: Detector | Ensemble, cases_dir: Path, cases: list[d
             if not others:
                 raise InputError(f"lab group {group!r} has no normal case in another group to calibrate on; "
                                  "use --calibration card")
-            recal.append(recalibrated(member, [o[0] for o in others], [o[1] for o in others if o[1] is not None],
-                                      source=f"lab normal cases outside group {group!r}"))
+            extra = (extra_references or {}).get(i, [])
+            recal.append(recalibrated(member, [o[0] for o in others] + extra,
+                                      [o[1] for o in others if o[1] is not None],
+                                      source=f"lab normal cases outside group {group!r}"
+                                      + (f" and {len(extra)} more normal slab(s)" if extra else "")))
         out[group] = Ensemble(recal, scorer.combine) if isinstance(scorer, Ensemble) else recal[0]
     return out
 
@@ -177,12 +182,15 @@ def cross_calibrated_cases(cases_dir: str | Path, model: str | Detector | Ensemb
 
 
 def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = None, *, device: str = "cpu",
-             progress=None, calibration: str = "auto") -> dict:
+             progress=None, calibration: str = "auto", scorers: dict | None = None,
+             calibration_note: str | None = None) -> dict:
     """Run a detector over the lab's cases and compute every metric; returns a JSON-able dict.
 
     calibration: "cross" scores each case group with the model recalibrated on the other groups' normal cases
     (out of sample: the shipped models were calibrated on the held-out slabs the lab's normal cases come from);
     "card" uses the model card's own calibration; "auto" is "cross" when every group has normal cases outside it.
+    scorers: per case group, the model as an experiment calibrated it (then `calibration` is not used, and
+    `calibration_note` says in the result how it was calibrated).
     """
     if calibration not in CALIBRATION_MODES:
         raise InputError(f"calibration {calibration!r}: use one of {', '.join(CALIBRATION_MODES)}")
@@ -196,8 +204,9 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
     normal_groups = {c["group"] for c in manifest["cases"] if c["normal"]}
     if calibration == "auto":
         calibration = "cross" if all(normal_groups - {g} for g in groups) else "card"
-    scorers = (cross_calibrated(detector, cases_dir, manifest["cases"], device) if calibration == "cross"
-               else {g: detector for g in groups})
+    if scorers is None:
+        scorers = (cross_calibrated(detector, cases_dir, manifest["cases"], device) if calibration == "cross"
+                   else {g: detector for g in groups})
     pooled, normal_curve = PooledVoxelCurve(), PooledVoxelCurve()
     kind_curves: dict[str, PooledVoxelCurve] = {}
     froc, findings_froc = FROC(), FindingsFROC()
@@ -289,8 +298,9 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
                                                for name, subset in TARGET_SUBSETS.items()},
         "seconds_per_volume_median": statistics.median(seconds) if seconds else float("nan"),
         "peak_rss_mb": peak_rss_mb(),
-        "calibration": ("cross-group: each group scored with the model recalibrated on the other groups' normal cases"
-                        if calibration == "cross" else "model card"),
+        "calibration": calibration_note or (
+            "cross-group: each group scored with the model recalibrated on the other groups' normal cases"
+            if calibration == "cross" else "model card"),
         "case_scores": case_scores,
         "lesions_at_2fp": froc.lesion_table(2.0),
         "provenance": {"manifest_sha256": sha256_of(manifest_path), "sources": manifest["sources"]},
