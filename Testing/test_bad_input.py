@@ -9,12 +9,14 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import ROOT, write_dicom_series
 
 from medanomaly.cli import main
@@ -250,10 +252,17 @@ def test_real_child_process_reports_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("failing", ["heatmap.nrrd", "labels.nrrd"])
-def test_a_write_that_fails_leaves_nothing(small_ct_file, default_model, tmp_path, capsys, monkeypatch, failing):
+@pytest.mark.parametrize("threads", [1, 2])  # one core: written in this thread (api.side_executor); more: in threads
+def test_a_write_that_fails_leaves_nothing(small_ct_file, default_model, tmp_path, capsys, monkeypatch, request,
+                                           failing, threads):
     """Running out of space while the images are written, at the first or a later image, gives one line and no case
     or staging folder."""
     import medanomaly.api as api
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    request.addfinalizer(lambda: torch.set_num_threads(before))
+    assert isinstance(api.side_executor(2), ThreadPoolExecutor) == (threads > 1)
 
     real = api.write_image
 

@@ -8,7 +8,7 @@ import resource
 import sys
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +96,31 @@ class DetectionResult:
         }
 
 
+class _InThisThread:
+    """What side_executor gives a process that is to use one core: each task runs at once, in the caller's thread."""
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # raised where its result is asked for, as a thread's would be
+            future.set_exception(exc)
+        return future
+
+    def __enter__(self) -> "_InThisThread":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def side_executor(workers: int) -> "ThreadPoolExecutor | _InThisThread":
+    """Threads for work beside the main thread's (labelling, compressing: both release the GIL) where this process may
+    use more than one core (torch's thread count; a batch worker is given its share of the cores), else the
+    caller's thread, so that a worker does not take another's core."""
+    return ThreadPoolExecutor(max_workers=workers) if torch.get_num_threads() > 1 else _InThisThread()
+
+
 SIGNIFICANCE_DECIMALS = 2  # significance.nrrd is for display: 0.01 of -log10(1 - p) keeps it a third of the size
 
 
@@ -137,8 +162,8 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
     maps, volume_p_values, reconstruction, network_s, engines, coverages = [], [], None, 0.0, [], []
     unlike = []  # per member: each canonical slice's exceedance share over its reference's (None: not calibrated)
     shared_slices: dict = {}  # members on the same model grid resample the volume once
-    # searches for a strongest component (scipy's labelling, which releases the GIL) run beside the main thread's work
-    with ThreadPoolExecutor(max_workers=1) as side:
+    # the searches for a strongest component run beside the main thread's work
+    with side_executor(1) as side:
         for index, detector in enumerate(members):
             member_notify = (lambda stage, fraction, i=index: notify(stage, (i + fraction) / len(members)))
             significance, member_p, recon, engine, ratio, member_coverage = _score_member(
@@ -291,11 +316,11 @@ def check_reference(unlike: list, volume: CTVolume, reorientation: Reorientation
 
 def _score_member(detector: Detector, volume: CTVolume, reorientation: Reorientation, hu_canonical: np.ndarray,
                   device: torch.device, memory_budget_mb: float, notify, cancel, watch: "Stopwatch",
-                  side: ThreadPoolExecutor, *, want_reconstruction: bool, shared_slices: dict | None = None,
-                  transform=None):
+                  side: "ThreadPoolExecutor | _InThisThread", *, want_reconstruction: bool,
+                  shared_slices: dict | None = None, transform=None):
     """One detector over the volume: its calibrated heatmap as significance on the input grid, its volume p-value (a
-    future: `side` computes it while the caller goes on), its pseudo-healthy reconstruction (HU on the input grid)
-    when it makes one, the engine, each canonical slice's ratio to the normal reference
+    future: `side`, a side_executor, computes it while the caller goes on), its pseudo-healthy reconstruction (HU on
+    the input grid) when it makes one, the engine, each canonical slice's ratio to the normal reference
     (Calibration.unlike_reference) and how much of the body its field of view leaves out.
     `transform` (an ensemble's, Ensemble.member_transform) maps the significance inside the region before it goes to
     the input grid; the volume p-value and the reference check stay the member's own."""
@@ -341,9 +366,9 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
     t0 = time.perf_counter()
     with CaseStaging(Path(output_dir), volume.case_name) as staging:
         try:
-            # SimpleITK compresses without holding the GIL: the heatmap and significance (float32, one after the
-            # other, each array freed once copied into its image) beside the other images, and the overview (drawn
-            # in this thread) meanwhile; at most one float32 map is held twice at a time, as when writing serially
+            # the heatmap and significance (float32, one after the other, each array freed once copied into its
+            # image) beside the other images, and the overview (drawn in this thread) meanwhile: at most one float32
+            # map is held twice at a time, as when writing serially
             def maps():
                 write_image(lambda: result.heatmap, image, staging.path / "heatmap.nrrd")
                 # the heatmap's tail, which the float32 probability rounds to 1
@@ -356,7 +381,7 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
                 write_image(result.labels, image, staging.path / "labels.nrrd")
                 write_segmentation(result.labels, result.findings, image, staging.path / "anomalies.seg.nrrd")
 
-            with ThreadPoolExecutor(max_workers=2) as pool:
+            with side_executor(2) as pool:
                 pending = [pool.submit(maps), pool.submit(others)]
                 if overview:
                     _write_overview(result, staging.path / "overview.png")
