@@ -17,10 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
-from medanomaly.calibration import contiguous_runs
 from medanomaly.engine import pick_device, score_slices
 from medanomaly.ensemble import Ensemble, load_scorer
 from medanomaly.lab import MANIFEST, cross_calibrated, evaluate
+from medanomaly.training import slab_references
 from medanomaly.training.data import load_sources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +32,7 @@ def training_references(detector, source: Path) -> list:
     held-out slabs (the whole volume at once, then cut)."""
     (volume,) = load_sources([str(source)], detector.spec, split=True)
     smoothed, _, _ = score_slices(detector, volume.slices, device=pick_device("cpu"))
-    return [(smoothed[run], volume.slices.region[run], volume.slices.spacing_mm)
-            for run in contiguous_runs(volume.train_z)]
+    return slab_references(smoothed, volume.slices, volume.train_z)
 
 
 def main() -> None:

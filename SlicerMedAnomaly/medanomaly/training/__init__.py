@@ -118,6 +118,12 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
 # The shared run: data, optimisation loop with checkpoints, calibration on held-out normal slabs, bundle.
 
 
+def slab_references(smoothed: np.ndarray, slices, z: np.ndarray) -> list:
+    """(smoothed scores, region, spacing) of each run of contiguous slices `z` of a volume scored whole: the normal
+    references Calibration.fit takes."""
+    return [(smoothed[run], slices.region[run], slices.spacing_mm) for run in contiguous_runs(z)]
+
+
 def calibrate(detector: Detector, buffer: SliceBuffer, calibration_paths: Sequence[str], config: TrainConfig,
               device: torch.device) -> tuple[Calibration, dict]:
     """Fit the calibration on held-out normal slices: separate volumes if given, else the held-out slabs."""
@@ -129,8 +135,7 @@ def calibrate(detector: Detector, buffer: SliceBuffer, calibration_paths: Sequen
         sources = ((s.slices, s.train_z) for s in load_sources(calibration_paths, detector.spec, split=False))
     for slices, z in sources:
         smoothed, _, engine = score_slices(detector, slices, device=device)
-        for run in contiguous_runs(z):
-            references.append((smoothed[run], slices.region[run], slices.spacing_mm))
+        references += slab_references(smoothed, slices, z)
         if engine.slice_scores is not None:
             slice_scores.append(engine.slice_scores[z])
     if not references:
