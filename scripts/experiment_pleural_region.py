@@ -4,13 +4,14 @@ python scripts/experiment_pleural_region.py [--cases runs/lab-pleural] [--wall] 
     [--spacing MM]
 
 For every nodule case of a lab case set (benchmark_lab.py, e.g. the pleural set built with --kinds
-nodule_juxtapleural:6 ...), the share of the nodule's voxels (on the model grid of chest-ct-shape-outlier) inside region
-"lung" (the lungs closed with a 6 mm disc) and "lung_pleura" (a 15 mm rolling ball), and how much larger lung_pleura
-is on the normal slabs. With --wall, also the probe the README reports: the raw blobness peak of each nodule against
-the normal slab's maximum, as is and with the HU outside lung_pleura set to air before the Hessian. With --notch,
-the thickest dense notch (tissue above -400 HU that the rolling ball adds to the lungs) in each nodule against the
-normal slab's thickest. With --tophat, the blobness peaks after a white top-hat of each slice (the slice less its
-grey opening with a disc of MM radius). --spacing runs every probe on a finer or coarser model grid.
+nodule_juxtapleural:6 ...), the share of the nodule's voxels (on the model grid of chest-ct-shape-outlier) inside
+region "lung" (the lungs closed with a 6 mm disc) and "lung_pleura" (a 15 mm rolling ball), and how much larger
+lung_pleura is on the normal slabs. With --wall, also the probe docs/RESULTS.md reports: the raw blobness peak of
+each nodule against the normal slab's maximum, as is and with the HU outside lung_pleura set to air before the
+Hessian. With --notch, the thickest dense notch (tissue above -400 HU that the rolling ball adds to the lungs) in
+each nodule against the normal slab's thickest. With --tophat, the blobness peaks after a white top-hat of each
+slice (the slice less its grey opening with a disc of MM radius). --spacing runs every probe on a finer or coarser
+model grid.
 The cases come from chest_ct_01 (see ../shared/data/SOURCES.md for its provenance).
 """
 

@@ -105,7 +105,7 @@ RECIPES = {
     # version 0.2.0: the memory at 256^2 (1.75 mm; patches of 7 mm instead of 14) from the same SimSiam weights, which
     # were trained at 128^2 (the lab measured voxel AP 0.0077 -> 0.112; 0.1.0 was this recipe with CHEST_INPUT).
     # version 0.3.0: the same memory with density normalization (leave-out scales, +-5 slices): lesion sensitivity at
-    # 2 false positives per slab 0.03 -> 0.21 and slab AUROC 0.48 -> 0.57, voxel AP 0.112 -> 0.079 (README)
+    # 2 false positives per slab 0.03 -> 0.21 and slab AUROC 0.48 -> 0.57, voxel AP 0.112 -> 0.079 (docs/RESULTS.md)
     "chest-ct-deep-knn": dict(
         method="deep-knn",
         data=CHEST_DATA,
@@ -212,8 +212,8 @@ RECIPES = {
     ),
     # an experiment, not shipped (trained only with --only): the CPU recipe with tokens of 7 mm instead of 14, two
     # stride-2 levels (64x64 tokens at 256^2), so that a nodule of 6-8 mm fills a token instead of a sixth of one;
-    # training on random 24x24-token crops (168 mm). The lab measured it worse on every count (README, "Tokens of
-    # 7 mm"); 114 min on 2 CPU cores
+    # training on random 24x24-token crops (168 mm). The lab measured it worse on every count (docs/RESULTS.md,
+    # "Tokens of 7 mm"); 114 min on 2 CPU cores
     "chest-ct-vqvae-fs-256-fine": dict(
         CPU_256,
         experiment=True,
@@ -233,7 +233,7 @@ RECIPES = {
         data=CHEST_DATA,
         steps=0, seed=0,
         # version 0.2.0: scored in the lungs closed with a 15 mm rolling ball (region "lung_pleura"), so that nodules
-        # on the pleura, which the -400 HU lung threshold leaves out, count too (README, Results)
+        # on the pleura, which the -400 HU lung threshold leaves out, count too (docs/RESULTS.md)
         input=dict(CHEST_INPUT_256, context_slices=3, smoothing_mm=1.0, region="lung_pleura"), version="0.2.0",
         description="3D shape outlier in the lungs (no network): at every pixel the scale-normalized blobness of "
                     "the Hessian of the smoothed HU volume (sigma 2, 3 and 4 mm; from the slice and 3 neighbours "
