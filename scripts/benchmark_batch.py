@@ -28,11 +28,22 @@ DEMO = ROOT / "Testing" / "Data" / "chest_ct_demo.nii.gz"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
 
 
+def write_demo_volumes(folder: Path, count: int) -> None:
+    """`count` demo-sized volumes in `folder`: 40-slice windows of the demo CT (256x256x40)."""
+    image = sitk.ReadImage(str(DEMO))
+    for i in range(count):
+        sitk.WriteImage(image[:, :, i % 20: i % 20 + 40], str(folder / f"case{i:02d}.nii.gz"))
+
+
+def batch_command(inputs, out, workers, model, memory_limit="2GB", extra=()) -> list[str]:
+    return [sys.executable, "-m", "medanomaly.cli", "-q", "batch", str(inputs), "-o", str(out), "--workers",
+            str(workers), "--memory-limit", memory_limit, "--no-overview", "--model", model, *extra]
+
+
 def run_batch(inputs, out, workers, model, memory_limit="2GB", extra=()):
-    cmd = [sys.executable, "-m", "medanomaly.cli", "-q", "batch", str(inputs), "-o", str(out), "--workers",
-           str(workers), "--memory-limit", memory_limit, "--no-overview", "--model", model, *extra]
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=ENV, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(batch_command(inputs, out, workers, model, memory_limit, extra), env=ENV, check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
@@ -76,13 +87,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rank_lab_cases(Path(args.lab_cases), Path(tmp), model)
         return
-    image = sitk.ReadImage(str(DEMO))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         inputs = tmp / "in"
         inputs.mkdir()
-        for i in range(args.volumes):  # demo-sized volumes: 40-slice windows of the demo CT
-            sitk.WriteImage(image[:, :, i % 20: i % 20 + 40], str(inputs / f"case{i:02d}.nii.gz"))
+        write_demo_volumes(inputs, args.volumes)
         # (workers, torch threads per worker): the default shares the cores (1 worker x all cores, 2 workers x 1
         # core each on this 2-core machine); 1 worker x 1 thread is the same-sized worker, for scaling per worker
         cores = os.cpu_count() or 1

@@ -15,7 +15,6 @@ Testing/Data/README.md for its provenance).
 """
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,11 +22,7 @@ import time
 from pathlib import Path
 
 import psutil
-import SimpleITK as sitk
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "Testing" / "Data" / "chest_ct_demo.nii.gz"
-ENV = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
+from benchmark_batch import ENV, batch_command, write_demo_volumes
 PROBE = """
 import sys, time, torch
 torch.set_num_threads(1)
@@ -83,17 +78,13 @@ def main() -> None:
     for kind in ("python loop", "matrix product", "memory passes"):
         alone, both = probe(kind, 1), probe(kind, 2)
         print(f"core probe, {kind}: alone {alone[0]:.2f} s, two at once {both[0]:.2f} and {both[1]:.2f} s")
-    image = sitk.ReadImage(str(DEMO))
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "in"
         inputs.mkdir()
-        for i in range(args.volumes):
-            sitk.WriteImage(image[:, :, i % 20: i % 20 + 40], str(inputs / f"case{i:02d}.nii.gz"))
+        write_demo_volumes(inputs, args.volumes)
         for workers in (1, 2):
-            out = Path(tmp) / f"out{workers}"
-            wall, seen = watch([sys.executable, "-m", "medanomaly.cli", "-q", "batch", str(inputs), "-o", str(out),
-                                "--workers", str(workers), "--threads-per-worker", "1", "--memory-limit", "2GB",
-                                "--no-overview", "--model", args.model])
+            wall, seen = watch(batch_command(inputs, Path(tmp) / f"out{workers}", workers, args.model,
+                                             extra=("--threads-per-worker", "1")))
             command = sum(cpu for name, cpu in seen.values() if name == "command")
             worker_cpu = sorted((cpu for name, cpu in seen.values() if name != "command" and cpu > 1.0), reverse=True)
             print(f"{workers} worker(s) x 1 thread, {args.volumes} volumes: wall {wall:.1f} s; command process "

@@ -23,27 +23,21 @@ import numpy as np
 
 from medanomaly.api import detect_volume
 from medanomaly.calibration import Calibration
-from medanomaly.ensemble import Ensemble, load_scorer
+from medanomaly.ensemble import Ensemble, EnsembleCalibration, elementwise, load_scorer
 from medanomaly.lab import MANIFEST, cross_calibrated, evaluate
 from medanomaly.volumes import read_volume
 
 
 class FisherEnsemble(Ensemble):
-    """The members matched by rate as in max-rate, combined by the mean of their matched significance, and that mean
-    calibrated by `fitted` (fit on normal CT's mean maps by `fit_fisher`)."""
-
-    fitted: Calibration | None = None
+    """The members matched by rate as in max-rate, combined by the mean of their matched significance; once
+    `fit_fisher` has replaced the union-bound calibration with one fitted on normal CT's mean maps, that mean is
+    calibrated by it."""
 
     def combine_significance(self, maps: list[np.ndarray]) -> np.ndarray:
-        raw = mean_of(maps)
-        return raw if self.fitted is None else self.fitted.voxel_significance(raw, raw > 0)
-
-
-def mean_of(maps: list[np.ndarray]) -> np.ndarray:
-    total = np.zeros_like(maps[0], dtype=np.float32)
-    for m in maps:
-        total += m
-    return total / np.float32(len(maps))
+        raw = elementwise(np.add, maps) / np.float32(len(maps))
+        if isinstance(self.calibration, EnsembleCalibration):  # not fitted yet: the raw mean, for fit_fisher
+            return raw
+        return self.calibration.voxel_significance(raw, raw > 0)
 
 
 def fisher_from(matched: Ensemble) -> FisherEnsemble:
@@ -56,16 +50,15 @@ def fisher_from(matched: Ensemble) -> FisherEnsemble:
 def fit_fisher(fisher: FisherEnsemble, normal_paths: list[Path]) -> None:
     """Fit the ensemble's calibration on its uncalibrated mean maps of normal volumes (as Calibration.fit fits a
     model's on its smoothed scores), then use it."""
-    fisher.fitted = None
     references = []
     for path in normal_paths:
         volume = read_volume(path)
         raw = detect_volume(volume, fisher, device="cpu").significance
         references.append((raw, raw > 0, tuple(np.asarray(volume.image.GetSpacing(), float)[::-1])))
     members = fisher.calibration.members
-    fisher.fitted = Calibration.fit(references, min_size_mm3=min(c.min_size_mm3 for c in members),
-                                    default_fp_per_volume=float(np.mean([c.default_fp_per_volume for c in members])))
-    fisher.calibration = fisher.fitted
+    fisher.calibration = Calibration.fit(references, min_size_mm3=min(c.min_size_mm3 for c in members),
+                                         default_fp_per_volume=float(np.mean([c.default_fp_per_volume
+                                                                              for c in members])))
 
 
 def main() -> None:
