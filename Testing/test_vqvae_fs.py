@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from medanomaly.detectors.vqvae_fs import (TokenClassifier, VQVAEFeatureSynthesisDetector, residual_weight, synthesize,
-                                           token_saliency)
+from medanomaly.detectors.vqvae_fs import (EncoderLayer, TokenClassifier, VQVAEFeatureSynthesisDetector,
+                                           residual_weight, synthesize, token_saliency)
 from medanomaly.training.data import augment
 
 
@@ -86,6 +86,25 @@ def test_classifier_dropout_acts_in_training_only():
     plain = TokenClassifier(embedding_dim=8, width=16, depth=2, heads=2, tokens=16)
     plain.load_state_dict(classifier.state_dict())  # dropout adds no weights: bundles load either way
     assert torch.equal(plain.eval()(x), classifier(x))
+
+
+def test_encoder_layer_computes_torchs_layer_with_the_same_weights():
+    """The classifier's layer skips torch's inference fast path but is the same function of the same parameters:
+    against nn.TransformerEncoderLayer (fast path at inference, the generic path in training) outputs and gradients
+    agree to float rounding, at a real token count."""
+    torch.manual_seed(0)
+    ours = EncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+    stock = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+    stock.load_state_dict(ours.state_dict())  # same names: shipped bundles load unchanged
+    x = torch.randn(3, 256, 32)
+    with torch.inference_mode():
+        assert torch.allclose(ours.eval()(x), stock.eval()(x), atol=1e-5)
+    for layer in (ours, stock):
+        layer.train().zero_grad()
+        (layer(x) ** 2).mean().backward()
+    assert torch.allclose(ours(x), stock(x), atol=1e-5)
+    for (name, a), (_, b) in zip(ours.named_parameters(), stock.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
 
 
 def test_augmentation_strength_follows_the_settings():
