@@ -56,17 +56,18 @@ class EncoderLayer(nn.TransformerEncoderLayer):
 
     At inference the stock layer takes torch's fused fast path (torch._transformer_encoder_layer_fwd and
     torch._native_multi_head_attention), which on the CPU computes each head's whole 1024 x 1024 attention weights of
-    a 256^2 slice; scaled_dot_product_attention tiles them (flash attention). The classifier then runs 1.5x faster
-    on 2 CPU threads and loses less when two batch workers share the memory bus (scripts/benchmark_classifier.py).
-    The same parameters under the same names, so every shipped bundle loads unchanged, and the same function of them
-    to float rounding (Testing/test_vqvae_fs.py). In training the stock layer reaches the same kernel."""
+    a 256^2 slice; scaled_dot_product_attention tiles them (flash attention). The classifier then runs 1.11x faster
+    on 2 CPU threads, 1.22x on one, and 1.26x when two 1-thread batch workers share the cores and their memory
+    bandwidth (scripts/benchmark_classifier.py, scripts/results/benchmark_classifier.txt). The same parameters under
+    the same names, so every shipped bundle loads unchanged, and the same function of them to float rounding
+    (Testing/test_vqvae_fs.py). In training, and under CUDA autocast, the stock layer reaches the same kernel."""
 
     def forward(self, src: torch.Tensor, src_mask=None, src_key_padding_mask=None, is_causal: bool = False):
         assert self.norm_first and src_mask is None and src_key_padding_mask is None, "pre-norm, no masks"
         x = src + self._sa_block(self.norm1(src))
         return x + self._ff_block(self.norm2(x))
 
-    def _sa_block(self, x: torch.Tensor, *_, **__) -> torch.Tensor:
+    def _sa_block(self, x: torch.Tensor) -> torch.Tensor:
         attention = self.self_attn
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=attention.num_heads)
                    for t in F.linear(x, attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1))
