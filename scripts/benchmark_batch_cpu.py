@@ -44,10 +44,15 @@ print(round(time.perf_counter() - t, 3))
 """
 
 
-def probe(kind: str, copies: int) -> list[float]:
-    procs = [subprocess.Popen([sys.executable, "-c", PROBE, kind], stdout=subprocess.PIPE, text=True)
+def at_once(code: str, args: list[str], copies: int) -> list[float]:
+    """Start `copies` processes of `python -c code *args` at once; the number each prints last."""
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
              for _ in range(copies)]
-    return [float(p.communicate()[0]) for p in procs]
+    return [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+
+
+def probe(kind: str, copies: int) -> list[float]:
+    return at_once(PROBE, [kind], copies)
 
 
 def watch(cmd: list[str]) -> tuple[float, dict[int, tuple[str, float]]]:

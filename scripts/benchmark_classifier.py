@@ -11,8 +11,8 @@ Prints medians over the runs, in ms per slice.
 
 import argparse
 import statistics
-import subprocess
-import sys
+
+from benchmark_batch_cpu import at_once
 
 CHILD = """
 import sys, time, torch
@@ -39,13 +39,6 @@ print(1000 * (time.perf_counter() - t) / slices)
 MODES = ("fast path", "scaled_dot_product_attention")
 
 
-def timed(model: str, mode: str, threads: int, slices: int, copies: int = 1) -> list[float]:
-    """ms per slice of each of `copies` processes started at once."""
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, model, mode, str(threads), str(slices)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(copies)]
-    return [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
@@ -57,7 +50,7 @@ def main() -> None:
     for _ in range(args.runs):  # the modes alternate within each run, so that both see the same hour
         for name, threads, copies in settings:
             for mode in MODES:
-                results[name, mode] += timed(args.model, mode, threads, args.slices, copies)
+                results[name, mode] += at_once(CHILD, [args.model, mode, str(threads), str(args.slices)], copies)
     print(f"{args.model}: classifier ms per slice, medians of {args.runs} runs ({args.slices} slices each)")
     for name, _, _ in settings:
         fast, ours = (statistics.median(results[name, mode]) for mode in MODES)
