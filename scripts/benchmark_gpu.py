@@ -40,22 +40,27 @@ def score_all(detector, images, regions, device, mixed_precision, batch):
     return torch.cat(maps).numpy(), (torch.cat(codes).numpy() if codes else None)
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def median_seconds(run, device, passes):
+    """Median wall time of `passes` calls of `run`, after one more that warms up (kernels, allocator)."""
+    seconds = []
+    for _ in range(passes + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds[1:])
 
 
 def timed(detector, images, regions, device, mixed_precision, batch, passes):
-    seconds = []
-    for _ in range(passes + 1):  # the first pass warms up (kernels, allocator) and is not counted
-        synchronize(device)
-        t0 = time.perf_counter()
+    def run():
         for start in range(0, len(images), batch):
             score_batch(detector, images[start:start + batch], regions[start:start + batch], device,
                         mixed_precision=mixed_precision)
-        synchronize(device)
-        seconds.append(time.perf_counter() - t0)
-    return len(images) / statistics.median(seconds[1:])
+
+    return len(images) / median_seconds(run, device, passes)
 
 
 def compare(reference, maps, ref_codes, codes):
@@ -67,34 +72,32 @@ def compare(reference, maps, ref_codes, codes):
             "codes_changed": None if ref_codes is None else float((ref_codes != codes).mean())}
 
 
-def classifier_paths(detector, images, regions, device, mixed_precision, batch, passes):
+def classifier_paths(detector, images, device, mixed_precision, batch, passes):
     """The flagship's classifier on the quantized tokens of the slices, through its own layer and through torch's
     stock layer with the same weights: the largest logit difference and ms per batch (median of `passes`)."""
     with torch.inference_mode(), network_precision(device, mixed_precision):
         tokens = torch.cat([detector.encode(images[s:s + batch, None].to(device))[1]
                             for s in range(0, len(images), batch)])
+
+    def run():
+        return torch.cat([detector.classifier(tokens[s:s + batch]).float() for s in range(0, len(tokens), batch)])
+
     layers = detector.classifier.blocks.layers
     own = layers[0].__class__
-    out = {}
-    for name, cls in (("own_layer", own), ("stock_layer", torch.nn.TransformerEncoderLayer)):
+    logits, ms = {}, {}
+    try:
+        for name, cls in (("own_layer", own), ("stock_layer", torch.nn.TransformerEncoderLayer)):
+            for layer in layers:
+                layer.__class__ = cls
+            with torch.inference_mode(), network_precision(device, mixed_precision):
+                logits[name] = run()
+                ms[name] = 1000 * median_seconds(run, device, passes) * batch / len(tokens)
+    finally:
         for layer in layers:
-            layer.__class__ = cls
-        with torch.inference_mode(), network_precision(device, mixed_precision):
-            logits = torch.cat([detector.classifier(tokens[s:s + batch]).float() for s in range(0, len(tokens), batch)])
-            seconds = []
-            for _ in range(passes + 1):
-                synchronize(device)
-                t0 = time.perf_counter()
-                for s in range(0, len(tokens), batch):
-                    detector.classifier(tokens[s:s + batch])
-                synchronize(device)
-                seconds.append(time.perf_counter() - t0)
-        out[name] = {"logits": logits, "ms_per_batch": 1000 * statistics.median(seconds[1:]) * batch / len(tokens)}
-    for layer in layers:
-        layer.__class__ = own
-    difference = float((out["own_layer"]["logits"] - out["stock_layer"]["logits"]).abs().max())
-    return {"max_abs_logit_diff": difference, "max_abs_logit": float(out["stock_layer"]["logits"].abs().max()),
-            **{f"{name}_ms_per_batch": out[name]["ms_per_batch"] for name in out}}
+            layer.__class__ = own
+    return {"max_abs_logit_diff": float((logits["own_layer"] - logits["stock_layer"]).abs().max()),
+            "max_abs_logit": float(logits["stock_layer"].abs().max()),
+            **{f"{name}_ms_per_batch": ms[name] for name in ms}}
 
 
 def main() -> None:
@@ -122,8 +125,7 @@ def main() -> None:
             results[name] = {**compare(reference, maps, ref_codes, codes),
                              "slices_per_s": timed(detector, images, regions, gpu, mixed, args.batch, args.passes)}
             if hasattr(detector, "classifier"):
-                results[name]["classifier"] = classifier_paths(detector, images, regions, gpu, mixed, args.batch,
-                                                               args.passes)
+                results[name]["classifier"] = classifier_paths(detector, images, gpu, mixed, args.batch, args.passes)
     else:
         results["gpu"] = None
     print(json.dumps(results, indent=2))
