@@ -88,8 +88,23 @@ def main() -> None:
         if args.write_cards and parse_spec(name) is None:
             record_in_card(resolve_model(name).path, results[-1])
     report(results)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    write_results(results, args.json)
+
+
+# what an experiment's one-line summary per model gives (the whole result is in its JSON)
+SUMMARY_KEYS = ("volume_auroc", "voxel_ap", "froc", "findings_froc", "target_sensitivity_at_2fp",
+                "target_sensitivity_at_2fp_findings", "fp_findings_per_normal_volume")
+
+
+def write_results(results: list[dict], path, summary: bool = False) -> None:
+    """The lab's results as JSON at `path` (the format `--from-json` reads); with `summary`, also one line per model
+    on stdout: its name and SUMMARY_KEYS."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    if summary:
+        for result in results:
+            print(result["model"]["name"], json.dumps({k: result[k] for k in SUMMARY_KEYS if k in result},
+                                                      default=float))
 
 
 def report(results: list[dict]) -> None:

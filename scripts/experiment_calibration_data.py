@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmark_lab import write_results
 from medanomaly.engine import pick_device, score_slices
 from medanomaly.ensemble import Ensemble, load_scorer
 from medanomaly.lab import MANIFEST, cross_calibrated, evaluate
@@ -56,10 +57,7 @@ def main() -> None:
     result = evaluate(args.cases, scorer, scorers=scorers, calibration_note=(
         "cross-group, and the members " + ", ".join(f"{n} (+{k} training slabs)" for n, k in slabs.items())
         + " also on the training slabs of " + Path(args.source).name))
-    Path(args.json).write_text(json.dumps([result], indent=2, default=float) + "\n")
-    print(json.dumps({k: result[k] for k in ("volume_auroc", "voxel_ap", "froc", "target_sensitivity_at_2fp",
-                                             "target_sensitivity_at_2fp_findings", "fp_findings_per_normal_volume")},
-                     default=float))
+    write_results([result], args.json, summary=True)
 
 
 if __name__ == "__main__":

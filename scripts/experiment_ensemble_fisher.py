@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmark_lab import write_results
 from medanomaly.api import detect_volume
 from medanomaly.calibration import Calibration
 from medanomaly.ensemble import Ensemble, EnsembleCalibration, elementwise, load_scorer
@@ -82,11 +83,7 @@ def main() -> None:
         "cross-group: members recalibrated as for ensemble-max-rate, and the mean of their matched maps calibrated on "
         "the other groups' normal cases")))
     results[-1]["model"] = dict(results[-1]["model"], name=next(iter(fishers.values())).card["name"])
-    Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
-    for result in results:
-        print(result["model"]["name"], json.dumps({k: result[k] for k in (
-            "volume_auroc", "voxel_ap", "froc", "findings_froc", "target_sensitivity_at_2fp",
-            "target_sensitivity_at_2fp_findings", "fp_findings_per_normal_volume")}, default=float))
+    write_results(results, args.json, summary=True)
 
 
 if __name__ == "__main__":

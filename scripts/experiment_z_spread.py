@@ -16,10 +16,10 @@ The cases come from chest_ct_01 (see ../shared/data/SOURCES.md for its provenanc
 """
 
 import argparse
-import json
-from pathlib import Path
 
 from scipy import ndimage as ndi
+
+from benchmark_lab import write_results
 
 import medanomaly.engine as engine
 from medanomaly.lab import evaluate
@@ -52,10 +52,7 @@ def main() -> None:
     result = evaluate(args.cases, args.model)
     result["model"] = dict(result["model"], name=result["model"]["name"] + f" [{SPREAD_MEMBER} spread over "
                                                                           f"+-{args.slices} slices]")
-    Path(args.json).write_text(json.dumps([result], indent=2, default=float) + "\n")
-    print(result["model"]["name"], json.dumps({k: result[k] for k in (
-        "volume_auroc", "voxel_ap", "froc", "findings_froc", "target_sensitivity_at_2fp",
-        "target_sensitivity_at_2fp_findings", "fp_findings_per_normal_volume")}, default=float))
+    write_results([result], args.json, summary=True)
 
 
 if __name__ == "__main__":
