@@ -161,6 +161,8 @@ def test_a_recommended_ensemble_is_usable_by_its_alias(tmp_path, monkeypatch):
     spec = "ensemble-max-rate:chest-ct-vqvae-fs-256,chest-ct-shape-outlier,chest-ct-tube-outlier"
     assert parse_spec("chest-ct-nodules-needles") == parse_spec(spec)
     assert parse_spec("chest-ct-nodules") == ("max-rate", ["chest-ct-vqvae-fs-256", "chest-ct-shape-outlier"])
+    # the same task without the network: the two outliers, fitted in seconds on a CPU
+    assert parse_spec("chest-ct-nodules-needles-fast") == ("max-rate", parse_spec(spec)[1][1:])
     combine, broad = parse_spec("chest-ct-broad")  # the same three and deep kNN, for opacities and effusions
     assert combine == "max-rate" and broad == parse_spec(spec)[1] + ["chest-ct-deep-knn"]
     assert resolve_model(broad[-1]).method == "deep-knn"
