@@ -270,17 +270,6 @@ RECIPES = {
                     "dense lines such as needles and wires, denser than any normal vessel or bone edge of their "
                     "surroundings; contrast-filled vessels would look alike.",
     ),
-    # an experiment: the tube outlier weighted by (middle / smallest eigenvalue)^1, which is near 1 across a line or
-    # a ball and near 0 across a plate such as a rib's cortex, the tube outlier's strongest false positives
-    "chest-ct-tube-outlier-line": dict(
-        method="shape-outlier",
-        data=CHEST_DATA,
-        steps=0, seed=0,
-        input=dict(CHEST_INPUT_256, context_slices=3, smoothing_mm=1.0, window_hu=[-1024.0, 3071.0]),
-        architecture={"shape": "tube", "sigmas_mm": [1.0, 1.5, 2.0], "line_power": 1.0},
-        experiment=True,
-        description="experiment: the tube outlier weighted by (middle / smallest eigenvalue)^1.",
-    ),
     "chest-ct-hu-outlier": dict(
         method="hu-outlier",
         data=CHEST_DATA,

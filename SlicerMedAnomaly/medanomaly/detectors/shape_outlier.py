@@ -40,7 +40,6 @@ DEFAULT_ARCHITECTURE = {
     "quantile": 0.999,  # the high quantile of normal blobness per class that a score of 1 means
     "spread": True,  # each scale's response spread over the disc of the blob it answers (see blobness)
     "shape": "blob",  # "blob": bright balls (all three curvatures); "tube": bright tubes and balls (two of three)
-    "line_power": 0.0,  # "tube" only: times (middle / smallest eigenvalue)^p, near 1 on a line and near 0 on a plate
 }
 
 
@@ -122,14 +121,12 @@ def spread_radius(sigma_mm: float, spacing_mm: float) -> int:
 
 
 def blobness(hu: torch.Tensor, sigmas_mm, spacing_mm: float, slice_mm: float, spread: bool = False,
-             shape: str = "blob", line_power: float = 0.0) -> torch.Tensor:
+             shape: str = "blob") -> torch.Tensor:
     """hu: [B, C, H, W], C = 2k + 1 slices along S (the middle one scored), `slice_mm` apart, pixels of `spacing_mm`.
     Returns [B, 1, H, W]: the largest over scales of sigma^2 * max(0, -lambda_max) of the Hessian at the middle
     slice. With `shape` "tube", the middle eigenvalue instead: strongly negative for bright tubes and blobs alike.
     With `spread`, each scale's response is first spread (a square maximum filter) over the disc of the blob it
-    answers most, so that a finding covers the blob rather than its centre. With "tube" and `line_power` p > 0, the
-    response is weighted by (middle / smallest eigenvalue)^p: about 1 where the two curvatures across a bright line
-    are alike (a needle, a ball), about 0 across a bright plate (a bone's cortex), whose middle curvature is small."""
+    answers most, so that a finding covers the blob rather than its centre."""
     b, c, h, w = hu.shape
     k = c // 2
     z_positions = (torch.arange(c, device=hu.device) - k) * slice_mm
@@ -143,11 +140,8 @@ def blobness(hu: torch.Tensor, sigmas_mm, spacing_mm: float, slice_mm: float, sp
         # the six Hessian entries as separable filters, all six at once along P, then along L
         image = correlate_channels(padded[:, HESSIAN_Z_ORDER], pk[HESSIAN_Y_ORDER], dim=2)
         hzz, hyy, hxx, hzy, hzx, hyx = correlate_channels(image, pk[HESSIAN_X_ORDER], dim=3).unbind(1)
-        largest, middle, smallest = eigenvalues(hzz, hyy, hxx, hzy, hzx, hyx)
-        response = sigma**2 * (-(middle if shape == "tube" else largest)).clamp_min(0)
-        if shape == "tube" and line_power > 0:  # where middle < 0, smallest <= middle < 0: the ratio lies in (0, 1]
-            response = response * (middle / smallest.clamp_max(-1e-12)).clamp(0, 1) ** line_power
-        response = response[:, None]
+        largest, middle, _ = eigenvalues(hzz, hyy, hxx, hzy, hzx, hyx)
+        response = sigma**2 * (-(middle if shape == "tube" else largest)).clamp_min(0)[:, None]
         if spread:  # over the disc of the blob that this scale answers most (radius sigma * sqrt(3))
             response = maximum_filter(response, radius)
         best = torch.maximum(best, response)
@@ -172,7 +166,6 @@ class ShapeOutlierDetector(Detector):
         self.quantile = float(arch["quantile"])
         self.spread = bool(arch["spread"])
         self.shape = str(arch["shape"])
-        self.line_power = float(arch["line_power"])
         if self.shape not in ("blob", "tube"):
             raise ModelError(f"architecture.shape {self.shape!r}: use blob or tube")
         edges = torch.tensor(arch["class_edges_hu"], dtype=torch.float32)
@@ -187,8 +180,7 @@ class ShapeOutlierDetector(Detector):
         units."""
         hu = unwindow(image.float(), self.spec.window_hu)
         middle = hu[:, self.spec.context_slices:self.spec.context_slices + 1]
-        response = blobness(hu, self.sigmas_mm, self.spec.spacing_mm, slice_mm, self.spread, self.shape,
-                            self.line_power)
+        response = blobness(hu, self.sigmas_mm, self.spec.spacing_mm, slice_mm, self.spread, self.shape)
         return tissue_classes(middle, self.context_px, self.class_edges), response
 
     def score(self, image: torch.Tensor, region: torch.Tensor) -> DetectorOutput:
