@@ -236,7 +236,9 @@ class SlicerMedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             findings = self.results["findings"]
             text = f"{len(findings)} finding(s)."
             if findings and "p_value" in findings[0]:  # the chance that a normal scan this long has one as strong
-                text = f"{len(findings)} finding(s); the strongest has p = {findings[0]['p_value']:.2g}."
+                text = f"{len(findings)} finding(s); the strongest has p = {findings[0]['p_value']:.2g}"
+                # an ensemble's: which member flagged it
+                text += f", flagged by {findings[0]['flagged_by']}." if "member_shares" in findings[0] else "."
             for warning in self.results["warnings"]:  # for example slices unlike the model's normal reference
                 logging.warning("medanomaly: %s", warning)
             warnings = self.results["warnings"]

@@ -14,7 +14,7 @@ from conftest import ROOT
 from medanomaly.api import detect_volume
 from medanomaly.calibration import Calibration
 from medanomaly.cli import main
-from medanomaly.ensemble import Ensemble, load_scorer, model_identity, parse_spec, resolved_spec
+from medanomaly.ensemble import Ensemble, load_scorer, maximum_with_source, model_identity, parse_spec, resolved_spec
 from medanomaly.errors import InputError
 from medanomaly.volumes import volume_from_image
 
@@ -56,6 +56,66 @@ def test_ensemble_combines_calibrated_members(small_ct, combine):
     assert check["slices_unlike"] >= max(s.reference_check["slices_unlike"] for s in singles)
 
 
+def test_maximum_with_source_is_the_first_highest_member():
+    rng = np.random.default_rng(0)
+    maps = [rng.integers(0, 4, (5, 6, 7)).astype(np.float32) for _ in range(3)]  # small integers: many ties
+    strongest, source = maximum_with_source(maps)
+    stacked = np.stack(maps)
+    np.testing.assert_array_equal(strongest, stacked.max(0))
+    np.testing.assert_array_equal(source, stacked.argmax(0))  # argmax takes the first of equal maxima too
+    assert source.dtype == np.uint8 and (source > 0).any() and maps[0].max() == 3  # the inputs are not changed
+
+
+@pytest.mark.parametrize("combine", ["ensemble:", "ensemble-max:", "ensemble-max-rate:"])
+def test_each_finding_names_the_member_that_flagged_it(small_ct, combine):
+    """flagged_by is the member with the highest significance at the finding's peak voxel (its own calibrated map,
+    or, with max-rate, that map matched by rate); member_shares, the share of the finding's voxels where each member
+    is highest; a single model's findings name the model."""
+    from test_outputs import insert_nodule
+
+    image, _ = insert_nodule(small_ct, radius_mm=10.0, hu=1000.0)
+    volume = volume_from_image(image, name="nodule")
+    scorer = load_scorer(combine + ",".join(MEMBERS))
+    singles = [detect_volume(volume, member, device="cpu") for member in scorer.members]
+    # loose settings, so that each rule has findings to check
+    result = detect_volume(volume, scorer, device="cpu", fp_rate=10.0, min_size_mm3=5.0)
+    assert result.findings
+    matched = [s.significance if scorer.member_transform(i) is None else scorer.member_transform(i)(s.significance)
+               for i, s in enumerate(singles)]
+    for finding in result.findings:
+        inside = result.labels == finding["label"]
+        peak = np.unravel_index(np.argmax(np.where(inside, result.significance, -np.inf)), inside.shape)
+        at_peak = [float(m[peak]) for m in matched]
+        assert finding["flagged_by"] == MEMBERS[int(np.argmax(at_peak))]
+        assert list(finding["member_shares"]) == MEMBERS
+        assert sum(finding["member_shares"].values()) == pytest.approx(1.0, abs=2e-3)
+        highest = np.argmax(np.stack([m[inside] for m in matched]), 0)
+        assert finding["member_shares"][MEMBERS[1]] == pytest.approx(np.mean(highest == 1), abs=1e-3)
+    for finding in singles[1].findings:
+        assert finding["flagged_by"] == MEMBERS[1] and "member_shares" not in finding
+
+
+def test_find_findings_attributes_each_finding_by_its_peak():
+    import SimpleITK as sitk
+
+    from medanomaly.findings import find_findings
+
+    significance = np.zeros((8, 16, 16), np.float32)
+    significance[2:5, 2:6, 2:6] = 5.0  # a finding of 48 voxels, its peak at (3, 4, 4)
+    significance[3, 4, 4] = 9.0
+    significance[6, 12, 12] = 9.0  # one voxel, below the minimum size
+    source = np.zeros(significance.shape, np.uint8)
+    source[2:5, 2:6, 4:6] = 1  # member 1 is highest over half of the finding, its peak included
+    image = sitk.GetImageFromArray(significance)  # 1 mm voxels
+    hu = np.zeros(significance.shape, np.int16)
+    _, findings, _ = find_findings(significance, hu, image, 3.0, 10.0, members=["a", "b"], source=source)
+    assert [(f["voxels"], f["flagged_by"], f["member_shares"]) for f in findings] == [(48, "b", {"a": 0.5, "b": 0.5})]
+    # no finding of the minimum size: nothing to attribute
+    assert find_findings(significance, hu, image, 3.0, 100.0, members=["a", "b"], source=source)[1] == []
+    _, (single,), _ = find_findings(significance, hu, image, 3.0, 10.0, members=["solo"])
+    assert single["flagged_by"] == "solo" and "member_shares" not in single
+
+
 def test_mean_of_members_far_in_the_tail():
     """The mean combines probabilities (1 - p averaged), in significance so that it neither rounds to 1 nor
     underflows where float32 10^-s would."""
@@ -63,7 +123,7 @@ def test_mean_of_members_far_in_the_tail():
     a = np.array([200.0, 7.0, 0.0, 60.0], np.float32)
     b = np.array([210.0, 7.0, 3.0, 60.0], np.float32)
     want = [200 + np.log10(2 / (1 + 1e-10)), 7.0, -np.log10((1 + 1e-3) / 2), 60.0]
-    np.testing.assert_allclose(scorer.combine_significance([a, b]), want, rtol=1e-6)
+    np.testing.assert_allclose(scorer.combine_maps([a, b])[0], want, rtol=1e-6)
 
 
 def test_union_bound_threshold_meets_the_target():
@@ -97,7 +157,10 @@ def test_ensemble_batch_rows(small_ct_file, tmp_path):
                  memory_limit="2GB", device="cpu", overview=False)
     assert [r["status"] for r in rows] == ["ok"]
     with open(tmp_path / "b" / "summary.csv") as f:
-        assert next(csv.DictReader(f))["case"] == "small_ct"
+        row = next(csv.DictReader(f))
+    assert row["case"] == "small_ct"
+    findings = json.loads((tmp_path / "b" / "small_ct" / "findings.json").read_text())["findings"]
+    assert row["top_finding_flagged_by"] == (findings[0]["flagged_by"] if findings else "")
 
 
 def test_max_rate_matches_members_by_false_finding_rate():

@@ -124,6 +124,12 @@ def test_evaluate_runs_every_metric_and_prints_tables(demo_image, tmp_path):
         assert all(0 <= a <= b <= 1 for a, b in zip(findings, findings[1:]))  # more false findings allowed, no fewer hits
         assert r["target_sensitivity_at_2fp_findings"]["needles"]["lesions"] == 2
         assert set(r["per_kind"]) == {"nodule_solid", "needle", "mood_intensity"}
+        # which model flagged what: a single model flags every lesion it finds and every false finding
+        for kind in r["per_kind"].values():
+            found = round(kind["sensitivity_at_default"] * kind["lesions"])
+            assert kind["flagged_by_at_default"] == ({model: found} if found else {})
+        false = round(r["fp_findings_per_normal_volume"] * r["normal_cases"])
+        assert r["fp_findings_flagged_by"] == ({model: false} if false else {})
         assert r["provenance"]["sources"][0]["sha256"]
         # the flagship's target subsets: nodules of at least 6 mm (here the 12 mm ones) and needles, at 2 FP
         target = r["target_sensitivity_at_2fp"]
@@ -154,6 +160,14 @@ def test_evaluate_runs_every_metric_and_prints_tables(demo_image, tmp_path):
         low, high = intervals(before_p_values)["volume_auroc"]
         assert low <= old_auroc <= high
         results.append(r)
+    # an ensemble's tallies name its members
+    members = ["chest-ct-vqvae-recon", "chest-ct-hu-outlier"]
+    ensemble = evaluate(tmp_path / "cases", "ensemble-max-rate:" + ",".join(members))
+    assert set(ensemble["fp_findings_flagged_by"]) <= set(members)
+    assert sum(ensemble["fp_findings_flagged_by"].values()) == round(ensemble["fp_findings_per_normal_volume"] * 2)
+    for kind in ensemble["per_kind"].values():
+        assert set(kind["flagged_by_at_default"]) <= set(members)
+        assert max(kind["flagged_by_at_default"].values(), default=0) <= round(kind["sensitivity_at_default"] * 2)
     table = markdown_table(results)
     assert "chest-ct-vqvae-recon" in table and "chest-ct-hu-outlier" in table
     # the numbers go into a copy of the bundle's card; weights and checksums are untouched

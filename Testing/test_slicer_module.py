@@ -154,6 +154,7 @@ def test_results_into_mrml_scene(case_from_real_command):
     column = {table.GetColumn(i).GetName(): i for i in range(table.GetNumberOfColumns())}
     for row, f in enumerate(findings):
         assert table.GetValue(row, column["name"]).ToString() == f["name"]
+        assert table.GetValue(row, column["flagged_by"]).ToString() == f["flagged_by"] == summary["model"]["name"]
         assert table.GetValue(row, column["p_value"]).ToDouble() == pytest.approx(f["p_value"])
         assert table.GetValue(row, column["volume_mm3"]).ToDouble() == pytest.approx(f["volume_mm3"])
         assert table.GetValue(row, column["r_mm"]).ToDouble() == pytest.approx(f["centroid_ras_mm"][0])

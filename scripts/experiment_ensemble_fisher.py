@@ -24,7 +24,7 @@ import numpy as np
 from benchmark_lab import write_results
 from medanomaly.api import detect_volume
 from medanomaly.calibration import Calibration
-from medanomaly.ensemble import Ensemble, EnsembleCalibration, elementwise, load_scorer
+from medanomaly.ensemble import Ensemble, EnsembleCalibration, elementwise, load_scorer, maximum_with_source
 from medanomaly.lab import MANIFEST, cross_calibrated, evaluate
 from medanomaly.volumes import read_volume
 
@@ -34,11 +34,12 @@ class FisherEnsemble(Ensemble):
     `fit_fisher` has replaced the union-bound calibration with one fitted on normal CT's mean maps, that mean is
     calibrated by it."""
 
-    def combine_significance(self, maps: list[np.ndarray]) -> np.ndarray:
+    def combine_maps(self, maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         raw = elementwise(np.add, maps) / np.float32(len(maps))
+        source = maximum_with_source(maps)[1]
         if isinstance(self.calibration, EnsembleCalibration):  # not fitted yet: the raw mean, for fit_fisher
-            return raw
-        return self.calibration.voxel_significance(raw, raw > 0)
+            return raw, source
+        return self.calibration.voxel_significance(raw, raw > 0), source
 
 
 def fisher_from(matched: Ensemble) -> FisherEnsemble:

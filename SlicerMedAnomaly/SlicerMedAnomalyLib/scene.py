@@ -10,7 +10,8 @@ import slicer
 
 HEATMAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeInferno", "vtkMRMLColorTableNodeFileInferno.txt",
                           "vtkMRMLColorTableNodeRainbow")
-TABLE_COLUMNS = [("id", "int"), ("name", "string"), ("p_value", "double"), ("significance", "double"),
+TABLE_COLUMNS = [("id", "int"), ("name", "string"), ("flagged_by", "string"), ("p_value", "double"),
+                 ("significance", "double"),
                  ("max_probability", "double"), ("mean_probability", "double"),
                  ("volume_mm3", "double"), ("mean_hu", "double"), ("r_mm", "double"), ("a_mm", "double"),
                  ("s_mm", "double"), ("slice_first", "int"), ("slice_last", "int")]
@@ -40,7 +41,8 @@ def _read_segmentation(scene, path, name, reference_volume):
 
 
 def findings_table(scene, findings, name):
-    """A table node with one row per finding (RAS centroid, as Slicer shows coordinates)."""
+    """A table node with one row per finding (RAS centroid, as Slicer shows coordinates; `flagged_by`, the model or
+    the ensemble member that flagged it, empty for cases written before it was recorded)."""
     import vtk
 
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
@@ -53,7 +55,8 @@ def findings_table(scene, findings, name):
         columns.append(array)
     for f in findings:
         r, a, s = f["centroid_ras_mm"]
-        values = [f["id"], f["name"], f.get("p_value", float("nan")), f.get("significance", float("nan")),
+        values = [f["id"], f["name"], f.get("flagged_by", ""), f.get("p_value", float("nan")),
+                  f.get("significance", float("nan")),
                   f["max_probability"], f["mean_probability"], f["volume_mm3"], f["mean_hu"],
                   r, a, s, f["slice_range_k"][0], f["slice_range_k"][1]]
         for array, value in zip(columns, values):

@@ -180,7 +180,8 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
         calibration = calibration_of(scorer)
         card = scorer.card
         extent_cm = hu_canonical.shape[0] * reorientation.canonical_spacing[0] / 10.0
-        significance = scorer.combine_significance(maps) if isinstance(scorer, Ensemble) else maps[0]
+        # and which member flagged each voxel (its highest significance there), for each finding's `flagged_by`
+        significance, source = scorer.combine_maps(maps) if isinstance(scorer, Ensemble) else (maps[0], None)
         del maps  # before the searches below, which label the whole map
         if isinstance(scorer, Ensemble):
             # the strongest finding of the combined map, under the ensemble's own false-finding curve: a member's
@@ -194,7 +195,9 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
         threshold = float(probability_of_significance(threshold_significance, np.float64))
         min_size = calibration.min_size_mm3 if min_size_mm3 is None else float(min_size_mm3)
         labels, findings, dropped = find_findings(significance, volume.hu, volume.image, threshold_significance,
-                                                  min_size, lambda s: calibration.log_expected_findings(s, extent_cm))
+                                                  min_size, lambda s: calibration.log_expected_findings(s, extent_cm),
+                                                  members=[m.card["name"] for m in members], source=source)
+        del source
         volume_p_values = [p.result() for p in volume_p_values]
         volume_p_value = strongest.result() if isinstance(scorer, Ensemble) else volume_p_values[0]
     volume_score = 1.0 - volume_p_value  # P(no normal finding as strong); the p-value keeps what this rounds away

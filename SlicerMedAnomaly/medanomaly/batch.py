@@ -30,7 +30,8 @@ from .volumes import VOLUME_SUFFIXES, case_name_for
 
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ["rank", "case", "input", "volume_score", "volume_p_value", "findings", "top_finding_probability",
-                  "top_finding_p_value", "top_finding_ras_mm", "top_finding_volume_mm3", "slices_unlike_reference",
+                  "top_finding_p_value", "top_finding_ras_mm", "top_finding_volume_mm3", "top_finding_flagged_by",
+                  "slices_unlike_reference",
                   "body_outside_field_of_view_pct", "status", "error", "seconds"]
 
 
@@ -179,6 +180,8 @@ def _summary_row(summary: dict) -> dict:
             "top_finding_p_value": top.get("p_value", "") if top else "",
             "top_finding_ras_mm": " ".join(f"{v:.1f}" for v in top["centroid_ras_mm"]) if top else "",
             "top_finding_volume_mm3": top["volume_mm3"] if top else "",
+            # the model or ensemble member that flagged it (find_findings); empty before software 0.6.0
+            "top_finding_flagged_by": top.get("flagged_by", "") if top else "",
             # slices that look unlike the model's normal reference (api.check_reference); empty where not checked
             "slices_unlike_reference": (summary["reference_check"]["slices_unlike"]
                                         if summary.get("reference_check", {}).get("available") else ""),

@@ -121,11 +121,19 @@ class Ensemble:
             return None
         return lambda significance: match_levels(significance, self.match_tables[index])
 
-    def combine_significance(self, maps: list[np.ndarray]) -> np.ndarray:
+    def combine_maps(self, maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The members' significance maps (-log10(1 - p)) combined as their probabilities are: the maximum, or
-        the mean probability (-log10 of the mean of 1 - p, which keeps the tail's resolution)."""
+        the mean probability (-log10 of the mean of 1 - p, which keeps the tail's resolution). With it, per voxel,
+        the index of the member whose significance is highest there (uint8): the member that flagged it."""
+        strongest, source = maximum_with_source(maps)
         if self.combine in ("max", "max-rate"):  # max-rate: the maps were matched by rate (member_transform)
-            return elementwise(np.maximum, maps)
+            return strongest, source
+        del strongest
+        return self.mean_significance(maps), source
+
+    @staticmethod
+    def mean_significance(maps: list[np.ndarray]) -> np.ndarray:
+        """The mean of the members' probabilities, in significance."""
         low = elementwise(np.minimum, maps)  # each term 10^-(m - low) <= 1: no underflow however far out in the tail
         total = np.zeros_like(low)
         for m in maps:
@@ -146,6 +154,18 @@ def match_levels(significance: np.ndarray, table: np.ndarray) -> np.ndarray:
     if far.any():
         out[far] = np.interp(s[far], MATCH_GRID, table)
     return out.astype(np.float32, copy=False)
+
+
+def maximum_with_source(maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The elementwise maximum of same-shaped maps and, per element, the index (uint8) of the first map that holds
+    it, in one pass with no more copies than the maximum alone."""
+    out = maps[0].copy()
+    source = np.zeros(out.shape, np.uint8)
+    for index, m in enumerate(maps[1:], start=1):
+        higher = m > out
+        source[higher] = index
+        np.copyto(out, m, where=higher)
+    return out, source
 
 
 def elementwise(ufunc: np.ufunc, maps: list[np.ndarray]) -> np.ndarray:

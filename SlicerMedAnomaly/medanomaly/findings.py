@@ -82,7 +82,8 @@ def strongest_finding_p_value(significance: np.ndarray, curve, extent_cm: float,
 
 
 def find_findings(significance: np.ndarray, hu: np.ndarray, image: sitk.Image, threshold: float,
-                  min_size_mm3: float, log_expected=None) -> tuple[np.ndarray, list[dict], int]:
+                  min_size_mm3: float, log_expected=None, members: list[str] | None = None,
+                  source: np.ndarray | None = None) -> tuple[np.ndarray, list[dict], int]:
     """Threshold the heatmap's `significance` (-log10(1 - probability), [k, j, i] on `image`'s grid) at
     `threshold` (the same units), keep 26-connected components of at least `min_size_mm3`, and measure each one.
 
@@ -90,6 +91,11 @@ def find_findings(significance: np.ndarray, hu: np.ndarray, image: sitk.Image, t
     level at which calibration counts a normal finding as strong. Findings are ranked by it (then by peak and
     volume). `log_expected(strength)`, when given, is the log of the number of normal findings at least as strong
     expected in a normal volume of this length; each finding then carries it and its p-value.
+
+    `members`: the model's name, or an ensemble's member names with `source` (per voxel, the index of the member with
+    the highest significance there). Each finding then names the one that flagged it, `flagged_by`: the member at
+    its peak voxel; an ensemble's findings also carry `member_shares`, the share of their voxels where each member
+    is highest.
 
     Returns the label map (finding i has label i), the findings and the number of components dropped beyond
     MAX_FINDINGS.
@@ -131,6 +137,11 @@ def find_findings(significance: np.ndarray, hu: np.ndarray, image: sitk.Image, t
     hu_sum = np.bincount(new, weights=hu.ravel()[flat_idx].astype(np.float64), minlength=m)
     prob_sum = np.bincount(new, weights=probability_of_significance(sig, np.float64), minlength=m)
     coords = np.unravel_index(flat_idx, significance.shape)  # k, j, i
+    if source is not None and new.size:  # (no finding of the minimum size: nothing to attribute)
+        by_peak = np.lexsort((sig, new))  # by finding, then by significance: each finding's peak voxel comes last
+        peak_member = source.ravel()[flat_idx[by_peak[np.r_[np.nonzero(np.diff(new[by_peak]))[0], new.size - 1]]]]
+        shares = np.bincount(new * len(members) + source.ravel()[flat_idx],
+                             minlength=m * len(members)).reshape(m, len(members)) / np.maximum(count, 1)[:, None]
     centroid = [np.bincount(new, weights=c, minlength=m) / np.maximum(count, 1) for c in coords]
     findings = []
     for i, box in enumerate(ndi.find_objects(out, max_label=order.size), start=1):
@@ -156,6 +167,10 @@ def find_findings(significance: np.ndarray, hu: np.ndarray, image: sitk.Image, t
             "peak_significance": round(float(peak[c]), 3),
             "significance": round(float(strength[c]), 3),
         }
+        if members is not None:
+            finding["flagged_by"] = members[int(peak_member[i - 1]) if source is not None else 0]
+        if source is not None:
+            finding["member_shares"] = {name: round(float(share), 3) for name, share in zip(members, shares[i])}
         if log_expected is not None:
             log_e = log_expected(float(strength[c]))
             finding["expected_normal_findings"] = float(f"{np.exp(log_e):.4g}")

@@ -8,6 +8,7 @@ import json
 import logging
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,7 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
     kind_curves: dict[str, PooledVoxelCurve] = {}
     froc, findings_froc = FROC(), FindingsFROC()
     volume_scores, volume_labels, seconds, normal_findings, default_hits = [], [], [], [], []
+    normal_flagged_by = []  # which model or member made each of the normal cases' false findings
     case_scores: list[dict] = []
     localization: dict[str, list[bool]] = {}
     for n, case in enumerate(manifest["cases"]):
@@ -232,12 +234,15 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         if case["normal"]:
             normal_curve.add(result.significance, truth)
             normal_findings.append(len(result.findings))
+            normal_flagged_by += [finding.get("flagged_by", "") for finding in result.findings]
         else:
             for lesion in case["lesions"]:
                 curve = kind_curves.setdefault(lesion["kind"], PooledVoxelCurve())
                 curve.add(result.significance, labels == lesion["label"])
-                found = bool(np.any(result.labels[labels == lesion["label"]]))
-                default_hits.append({"kind": lesion["kind"], "size": _size_bin(lesion), "found": found})
+                hit = np.unique(result.labels[labels == lesion["label"]])  # the findings on it (finding i: label i)
+                hit = hit[hit > 0]
+                default_hits.append({"kind": lesion["kind"], "size": _size_bin(lesion), "found": bool(hit.size),
+                                     "flagged_by": sorted({result.findings[i - 1].get("flagged_by", "") for i in hit})})
             heat_c, truth_c = r.to_canonical(result.heatmap), r.to_canonical(truth)
             rows = np.nonzero(truth_c.any(axis=(1, 2)))[0]
             hits = localization_hits(heat_c[rows], truth_c[rows])
@@ -269,6 +274,9 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
             "voxel_ap": kind_curves[kind].average_precision(),
             "localization_rate": float(np.mean(localization[kind])) if localization.get(kind) else float("nan"),
             "localization_slices": len(localization.get(kind, [])),
+            # of the lesions found at the default sensitivity, how many a finding of each model or member hit
+            "flagged_by_at_default": _tally(name for h in default_hits if h["kind"] == kind
+                                            for name in h["flagged_by"]),
         }
     sizes = sorted({h["size"] for h in default_hits}, key=lambda s: float(s.strip(">=").split("-")[0]))
     per_size = {size: {"lesions": sum(h["size"] == size for h in default_hits),
@@ -288,6 +296,7 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         "localization_rate": float(np.mean(all_loc)) if all_loc else float("nan"),
         "localization_slices": len(all_loc),
         "fp_findings_per_normal_volume": float(np.mean(normal_findings)) if normal_findings else float("nan"),
+        "fp_findings_flagged_by": _tally(normal_flagged_by),
         "sensitivity_at_default": float(np.mean([h["found"] for h in default_hits])) if default_hits else float("nan"),
         "per_kind": per_kind, "per_size": per_size,
         "target_sensitivity_at_2fp": {name: {"lesions": sum(map(subset, froc.lesions)),
@@ -307,6 +316,11 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
     }
     result["intervals_95"] = intervals(result)
     return result
+
+
+def _tally(names) -> dict[str, int]:
+    """How often each name occurs, by name."""
+    return dict(sorted(Counter(names).items()))
 
 
 def intervals(result: dict, level: float = 0.95) -> dict:
