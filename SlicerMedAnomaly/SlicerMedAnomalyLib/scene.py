@@ -11,8 +11,7 @@ import slicer
 HEATMAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeInferno", "vtkMRMLColorTableNodeFileInferno.txt",
                           "vtkMRMLColorTableNodeRainbow")
 TABLE_COLUMNS = [("id", "int"), ("name", "string"), ("flagged_by", "string"), ("p_value", "double"),
-                 ("significance", "double"),
-                 ("max_probability", "double"), ("mean_probability", "double"),
+                 ("significance", "double"), ("max_probability", "double"), ("mean_probability", "double"),
                  ("volume_mm3", "double"), ("mean_hu", "double"), ("r_mm", "double"), ("a_mm", "double"),
                  ("s_mm", "double"), ("slice_first", "int"), ("slice_last", "int")]
 
@@ -56,9 +55,8 @@ def findings_table(scene, findings, name):
     for f in findings:
         r, a, s = f["centroid_ras_mm"]
         values = [f["id"], f["name"], f.get("flagged_by", ""), f.get("p_value", float("nan")),
-                  f.get("significance", float("nan")),
-                  f["max_probability"], f["mean_probability"], f["volume_mm3"], f["mean_hu"],
-                  r, a, s, f["slice_range_k"][0], f["slice_range_k"][1]]
+                  f.get("significance", float("nan")), f["max_probability"], f["mean_probability"], f["volume_mm3"],
+                  f["mean_hu"], r, a, s, f["slice_range_k"][0], f["slice_range_k"][1]]
         for array, value in zip(columns, values):
             array.InsertNextValue(value)
     table.Modified()

@@ -31,8 +31,7 @@ from .volumes import VOLUME_SUFFIXES, case_name_for
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ["rank", "case", "input", "volume_score", "volume_p_value", "findings", "top_finding_probability",
                   "top_finding_p_value", "top_finding_ras_mm", "top_finding_volume_mm3", "top_finding_flagged_by",
-                  "slices_unlike_reference",
-                  "body_outside_field_of_view_pct", "status", "error", "seconds"]
+                  "slices_unlike_reference", "body_outside_field_of_view_pct", "status", "error", "seconds"]
 
 
 def _is_dicom_folder(folder: Path) -> bool:
