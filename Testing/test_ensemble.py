@@ -140,6 +140,16 @@ def test_ensemble_from_the_command_line_and_in_a_batch(small_ct_file, tmp_path, 
     assert main(["-q", "detect", str(small_ct_file), "-o", str(tmp_path / "out"), "--model", spec]) == 0
     findings = json.loads((tmp_path / "out" / "small_ct" / "findings.json").read_text())
     assert findings["model"]["method"] == "ensemble"
+    capsys.readouterr()
+    # loose settings, for findings to print: the table names the member that flagged each
+    assert main(["detect", str(small_ct_file), "-o", str(tmp_path / "loose"), "--model", spec, "--fp-rate", "10",
+                 "--min-size-mm3", "5"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    header = next(i for i, row in enumerate(rows) if "flagged by" in row)
+    printed = json.loads((tmp_path / "loose" / "small_ct" / "findings.json").read_text())["findings"]
+    shown = printed[:20]  # the table's first 20
+    assert shown and [row.split()[-1] for row in rows[header + 1:header + 1 + len(shown)]] == [
+        f["flagged_by"] for f in shown]
     assert main(["detect", str(small_ct_file), "-o", str(tmp_path / "bad"), "--model", "ensemble:" + MEMBERS[0]]) == 2
     err = capsys.readouterr().err
     assert "at least two" in err and "Traceback" not in err

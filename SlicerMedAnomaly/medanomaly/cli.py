@@ -159,14 +159,16 @@ def findings_table(result) -> str:
             f"{len(result.findings)} finding(s) at probability >= {format_probability(result.threshold_significance)}"
             f" ({result.output_dir or 'not written'})"]
     if result.findings:
+        ensemble = "member_shares" in result.findings[0]  # then which member flagged each finding
         rows.append(f"{'id':>3} {'p-value':>8} {'max p':>13} {'vol mm3':>9} {'mean HU':>8}  centroid RAS mm"
-                    "            slices k")
+                    "            slices k" + ("    flagged by" if ensemble else ""))
         for f in result.findings[:20]:
             ras = ", ".join(f"{v:7.1f}" for v in f["centroid_ras_mm"])
             p_value = f"{f['p_value']:8.2g}" if "p_value" in f else f"{'':8}"
+            slices = f"{f['slice_range_k'][0]}-{f['slice_range_k'][1]}"
             rows.append(f"{f['id']:>3} {p_value} {format_probability(f['peak_significance']):>13} "
                         f"{f['volume_mm3']:9.1f} {f['mean_hu']:8.1f}  ({ras})  "
-                        f"{f['slice_range_k'][0]}-{f['slice_range_k'][1]}")
+                        + (f"{slices:<8}  {f['flagged_by']}" if ensemble else slices))
         if len(result.findings) > 20:
             rows.append(f"... {len(result.findings) - 20} more in findings.json")
         rows.append("p-value: the chance that a normal volume of this length has a finding as strong")
