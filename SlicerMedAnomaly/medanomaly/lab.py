@@ -238,8 +238,9 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         else:
             for lesion in case["lesions"]:
                 curve = kind_curves.setdefault(lesion["kind"], PooledVoxelCurve())
-                curve.add(result.significance, labels == lesion["label"])
-                hit = np.unique(result.labels[labels == lesion["label"]])  # the findings on it (finding i: label i)
+                inside = labels == lesion["label"]
+                curve.add(result.significance, inside)
+                hit = np.unique(result.labels[inside])  # the findings on it (finding i has label i)
                 hit = hit[hit > 0]
                 default_hits.append({"kind": lesion["kind"], "size": _size_bin(lesion), "found": bool(hit.size),
                                      "flagged_by": sorted({result.findings[i - 1].get("flagged_by", "") for i in hit})})
