@@ -159,7 +159,7 @@ def findings_table(result) -> str:
             f"{len(result.findings)} finding(s) at probability >= {format_probability(result.threshold_significance)}"
             f" ({result.output_dir or 'not written'})"]
     if result.findings:
-        ensemble = "member_shares" in result.findings[0]  # then which member flagged each finding
+        ensemble = "members" in result.model  # then which member flagged each finding
         rows.append(f"{'id':>3} {'p-value':>8} {'max p':>13} {'vol mm3':>9} {'mean HU':>8}  centroid RAS mm"
                     "            slices k" + ("    flagged by" if ensemble else ""))
         for f in result.findings[:20]:

@@ -138,9 +138,10 @@ def find_findings(significance: np.ndarray, hu: np.ndarray, image: sitk.Image, t
     prob_sum = np.bincount(new, weights=probability_of_significance(sig, np.float64), minlength=m)
     coords = np.unravel_index(flat_idx, significance.shape)  # k, j, i
     if source is not None and new.size:  # (no finding of the minimum size: nothing to attribute)
+        member = source.ravel()[flat_idx]  # per finding voxel
         by_peak = np.lexsort((sig, new))  # by finding, then by significance: each finding's peak voxel comes last
-        peak_member = source.ravel()[flat_idx[by_peak[np.r_[np.nonzero(np.diff(new[by_peak]))[0], new.size - 1]]]]
-        shares = np.bincount(new * len(members) + source.ravel()[flat_idx],
+        peak_member = member[by_peak[np.r_[np.nonzero(np.diff(new[by_peak]))[0], new.size - 1]]]
+        shares = np.bincount(new * len(members) + member,
                              minlength=m * len(members)).reshape(m, len(members)) / np.maximum(count, 1)[:, None]
     centroid = [np.bincount(new, weights=c, minlength=m) / np.maximum(count, 1) for c in coords]
     findings = []

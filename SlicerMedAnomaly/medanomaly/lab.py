@@ -234,7 +234,7 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
         if case["normal"]:
             normal_curve.add(result.significance, truth)
             normal_findings.append(len(result.findings))
-            normal_flagged_by += [finding.get("flagged_by", "") for finding in result.findings]
+            normal_flagged_by += [finding["flagged_by"] for finding in result.findings]
         else:
             for lesion in case["lesions"]:
                 curve = kind_curves.setdefault(lesion["kind"], PooledVoxelCurve())
@@ -243,7 +243,7 @@ def evaluate(cases_dir: str | Path, model: str | Detector | Ensemble | None = No
                 hit = np.unique(result.labels[inside])  # the findings on it (finding i has label i)
                 hit = hit[hit > 0]
                 default_hits.append({"kind": lesion["kind"], "size": _size_bin(lesion), "found": bool(hit.size),
-                                     "flagged_by": sorted({result.findings[i - 1].get("flagged_by", "") for i in hit})})
+                                     "flagged_by": sorted({result.findings[i - 1]["flagged_by"] for i in hit})})
             heat_c, truth_c = r.to_canonical(result.heatmap), r.to_canonical(truth)
             rows = np.nonzero(truth_c.any(axis=(1, 2)))[0]
             hits = localization_hits(heat_c[rows], truth_c[rows])
