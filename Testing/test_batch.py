@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 
 import pytest
 import SimpleITK as sitk
@@ -79,6 +80,53 @@ def test_local_workers_rank_record_failures_and_skip_on_rerun(repository, defaul
     stricter = batch([str(repository)], out, model=str(default_model), workers=1, sensitivity=0.2, overview=False)
     assert sorted(r["status"] for r in stricter) == ["failed", "ok", "ok", "ok"]
     assert json.loads((out / "mass" / "findings.json").read_text())["settings"]["sensitivity"] == 0.2
+
+
+class ReportParser(HTMLParser):
+    """The rows of report.html: each row's class, its cells' text and the links and images it holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if tag == "tr":
+            self.rows.append({"class": attrs.get("class"), "cells": [], "href": [], "src": []})
+        elif self.rows and tag in ("td", "th"):
+            self.rows[-1]["cells"].append("")
+        elif self.rows and tag in ("a", "img"):
+            self.rows[-1]["href" if tag == "a" else "src"].append(attrs["href" if tag == "a" else "src"])
+
+    def handle_data(self, data):
+        if self.rows and self.rows[-1]["cells"]:
+            self.rows[-1]["cells"][-1] += data
+
+
+def test_report_html_shows_the_ranking_with_overviews(repository, default_model, tmp_path):
+    out = tmp_path / "out"
+    batch([str(repository)], out, model=str(default_model), workers=1, sensitivity=0.9)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    parser = ReportParser()
+    parser.feed(page)
+    header, rows = parser.rows[0], parser.rows[1:]
+    assert header["cells"][:4] == ["rank", "overview", "case", "volume p-value"]
+    summary = read_summary(out)
+    # the ranking of summary.csv: each case's name, then its input's path
+    assert [r["cells"][2] for r in rows] == [s["case"] + s["input"] for s in summary]
+    assert [r["cells"][0] for r in rows] == ["1", "2", "3", "4"]
+    for row, line in zip(rows, summary):
+        if line["status"] == "ok":
+            # the overview image and findings.json of the case, by links relative to the output folder
+            assert row["src"] == [f"{line['case']}/overview.png"] and (out / row["src"][0]).is_file()
+            assert f"{line['case']}/findings.json" in row["href"]
+            assert row["cells"][3] == f"{float(line['volume_p_value']):.2g}"
+            assert row["cells"][5] == line["findings"]
+        else:
+            assert row["class"] == "failed" and row["src"] == [] and "not a readable image" in row["cells"][8]
+    assert "script" not in parser.tags and "http" not in page, "self-contained: nothing runs or is fetched"
+    assert not list(out.glob(".report.html.tmp*"))
 
 
 def test_largest_cases_run_first(small_ct, default_model, tmp_path):

@@ -2,7 +2,8 @@
 processes or an existing Dask distributed cluster.
 
 - Inputs: a folder (searched recursively for volumes and DICOM series), a glob, or a CSV manifest (column `path`).
-- Each case is written by `detect` (atomically, OUT/<case>/); `summary.csv` ranks cases by volume score.
+- Each case is written by `detect` (atomically, OUT/<case>/); `summary.csv` ranks cases by volume score, and
+  `report.html` shows the same ranking with each case's overview image.
 - A case is skipped when its findings.json records the same input content hash and model hash: a re-run after a
   crash (even kill -9) recomputes only what was not finished, and never a completed case.
 - Workers are Dask distributed processes with a memory limit each; `--scheduler ADDRESS` uses a running cluster.
@@ -23,9 +24,10 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .bundle import content_hash
+from .bundle import content_hash, default_model_name
 from .ensemble import model_folders, model_identity, resolved_spec
 from .errors import InputError
+from .report import write_report
 from .volumes import VOLUME_SUFFIXES, case_name_for
 
 log = logging.getLogger(__name__)
@@ -200,16 +202,17 @@ def ranking_key(row: dict) -> tuple:
     return failed, 2.0
 
 
-def write_summary(rows: list[dict], output: Path) -> Path:
-    """summary.csv, ranked by volume p-value (failed cases last), written atomically."""
-    ranked = sorted(rows, key=ranking_key)
+def write_summary(rows: list[dict], output: Path, model: str | None = None) -> Path:
+    """summary.csv, ranked by volume p-value (failed cases last), and the same ranking as report.html (with each
+    case's overview image), both written atomically."""
+    ranked = [dict(row, rank=rank) for rank, row in enumerate(sorted(rows, key=ranking_key), start=1)]
     tmp = output / f".summary.csv.tmp{os.getpid()}"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for rank, row in enumerate(ranked, start=1):
-            writer.writerow(dict(row, rank=rank))
+        writer.writerows(ranked)
     os.replace(tmp, output / "summary.csv")
+    write_report(ranked, output, model)
     return output / "summary.csv"
 
 
@@ -294,6 +297,7 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
     paths = find_inputs(inputs)
     model_path = resolved_spec(model)
     model_id, settings_id = model_identity(model), settings_identity(options)
+    label = model or default_model_name()  # what report.html names
     names = unique_case_names(paths)
     rows, todo = [], []
     for path in paths:
@@ -337,12 +341,12 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
                     row = {"case": names[path], "input": path, "status": "failed",
                            "error": f"worker lost: {type(exc).__name__}: {exc}", "seconds": ""}
                 rows.append(row)
-                write_summary(rows, output)  # the curation view stays current while the batch runs
+                write_summary(rows, output, label)  # the curation view stays current while the batch runs
                 if progress is not None:
                     progress("batch", n / len(todo))
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
-    write_summary(rows, output)
+    write_summary(rows, output, label)
     return rows

@@ -320,7 +320,7 @@ def _cmd_batch(args) -> int:
         printer.close()
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
     print(f"{len(rows)} case(s): {counts['ok']} done, {counts['skipped']} already complete, {counts['failed']} "
-          f"failed -> {args.output}/summary.csv")
+          f"failed -> {args.output}/summary.csv and report.html")
     return 0 if counts["failed"] == 0 else 4
 
 
