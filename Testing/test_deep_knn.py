@@ -155,6 +155,26 @@ def test_detector_scores_a_foreign_blob_above_normal_tissue(patch_features, dens
         assert 0.5 < float(normal.median()) < 2.0
 
 
+def test_detector_scores_a_batch_as_it_scores_each_slice():
+    """A batch of slices (as a GPU gets them) scores each slice as it scores alone (as a CPU gets them), and a
+    slice whose region is empty scores zero."""
+    from medanomaly.detectors.deep_knn import DeepKNNDetector
+    from medanomaly.training import TrainConfig, deep_knn as trainer
+
+    torch.manual_seed(0)
+    detector = DeepKNNDetector(tiny_card(memory_max_patches=500, density_normalization=True,
+                                         density_exclusion_slices=1))
+    trainer.finalize(detector, Slices(*synthetic_slices(12, 1)), TrainConfig(seed=0))
+    test, region = synthetic_slices(3, 2)
+    region[2] = False
+    with torch.inference_mode():
+        together = detector.eval().score(test, region)
+        alone = [detector.score(test[i:i + 1], region[i:i + 1]) for i in range(3)]
+    assert torch.allclose(together.score, torch.cat([a.score for a in alone]), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(together.slice_score, torch.cat([a.slice_score for a in alone]), rtol=1e-5)
+    assert together.score[:2].amax() > 0 and torch.all(together.score[2] == 0)
+
+
 def test_knn_leave_out_excludes_nearby_slices_of_the_same_volume():
     g = torch.Generator().manual_seed(3)
     feats = torch.randn(60, 5, generator=g)
