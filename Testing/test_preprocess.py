@@ -195,6 +195,40 @@ def test_lung_mask_finds_two_lungs(demo_image):
     assert -950 < mean_hu < -600
 
 
+def test_lung_mask_leaves_out_gas_below_the_diaphragm_but_keeps_an_airy_lung(demo_image, monkeypatch):
+    """A pocket of nearly pure air in soft tissue (the stomach's or colon's gas in a chest CT) is not lung: it stays
+    out of the lung mask. A lung that is nearly pure air itself (severe emphysema) is still lung: the largest air
+    component is never taken for gas, nor one of about its size."""
+    from scipy import ndimage as ndi
+
+    from medanomaly.preprocess import lung_mask
+
+    hu, spacing = canonical(demo_image)
+    hu = hu.astype(np.float32)
+    body = body_mask(hu)
+    lungs = lung_mask(hu, body, spacing)
+    # the deepest point of soft tissue, far from air: a 40 mm ball of gas there (33 mL) with CT noise
+    depth = ndi.distance_transform_edt(body & ~ndi.binary_dilation(hu < -400, iterations=3), sampling=spacing)
+    depth[:11], depth[-11:] = 0, 0  # the whole ball inside the scan
+    centre = np.unravel_index(depth.argmax(), depth.shape)
+    assert depth[centre] > 25.0
+    zz, yy, xx = np.ogrid[tuple(slice(0, n) for n in hu.shape)]
+    ball = sum(((g - c) * d) ** 2 for g, c, d in zip((zz, yy, xx), centre, spacing)) <= 20.0 ** 2
+    gas = hu.copy()
+    gas[ball] = -1000.0 + np.random.default_rng(0).normal(0.0, 20.0, ball.sum())
+    with_gas = lung_mask(gas, body_mask(gas), spacing)
+    assert not with_gas[ball].any()
+    assert np.array_equal(with_gas, lungs)
+    # without the gas rule the ball would be lung: large enough to count as an air component
+    assert ball.sum() * np.prod(spacing) / 1000.0 > 30.0
+    monkeypatch.setattr("medanomaly.preprocess.GAS_MEDIAN_HU", -2000.0)
+    assert lung_mask(gas, body_mask(gas), spacing)[ball].all()
+    monkeypatch.undo()
+    airy = hu.copy()
+    airy[lungs & (hu < -400)] = -990.0
+    assert (lung_mask(airy, body_mask(airy), spacing) == lungs).mean() > 0.99
+
+
 def test_dicom_folder_without_suffix_and_series_choice(small_ct, tmp_path, caplog):
     folder = tmp_path / "study"
     write_dicom_series(small_ct[:, :, :10], folder, series_uid="1.2.3.10", description="short")

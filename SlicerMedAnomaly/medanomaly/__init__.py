@@ -3,7 +3,7 @@
 The core never imports Slicer or Qt; the Slicer module and the `medanomaly` command both call `detect`.
 """
 
-__version__ = "0.6.0"
+__version__ = "0.6.1"
 
 __all__ = ["detect", "detect_volume", "__version__"]
 

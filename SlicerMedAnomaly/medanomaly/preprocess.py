@@ -19,6 +19,11 @@ AIR_HU = -1024.0
 DEFAULT_SLICE_MM = 2.0
 BODY_THRESHOLD_HU = -500.0
 LUNG_THRESHOLD_HU = -400.0
+# gas in the stomach or bowel, not lung: an air component whose median is below this (lung's vessels and parenchyma
+# keep its median near -800 to -850 HU; a pocket of gas is nearly pure air) and that is much smaller than the largest
+# air component (GAS_MAX_SHARE of it), so that an emphysematous lung, or one of two, is never taken for gas
+GAS_MEDIAN_HU = -950.0
+GAS_MAX_SHARE = 0.25
 # region "lung_pleura": the lungs closed in plane with a rolling ball of this radius, so that a nodule on the pleura,
 # which the -400 HU threshold leaves outside the lung, is scored as well (a notch up to twice as wide is filled)
 PLEURA_CLOSING_MM = 15.0
@@ -201,9 +206,10 @@ def close_in_plane(mask: np.ndarray, radius: int) -> np.ndarray:
 
 def lung_mask(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float, float],
               min_volume_ml: float = 20.0, closing_mm: float = 6.0) -> np.ndarray:
-    """Lungs from HU thresholds and connectivity: air inside the body, in components of at least `min_volume_ml`,
-    closed in plane with a disc of radius `closing_mm` so that vessels and nodules inside the lung are part of it
-    (with PLEURA_CLOSING_MM, a rolling ball that takes in nodules on the pleura too)."""
+    """Lungs from HU thresholds and connectivity: air inside the body, in components of at least `min_volume_ml`
+    that are not pockets of gas (see GAS_MEDIAN_HU), closed in plane with a disc of radius `closing_mm` so that
+    vessels and nodules inside the lung are part of it (with PLEURA_CLOSING_MM, a rolling ball that takes in nodules on
+    the pleura too)."""
     air = (hu < LUNG_THRESHOLD_HU) & body
     labels, n = ndi.label(air)
     if n == 0:
@@ -212,6 +218,10 @@ def lung_mask(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float, 
     sizes = np.bincount(labels.ravel()) * voxel_ml
     sizes[0] = 0
     keep = sizes >= min_volume_ml
+    candidates = np.nonzero(keep & (sizes < GAS_MAX_SHARE * sizes.max()))[0]
+    if candidates.size:  # pockets of gas below the diaphragm (stomach, colon) are not lung
+        medians = np.asarray(ndi.median(hu, labels, candidates))
+        keep[candidates[medians < GAS_MEDIAN_HU]] = False
     lungs = keep[labels]
     lungs = close_in_plane(lungs, max(1, int(round(closing_mm / spacing_mm[1]))))
     inplane = np.zeros((3, 3, 3), bool)
