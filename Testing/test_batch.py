@@ -74,6 +74,7 @@ def test_local_workers_rank_record_failures_and_skip_on_rerun(repository, defaul
     assert [r["body_outside_field_of_view_pct"] for r in summary] == ["0.0", "0.0", "0.0", ""]
     for case in ("normal1", "normal2", "mass"):
         assert (out / case / "heatmap.nrrd").is_file()
+    assert "<img" not in (out / "report.html").read_text(), "no overview written, none shown"
     again = batch([str(repository)], out, model=str(default_model), workers=1, sensitivity=0.9, overview=False)
     assert sorted(r["status"] for r in again) == ["failed", "skipped", "skipped", "skipped"]
     # other settings would write other findings: the cases run again, and the files say which settings made them

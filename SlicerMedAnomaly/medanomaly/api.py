@@ -28,7 +28,7 @@ from .orientation import Reorientation
 from .outputs import CaseStaging, write_image, write_json, write_mood, write_overview, write_segmentation
 from .preprocess import CUT_EDGE_MM, prepare_slices, unwindow
 from .significance import probability_of_significance
-from .volumes import CTVolume, read_volume
+from .volumes import COVERAGE_WARN_SHARE, CTVolume, read_volume
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +230,6 @@ def detect_volume(volume: CTVolume, model: "ModelBundle | Detector | Ensemble | 
         threshold_significance=threshold_significance,
         model=model_info, settings=settings, reference_check=reference_check, warnings=warnings, coverage=coverage,
     )
-
-
-COVERAGE_WARN_SHARE = 0.001  # a body share outside the model's field of view that is worth a warning
 
 
 def check_coverage(coverages: list[dict], case_name: str) -> tuple[dict, list[str]]:

@@ -202,9 +202,9 @@ def ranking_key(row: dict) -> tuple:
     return failed, 2.0
 
 
-def write_summary(rows: list[dict], output: Path, model: str | None = None) -> Path:
+def write_summary(rows: list[dict], output: Path, model: str | None = None, overview: bool = True) -> Path:
     """summary.csv, ranked by volume p-value (failed cases last), and the same ranking as report.html (with each
-    case's overview image), both written atomically."""
+    case's overview image where the batch writes them), both written atomically."""
     ranked = [dict(row, rank=rank) for rank, row in enumerate(sorted(rows, key=ranking_key), start=1)]
     tmp = output / f".summary.csv.tmp{os.getpid()}"
     with open(tmp, "w", newline="") as f:
@@ -212,7 +212,7 @@ def write_summary(rows: list[dict], output: Path, model: str | None = None) -> P
         writer.writeheader()
         writer.writerows(ranked)
     os.replace(tmp, output / "summary.csv")
-    write_report(ranked, output, model)
+    write_report(ranked, output, model, overview)
     return output / "summary.csv"
 
 
@@ -297,7 +297,7 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
     paths = find_inputs(inputs)
     model_path = resolved_spec(model)
     model_id, settings_id = model_identity(model), settings_identity(options)
-    label = model or default_model_name()  # what report.html names
+    label, overview = model or default_model_name(), options.get("overview", True)  # what report.html shows
     names = unique_case_names(paths)
     rows, todo = [], []
     for path in paths:
@@ -341,12 +341,12 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
                     row = {"case": names[path], "input": path, "status": "failed",
                            "error": f"worker lost: {type(exc).__name__}: {exc}", "seconds": ""}
                 rows.append(row)
-                write_summary(rows, output, label)  # the curation view stays current while the batch runs
+                write_summary(rows, output, label, overview)  # the curation view stays current while the batch runs
                 if progress is not None:
                     progress("batch", n / len(todo))
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
-    write_summary(rows, output, label)
+    write_summary(rows, output, label, overview)
     return rows

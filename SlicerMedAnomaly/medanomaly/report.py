@@ -1,9 +1,9 @@
 """A batch's curation view as one self-contained HTML page: OUT/report.html.
 
 The same ranked rows as summary.csv, with each case's overview image (written by `detect`), a link to its
-findings.json and the checks that say when a score should be read with care. Standard library only (the batch's
-main process never loads torch), no script and nothing fetched from the network: the page opens from a file share
-or an archive as it is.
+findings.json and the checks that say when a score should be read with care. No torch (the batch's main process
+never loads it), no script and nothing fetched from the network: the page opens from a file share or an archive as
+it is.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 from urllib.parse import quote
+
+from .volumes import COVERAGE_WARN_SHARE
 
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
@@ -65,20 +67,23 @@ def _checks(row: dict) -> str:
     if unlike not in ("", None) and int(unlike) > 0:
         notes.append(f"{int(unlike)} slice(s) unlike the model's normal reference")
     outside = row.get("body_outside_field_of_view_pct")
-    if outside not in ("", None) and float(outside) >= 0.1:
+    if outside not in ("", None) and float(outside) >= COVERAGE_WARN_SHARE * 100:  # detect's warning
         notes.append(f"{float(outside):g}% of the body outside the field of view")
     return "<br>".join(f'<span class="warn">{html.escape(n)}</span>' for n in notes)
 
 
-def _row(row: dict, output: Path) -> str:
+def _row(row: dict, overview: bool) -> str:
+    """One case's row. A case done or skipped as complete has its folder (findings.json, and overview.png when the
+    batch writes overviews, which its settings hash covers); nothing is looked up on disk, so the page costs no file
+    system calls however many cases it lists."""
     case = str(row["case"])
     failed = row["status"] not in ("ok", "skipped")
     image = ""
-    if not failed and (output / case / "overview.png").is_file():
+    if overview and not failed:
         src = _link(case, "overview.png")
         image = f'<a href="{src}"><img src="{src}" alt="overview of {html.escape(case)}" loading="lazy"></a>'
     name = html.escape(case)
-    if not failed and (output / case / "findings.json").is_file():
+    if not failed:
         name = f'<a href="{_link(case, "findings.json")}">{name}</a>'
     name += f'<br><small>{html.escape(str(row.get("input", "")))}</small>'
     status = html.escape(str(row["status"]))
@@ -94,14 +99,14 @@ def _row(row: dict, output: Path) -> str:
     return opening + "".join(cells) + "</tr>"
 
 
-def render_report(ranked: list[dict], output: Path, model: str | None = None) -> str:
+def render_report(ranked: list[dict], model: str | None = None, overview: bool = True) -> str:
     """The page for rows already ranked (each with its 'rank'), as summary.csv holds them."""
     from . import __version__
 
     counts = {s: sum(r["status"] == s for r in ranked) for s in ("ok", "skipped")}
     failed = len(ranked) - counts["ok"] - counts["skipped"]
     header = "".join(f"<th>{c}</th>" for c in COLUMNS)
-    rows = "\n".join(_row(r, output) for r in ranked)
+    rows = "\n".join(_row(r, overview) for r in ranked)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>MedAnomaly batch: {len(ranked)} case(s)</title>
 <style>{STYLE}</style></head>
@@ -123,10 +128,10 @@ tool, not a medical device. The same rows are in <a href="summary.csv">summary.c
 """
 
 
-def write_report(ranked: list[dict], output: Path, model: str | None = None) -> Path:
+def write_report(ranked: list[dict], output: Path, model: str | None = None, overview: bool = True) -> Path:
     """OUT/report.html for ranked rows, written atomically (a reader never sees half a page)."""
     path = output / "report.html"
     tmp = output / f".report.html.tmp{os.getpid()}"
-    tmp.write_text(render_report(ranked, output, model), encoding="utf-8")
+    tmp.write_text(render_report(ranked, model, overview), encoding="utf-8")
     os.replace(tmp, path)
     return path

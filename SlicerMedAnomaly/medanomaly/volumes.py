@@ -23,6 +23,8 @@ WORKING_BYTES_PER_VOXEL = 16
 # Air is about -1000 HU and every CT of a body contains some; outside these bounds values cannot be Hounsfield units.
 HU_FLOOR, HU_CEILING = -3100.0, 40000.0
 AIR_EXPECTED_BELOW_HU = -200.0
+# A share of the body outside a model's field of view that is worth a warning (detect) and a note (a batch's report)
+COVERAGE_WARN_SHARE = 0.001
 
 
 @dataclass
