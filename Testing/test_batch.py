@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import ROOT
 
-from medanomaly.batch import (batch, find_inputs, local_cluster, workers_missing,
+from medanomaly.batch import (SummaryWriter, batch, find_inputs, local_cluster, workers_missing,
                               workers_with_dask_malloc_trim)
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
@@ -128,6 +128,22 @@ def test_report_html_shows_the_ranking_with_overviews(repository, default_model,
             assert row["class"] == "failed" and row["src"] == [] and "not a readable image" in row["cells"][8]
     assert "script" not in parser.tags and "http" not in page, "self-contained: nothing runs or is fetched"
     assert not list(out.glob(".report.html.tmp*"))
+
+
+def test_summary_rewrites_pace_themselves_by_their_cost(tmp_path):
+    """summary.csv and report.html are rewritten after a case only once 10x the last rewrite's time has passed
+    (a clock that the test moves stands in for the time a long listing takes to write), and always at the end."""
+    times = iter([0.0, 1.0, 5.0, 10.5, 10.6, 10.8, 10.9, 11.0])  # each rewrite reads the clock before and after
+    writer = SummaryWriter(tmp_path, "a model", overview=False, clock=lambda: next(times))
+    rows = [{"case": f"case{i}", "input": f"case{i}.nii.gz", "status": "ok", "error": "", "seconds": 1.0,
+             "volume_score": 0.5, "volume_p_value": 0.5, "findings": 0} for i in range(5)]
+    written = []
+    for n in range(1, 5):
+        written.append((writer.update(rows[:n]), len(read_summary(tmp_path))))
+    written.append((writer.update(rows, final=True), len(read_summary(tmp_path))))
+    # written at once (cost 1 s), skipped at 5 s, written at 10.5 s (cost 0.1 s), skipped 0.3 s later, at the end
+    assert written == [(True, 1), (False, 1), (True, 3), (False, 3), (True, 5)]
+    assert "case4" in (tmp_path / "report.html").read_text()
 
 
 def test_largest_cases_run_first(small_ct, default_model, tmp_path):
