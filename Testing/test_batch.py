@@ -74,7 +74,7 @@ def test_local_workers_rank_record_failures_and_skip_on_rerun(repository, defaul
     assert [r["body_outside_field_of_view_pct"] for r in summary] == ["0.0", "0.0", "0.0", ""]
     for case in ("normal1", "normal2", "mass"):
         assert (out / case / "heatmap.nrrd").is_file()
-    assert "<img" not in (out / "report.html").read_text(), "no overview written, none shown"
+    assert "<img" not in (out / "report.html").read_text(encoding="utf-8"), "no overview written, none shown"
     again = batch([str(repository)], out, model=str(default_model), workers=1, sensitivity=0.9, overview=False)
     assert sorted(r["status"] for r in again) == ["failed", "skipped", "skipped", "skipped"]
     # other settings would write other findings: the cases run again, and the files say which settings made them
@@ -143,7 +143,7 @@ def test_summary_rewrites_pace_themselves_by_their_cost(tmp_path):
     written.append((writer.update(rows, final=True), len(read_summary(tmp_path))))
     # written at once (cost 1 s), skipped at 5 s, written at 10.5 s (cost 0.1 s), skipped 0.3 s later, at the end
     assert written == [(True, 1), (False, 1), (True, 3), (False, 3), (True, 5)]
-    assert "case4" in (tmp_path / "report.html").read_text()
+    assert "case4" in (tmp_path / "report.html").read_text(encoding="utf-8")
 
 
 def test_largest_cases_run_first(small_ct, default_model, tmp_path):

@@ -48,16 +48,17 @@ def _link(case: str, name: str) -> str:
 
 
 def _top_finding(row: dict) -> str:
+    """The top finding's p-value, volume, position and the member that flagged it, as HTML (the page stays ASCII)."""
     if row.get("top_finding_p_value") in ("", None):
         return ""
-    parts = [f"p {_number(row['top_finding_p_value'])}"]
+    parts = [f"p {html.escape(_number(row['top_finding_p_value']))}"]
     if row.get("top_finding_volume_mm3") not in ("", None):
-        parts.append(f"{float(row['top_finding_volume_mm3']):.0f} mm\u00b3")
+        parts.append(f"{float(row['top_finding_volume_mm3']):.0f} mm&sup3;")
     if row.get("top_finding_ras_mm"):
-        parts.append(f"RAS {row['top_finding_ras_mm']} mm")
+        parts.append(f"RAS {html.escape(str(row['top_finding_ras_mm']))} mm")
     if row.get("top_finding_flagged_by"):
-        parts.append(f"flagged by {row['top_finding_flagged_by']}")
-    return html.escape(", ".join(parts))
+        parts.append(f"flagged by {html.escape(str(row['top_finding_flagged_by']))}")
+    return ", ".join(parts)
 
 
 def _checks(row: dict) -> str:
