@@ -83,6 +83,33 @@ def test_local_workers_rank_record_failures_and_skip_on_rerun(repository, defaul
     assert json.loads((out / "mass" / "findings.json").read_text())["settings"]["sensitivity"] == 0.2
 
 
+def test_workers_hash_new_inputs_and_a_changed_input_runs_again(small_ct, default_model, tmp_path, monkeypatch):
+    """The batch's own process hashes only the inputs an earlier run completed with this model and settings (a spy
+    on the real hash function counts them; the workers are other processes and hash what they run): none on a first
+    run. A re-run skips a case whose input is unchanged and runs again one whose content changed."""
+    import medanomaly.batch as batch_module
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for i in range(2):
+        sitk.WriteImage(small_ct[:, :, 4 * i:4 * i + 12], str(inputs / f"scan{i}.nii.gz"))
+    hashed = []
+    real = batch_module.content_hash
+    monkeypatch.setattr(batch_module, "content_hash", lambda path: hashed.append(os.path.basename(path)) or real(path))
+    first = batch([str(inputs)], out, model=str(default_model), workers=1, overview=False)
+    assert [r["status"] for r in first] == ["ok", "ok"] and hashed == []
+    recorded = json.loads((out / "scan0" / "findings.json").read_text())["batch"]["input_sha256"]
+    assert recorded == real(str(inputs / "scan0.nii.gz")), "the worker records the input's content hash"
+    again = batch([str(inputs)], out, model=str(default_model), workers=1, overview=False)
+    assert sorted(r["status"] for r in again) == ["skipped", "skipped"] and sorted(hashed) == ["scan0.nii.gz",
+                                                                                                 "scan1.nii.gz"]
+    sitk.WriteImage(small_ct[:, :, 10:22], str(inputs / "scan0.nii.gz"))  # new content under the same name
+    changed = {r["case"]: r["status"] for r in batch([str(inputs)], out, model=str(default_model), workers=1,
+                                                      overview=False)}
+    assert changed == {"scan0": "ok", "scan1": "skipped"}
+    assert json.loads((out / "scan0" / "findings.json").read_text())["batch"]["input_sha256"] != recorded
+
+
 class ReportParser(HTMLParser):
     """The rows of report.html: each row's class, its cells' text and the links and images it holds."""
 

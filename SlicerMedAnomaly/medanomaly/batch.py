@@ -4,8 +4,9 @@ processes or an existing Dask distributed cluster.
 - Inputs: a folder (searched recursively for volumes and DICOM series), a glob, or a CSV manifest (column `path`).
 - Each case is written by `detect` (atomically, OUT/<case>/); `summary.csv` ranks cases by volume score, and
   `report.html` shows the same ranking with each case's overview image.
-- A case is skipped when its findings.json records the same input content hash and model hash: a re-run after a
-  crash (even kill -9) recomputes only what was not finished, and never a completed case.
+- A case is skipped when its findings.json records the same input content hash, model hash and settings hash: a
+  re-run after a crash (even kill -9) recomputes only what was not finished, and never a completed case. Workers hash
+  the inputs they run; the batch's own process hashes only those an earlier run completed.
 - Workers are Dask distributed processes with a memory limit each; `--scheduler ADDRESS` uses a running cluster.
 """
 
@@ -21,6 +22,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import __version__
@@ -108,8 +110,9 @@ def settings_identity(options: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def completed(case_dir: Path, input_hash: str, model_id: str, settings_id: str) -> dict | None:
-    """The case's findings.json when it was written for this input, model, software version and settings."""
+def earlier_run(case_dir: Path, model_id: str, settings_id: str) -> dict | None:
+    """The case's findings.json when a batch wrote it with this model, software version and settings: only such a
+    case can be skipped, once its input's content hash matches the one it records too."""
     file = case_dir / "findings.json"
     if not file.is_file():
         return None
@@ -118,10 +121,26 @@ def completed(case_dir: Path, input_hash: str, model_id: str, settings_id: str) 
     except json.JSONDecodeError:
         return None
     batch = summary.get("batch", {})
-    if (batch.get("input_sha256"), batch.get("model_hash"), batch.get("settings_hash")) == (input_hash, model_id,
-                                                                                            settings_id):
+    if (batch.get("model_hash"), batch.get("settings_hash")) == (model_id, settings_id) and batch.get("input_sha256"):
         return summary
     return None
+
+
+def unreadable(path: str, exc: OSError) -> str:
+    return f"cannot read {path}: {exc.strerror or exc}; check the path"
+
+
+def hash_or_error(path: str) -> tuple[str | None, str | None]:
+    """The input's content hash, or why it cannot be read."""
+    try:
+        return content_hash(path), None
+    except OSError as exc:
+        return None, unreadable(path, exc)
+
+
+# inputs hashed at once in the batch's own process (file reads and hashlib release the GIL): only the cases that an
+# earlier run completed with this model and settings, which a matching hash lets it skip
+HASH_THREADS = 4
 
 
 @functools.lru_cache(maxsize=2)
@@ -142,8 +161,10 @@ def worker_scorer(model: str | None, freeze: bool = False):
 
 
 def run_case(path: str, case: str, output: str, model: str | None, options: dict, model_id: str,
-             input_hash: str, settings_id: str) -> dict:
-    """One case in a worker: detect, record the hashes in findings.json, return the summary row."""
+             settings_id: str) -> dict:
+    """One case in a worker: hash its input, detect, record the hashes in findings.json, return the summary row.
+    The worker hashes the input, not the batch's own process, so a first run over many scans starts at once and
+    reads each scan on as many workers as there are."""
     from .api import detect_volume, write_case
     from .errors import MedAnomalyError
     from .volumes import read_volume
@@ -154,6 +175,9 @@ def run_case(path: str, case: str, output: str, model: str | None, options: dict
         torch.set_num_threads(int(options["threads"]))
     t0 = time.perf_counter()
     row = {"case": case, "input": path, "status": "ok", "error": ""}
+    input_hash, error = hash_or_error(path)
+    if error is not None:
+        return dict(row, status="failed", error=error, seconds=round(time.perf_counter() - t0, 2))
     try:
         volume = read_volume(path, allow_non_hu=options.get("allow_non_hu", False))
         volume.case_name = case
@@ -218,7 +242,7 @@ def write_summary(rows: list[dict], output: Path, model: str | None = None, over
 
 class SummaryWriter:
     """Keeps summary.csv and report.html current as cases finish. A rewrite costs time in proportion to the cases it
-    lists (1.7 s for 100,000 on this project's 2-core machine), so after every case it would cost a batch of many
+    lists (1.6 s for 100,000 on this project's 2-core machine), so after every case it would cost a batch of many
     thousands more than its cases do. The files are rewritten after a case only once REWRITE_GAP times the last
     rewrite's time has passed since it: after every case while the listing is short, every few seconds when it is
     long, and at most about 1/REWRITE_GAP of the batch's time. The last rewrite, when the batch ends, always runs."""
@@ -322,22 +346,31 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
     model_id, settings_id = model_identity(model), settings_identity(options)
     summary = SummaryWriter(output, model or default_model_name(), options.get("overview", True))
     names = unique_case_names(paths)
-    rows, todo = [], []
+    rows, todo, earlier = [], [], []
     for path in paths:
         try:
-            input_hash = content_hash(path)
-        except OSError as exc:  # a manifest row whose file is gone or unreadable: a failed case, not a failed batch
+            os.stat(path)
+        except OSError as exc:  # a manifest row whose file is gone: a failed case, not a failed batch
             rows.append({"case": names[path], "input": path, "status": "failed", "seconds": "",
-                         "error": f"cannot read {path}: {exc.strerror or exc}; check the path"})
+                         "error": unreadable(path, exc)})
             continue
-        done = completed(output / names[path], input_hash, model_id, settings_id)
-        if done is not None:
+        done = earlier_run(output / names[path], model_id, settings_id)
+        if done is None:
+            todo.append(path)
+        else:
+            earlier.append((path, done))
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        hashes = list(pool.map(hash_or_error, [path for path, _ in earlier]))
+    for (path, done), (input_hash, error) in zip(earlier, hashes):
+        if error is not None:
+            rows.append({"case": names[path], "input": path, "status": "failed", "seconds": "", "error": error})
+        elif input_hash == done["batch"]["input_sha256"]:
             rows.append({"case": names[path], "input": path, "status": "skipped", "error": "", "seconds": 0.0,
                          **_summary_row(done)})
-        else:
-            todo.append((path, input_hash))
+        else:  # the input changed since
+            todo.append(path)
     # largest first: on a repository of mixed scan sizes the batch does not end waiting on one big scan started last
-    todo.sort(key=lambda item: input_bytes(item[0]), reverse=True)
+    todo.sort(key=input_bytes, reverse=True)
     log.info("%d case(s): %d already complete, %d unreadable, %d to run", len(paths),
              sum(r["status"] == "skipped" for r in rows), sum(r["status"] == "failed" for r in rows), len(todo))
     if todo:
@@ -353,9 +386,8 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
             if scheduler:  # local workers share this filesystem and are spawned without Dask's malloc setting
                 check_cluster(client, [str(f) for f in model_folders(model)])
             futures = {client.submit(run_case, path, names[path], str(output), model_path, options, model_id,
-                                     input_hash, settings_id, pure=False,
-                                     key=f"medanomaly-{names[path]}-{time.time_ns()}"): path
-                       for path, input_hash in todo}
+                                     settings_id, pure=False, key=f"medanomaly-{names[path]}-{time.time_ns()}"): path
+                       for path in todo}
             for n, future in enumerate(as_completed(futures), start=1):
                 try:
                     row = future.result()
