@@ -157,6 +157,29 @@ def test_report_html_shows_the_ranking_with_overviews(repository, default_model,
     assert not list(out.glob(".report.html.tmp*"))
 
 
+def test_report_escapes_case_names_and_stays_ascii(tmp_path):
+    """Case names and errors are text, never markup; links to a case's files are URL-encoded; the page is ASCII."""
+    from urllib.parse import unquote
+
+    from medanomaly.batch import write_summary
+
+    name = 'Patient <1> & "M\u00fcller"'
+    rows = [{"case": name, "input": f"/data/{name}.nii.gz", "status": "ok", "error": "", "seconds": 1.0,
+             "volume_score": 0.9, "volume_p_value": 0.1, "findings": 0},
+            {"case": "bad", "input": "/data/bad.nii.gz", "status": "failed", "seconds": "",
+             "error": "not a readable image <script>alert(1)</script>"}]
+    write_summary(rows, tmp_path, "a model", overview=True)
+    raw = (tmp_path / "report.html").read_bytes()
+    assert raw.isascii()
+    parser = ReportParser()
+    parser.feed(raw.decode("ascii"))
+    assert "script" not in parser.tags
+    first, second = parser.rows[1:]
+    assert first["cells"][2] == name + f"/data/{name}.nii.gz"
+    assert [unquote(link) for link in first["src"]] == [f"{name}/overview.png"]
+    assert second["class"] == "failed" and "<script>alert(1)</script>" in second["cells"][8]
+
+
 def test_summary_rewrites_pace_themselves_by_their_cost(tmp_path):
     """summary.csv and report.html are rewritten after a case only once 10x the last rewrite's time has passed
     (a clock that the test moves stands in for the time a long listing takes to write), and always at the end."""

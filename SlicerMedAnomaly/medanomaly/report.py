@@ -133,6 +133,8 @@ def write_report(ranked: list[dict], output: Path, model: str | None = None, ove
     """OUT/report.html for ranked rows, written atomically (a reader never sees half a page)."""
     path = output / "report.html"
     tmp = output / f".report.html.tmp{os.getpid()}"
-    tmp.write_text(render_report(ranked, model, overview), encoding="utf-8")
+    # ASCII whatever the case names and errors hold: other characters as character references, which every browser
+    # reads whatever the locale of the machine that opens the page
+    tmp.write_bytes(render_report(ranked, model, overview).encode("ascii", "xmlcharrefreplace"))
     os.replace(tmp, path)
     return path
