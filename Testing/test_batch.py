@@ -25,7 +25,7 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
 
 
 def read_summary(folder):
-    with open(folder / "summary.csv", newline="") as f:
+    with open(folder / "summary.csv", newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -178,6 +178,17 @@ def test_report_escapes_case_names_and_stays_ascii(tmp_path):
     assert first["cells"][2] == name + f"/data/{name}.nii.gz"
     assert [unquote(link) for link in first["src"]] == [f"{name}/overview.png"]
     assert second["class"] == "failed" and "<script>alert(1)</script>" in second["cells"][8]
+    assert read_summary(tmp_path)[0]["case"] == name, "summary.csv is UTF-8 whatever the locale"
+
+
+def test_manifest_that_is_not_utf8_is_one_line(tmp_path):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_bytes(b"path\nscan_\xe9.nii.gz\n")  # Latin-1
+    run = subprocess.run([sys.executable, "-m", "medanomaly.cli", "batch", str(manifest), "-o", str(tmp_path / "out")],
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "not UTF-8 text" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_summary_rewrites_pace_themselves_by_their_cost(tmp_path):

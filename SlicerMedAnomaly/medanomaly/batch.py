@@ -53,8 +53,11 @@ def find_inputs(inputs: list[str]) -> list[str]:
     for item in inputs:
         path = Path(item)
         if path.is_file() and path.suffix.lower() == ".csv":
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
+            try:  # UTF-8 whatever the locale (utf-8-sig: a spreadsheet's byte-order mark is not part of the header)
+                with open(path, newline="", encoding="utf-8-sig") as f:
+                    rows = list(csv.DictReader(f))
+            except UnicodeDecodeError:
+                raise InputError(f"{path}: the manifest is not UTF-8 text; save it as CSV in UTF-8") from None
             if not rows or "path" not in rows[0]:
                 raise InputError(f"{path}: a manifest needs a 'path' column")
             found += [str((path.parent / r["path"]).resolve()) if not os.path.isabs(r["path"]) else r["path"]
@@ -231,7 +234,7 @@ def write_summary(rows: list[dict], output: Path, model: str | None = None, over
     case's overview image where the batch writes them), both written atomically."""
     ranked = [dict(row, rank=rank) for rank, row in enumerate(sorted(rows, key=ranking_key), start=1)]
     tmp = output / f".summary.csv.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:  # case names and errors may hold any character
         writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(ranked)
@@ -337,13 +340,13 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
         raise InputError(f"--threads-per-worker {options['threads']}: give 1 or more torch threads per worker")
     for name in ("distributed", "tornado"):  # their INFO lines would drown the progress bar
         logging.getLogger(name).setLevel(logging.WARNING)
+    paths = find_inputs(inputs)  # bad inputs or a bad model are refused before anything is written
+    model_path = resolved_spec(model)
+    model_id, settings_id = model_identity(model), settings_identity(options)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     for stale in output.glob(".*.partial.*"):  # staging folders of a run that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    paths = find_inputs(inputs)
-    model_path = resolved_spec(model)
-    model_id, settings_id = model_identity(model), settings_identity(options)
     summary = SummaryWriter(output, model or default_model_name(), options.get("overview", True))
     names = unique_case_names(paths)
     rows, todo, earlier = [], [], []

@@ -340,7 +340,7 @@ def _cmd_evaluate(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(tables + "\n")
+        Path(args.markdown).write_text(tables + "\n", encoding="utf-8")
     return 0
 
 
