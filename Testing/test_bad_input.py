@@ -276,3 +276,22 @@ def test_a_write_that_fails_leaves_nothing(small_ct_file, default_model, tmp_pat
     code, _, err = run_cli(["-q", "detect", str(small_ct_file), "-o", str(out), "--model", str(default_model)],
                            capsys)
     assert_clean_failure(code, err, out, "writing results failed (No space left on device)")
+
+
+def test_a_file_name_the_locale_cannot_decode_is_one_line(demo_image, tmp_path):
+    """Under an ASCII locale (without Python's UTF-8 mode) a non-ASCII file name reaches Python as undecodable
+    bytes, which SimpleITK's path conversion turns into an abort: refused with one line instead, nothing written."""
+    name = "M\u00fcller.nii.gz".encode("utf-8")
+    folder = os.fsencode(str(tmp_path))
+    sitk.WriteImage(demo_image[:, :, :8], str(tmp_path / "plain.nii.gz"))
+    os.rename(os.path.join(folder, b"plain.nii.gz"), os.path.join(folder, name))
+    env = dict(os.environ, PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", LC_ALL="C", LANG="C",
+               PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
+    run = subprocess.run([sys.executable, "-m", "medanomaly.cli", "detect", os.path.join(folder, name), "-o",
+                          os.path.join(folder, b"out")], env=env, capture_output=True, timeout=300)
+    stderr = run.stderr.decode("ascii", "backslashreplace")
+    assert run.returncode == 2 and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("medanomaly: error:")
+    assert "locale" in stderr and "UTF-8" in stderr
+    out = os.path.join(folder, b"out")
+    assert not os.path.exists(out) or os.listdir(out) == [], "nothing half-written"

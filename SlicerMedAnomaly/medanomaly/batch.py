@@ -234,7 +234,8 @@ def write_summary(rows: list[dict], output: Path, model: str | None = None, over
     case's overview image where the batch writes them), both written atomically."""
     ranked = [dict(row, rank=rank) for rank, row in enumerate(sorted(rows, key=ranking_key), start=1)]
     tmp = output / f".summary.csv.tmp{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:  # case names and errors may hold any character
+    # case names and errors may hold any character, and names the locale could not decode their original bytes
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(ranked)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,6 +223,12 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
     max_bytes = int(max_memory_gb * 2**30) if max_memory_gb else int(0.8 * available_memory_bytes())
     if not path.exists():
         raise InputError(f"{path}: no such file or folder; check the path")
+    try:  # SimpleITK takes paths as UTF-8: a name the locale could not decode would abort the process in ITK
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{ascii(str(path))}: the path holds characters this machine's locale "
+                         f"({sys.getfilesystemencoding()}) cannot decode; run with a UTF-8 locale (for example "
+                         "LANG=C.UTF-8 or PYTHONUTF8=1) or rename it") from None
     series_uid = None
     if path.is_dir():
         image, series_uid = _read_dicom(path, series)
