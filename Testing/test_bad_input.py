@@ -284,7 +284,7 @@ def test_a_file_name_the_locale_cannot_decode_is_one_line(demo_image, tmp_path):
     name = "M\u00fcller.nii.gz".encode("utf-8")
     folder = os.fsencode(str(tmp_path))
     sitk.WriteImage(demo_image[:, :, :8], str(tmp_path / "plain.nii.gz"))
-    os.rename(os.path.join(folder, b"plain.nii.gz"), os.path.join(folder, name))
+    shutil.copy(os.path.join(folder, b"plain.nii.gz"), os.path.join(folder, name))
     env = dict(os.environ, PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", LC_ALL="C", LANG="C",
                PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
     run = subprocess.run([sys.executable, "-m", "medanomaly.cli", "detect", os.path.join(folder, name), "-o",
@@ -295,3 +295,10 @@ def test_a_file_name_the_locale_cannot_decode_is_one_line(demo_image, tmp_path):
     assert "locale" in stderr and "UTF-8" in stderr
     out = os.path.join(folder, b"out")
     assert not os.path.exists(out) or os.listdir(out) == [], "nothing half-written"
+    # the same for an output folder whose name the locale cannot decode, given a readable input
+    run = subprocess.run([sys.executable, "-m", "medanomaly.cli", "detect", str(tmp_path / "plain.nii.gz"), "-o",
+                          os.path.join(folder, name + b"-out")], env=env, capture_output=True, timeout=300)
+    stderr = run.stderr.decode("ascii", "backslashreplace")
+    assert run.returncode != 0 and run.returncode != -6 and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "locale" in stderr
+    assert not os.path.exists(os.path.join(folder, name + b"-out"))

@@ -28,7 +28,7 @@ from .orientation import Reorientation
 from .outputs import CaseStaging, write_image, write_json, write_mood, write_overview, write_segmentation
 from .preprocess import CUT_EDGE_MM, prepare_slices, unwindow
 from .significance import probability_of_significance
-from .volumes import COVERAGE_WARN_SHARE, CTVolume, read_volume
+from .volumes import COVERAGE_WARN_SHARE, CTVolume, check_path_encoding, read_volume
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +461,7 @@ def detect(inputs: str | Path | Iterable[str | Path], output: str | Path | None 
 
 
 def _check_writable(output: Path) -> None:
+    check_path_encoding(output, OutputError)
     try:
         output.mkdir(parents=True, exist_ok=True)
         probe = output / f".medanomaly-write-test-{id(output)}"

@@ -209,6 +209,17 @@ def _check_memory(size, path, max_memory_bytes: int) -> None:
             "or raise --max-memory-gb")
 
 
+def check_path_encoding(path: str | os.PathLike, error: type[Exception]) -> None:
+    """Raise `error` with one line when `path` holds bytes that the locale could not decode. SimpleITK takes paths as
+    UTF-8, and such a path (a non-ASCII name under an ASCII locale) aborts the whole process inside ITK."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(f"{ascii(str(path))}: the path holds characters this machine's locale "
+                    f"({sys.getfilesystemencoding()}) cannot decode; run with a UTF-8 locale (for example "
+                    "LANG=C.UTF-8 or PYTHONUTF8=1) or rename it") from None
+
+
 def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non_hu: bool = False,
                 max_memory_gb: float | None = None) -> CTVolume:
     """Read one CT volume and check that it is a usable 3D CT in HU; raises InputError with a one-line message.
@@ -223,12 +234,7 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
     max_bytes = int(max_memory_gb * 2**30) if max_memory_gb else int(0.8 * available_memory_bytes())
     if not path.exists():
         raise InputError(f"{path}: no such file or folder; check the path")
-    try:  # SimpleITK takes paths as UTF-8: a name the locale could not decode would abort the process in ITK
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        raise InputError(f"{ascii(str(path))}: the path holds characters this machine's locale "
-                         f"({sys.getfilesystemencoding()}) cannot decode; run with a UTF-8 locale (for example "
-                         "LANG=C.UTF-8 or PYTHONUTF8=1) or rename it") from None
+    check_path_encoding(path, InputError)
     series_uid = None
     if path.is_dir():
         image, series_uid = _read_dicom(path, series)
