@@ -29,7 +29,7 @@ from . import __version__
 from .bundle import content_hash, default_model_name
 from .ensemble import model_folders, model_identity, resolved_spec
 from .errors import InputError
-from .report import write_report
+from .report import is_failed, write_report
 from .volumes import VOLUME_SUFFIXES, case_name_for
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def ranking_key(row: dict) -> tuple:
     """Failed cases last; the others by volume p-value, smallest (most unusual) first. The p-value is 1 - volume score
     without rounding, so it keeps ordering volumes whose scores all read 1.0; a case written by a version without
     it ranks by its volume score."""
-    failed = row["status"] != "ok" and row["status"] != "skipped"
+    failed = is_failed(row)
     for field, transform in (("volume_p_value", float), ("volume_score", lambda v: 1.0 - float(v))):
         if row.get(field) not in ("", None):
             return failed, transform(row[field])

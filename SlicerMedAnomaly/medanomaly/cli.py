@@ -308,6 +308,7 @@ def _cmd_calibrate(args) -> int:
 
 def _cmd_batch(args) -> int:
     from .batch import batch
+    from .report import status_counts
 
     printer = ProgressPrinter(args.quiet, False)
     try:
@@ -318,7 +319,7 @@ def _cmd_batch(args) -> int:
                      **({"threads": args.threads_per_worker} if args.threads_per_worker is not None else {}))
     finally:
         printer.close()
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    counts = status_counts(rows)
     print(f"{len(rows)} case(s): {counts['ok']} done, {counts['skipped']} already complete, {counts['failed']} "
           f"failed -> {args.output}/summary.csv and report.html")
     return 0 if counts["failed"] == 0 else 4

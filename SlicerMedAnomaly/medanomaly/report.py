@@ -32,6 +32,19 @@ COLUMNS = ["rank", "overview", "case", "volume p-value", "volume score", "findin
            "seconds"]
 
 
+def is_failed(row: dict) -> bool:
+    """A case neither done now ("ok") nor complete from an earlier run ("skipped")."""
+    return row["status"] not in ("ok", "skipped")
+
+
+def status_counts(rows: list[dict]) -> dict[str, int]:
+    """Cases done, already complete and failed: what the command's last line and the page's header say."""
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    for row in rows:
+        counts["failed" if is_failed(row) else row["status"]] += 1
+    return counts
+
+
 def _number(value, digits: int = 2) -> str:
     """A p-value or score as text with `digits` significant digits; '' for a missing value."""
     if value in ("", None):
@@ -78,7 +91,7 @@ def _row(row: dict, overview: bool) -> str:
     batch writes overviews, which its settings hash covers); nothing is looked up on disk, so the page costs no file
     system calls however many cases it lists."""
     case = str(row["case"])
-    failed = row["status"] not in ("ok", "skipped")
+    failed = is_failed(row)
     image = ""
     if overview and not failed:
         src = _link(case, "overview.png")
@@ -104,8 +117,7 @@ def render_report(ranked: list[dict], model: str | None = None, overview: bool =
     """The page for rows already ranked (each with its 'rank'), as summary.csv holds them."""
     from . import __version__
 
-    counts = {s: sum(r["status"] == s for r in ranked) for s in ("ok", "skipped")}
-    failed = len(ranked) - counts["ok"] - counts["skipped"]
+    counts = status_counts(ranked)
     header = "".join(f"<th>{c}</th>" for c in COLUMNS)
     rows = "\n".join(_row(r, overview) for r in ranked)
     return f"""<!DOCTYPE html>
@@ -114,7 +126,7 @@ def render_report(ranked: list[dict], model: str | None = None, overview: bool =
 <body>
 <h1>MedAnomaly batch: {len(ranked)} case(s) ranked by how unusual they are</h1>
 <p>Model: <b>{html.escape(model or "the default")}</b> &middot; medanomaly {html.escape(__version__)} &middot;
-{counts["ok"]} done, {counts["skipped"]} already complete, {failed} failed &middot; written
+{counts["ok"]} done, {counts["skipped"]} already complete, {counts["failed"]} failed &middot; written
 {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}</p>
 <p class="note">Ranked by volume p-value, smallest first: the chance that a normal scan of this length has a finding
 as strong as the case's strongest, under the model's calibration on normal CT. Failed cases come last. A research
