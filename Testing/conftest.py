@@ -62,8 +62,10 @@ def denser_tissue(image: sitk.Image, hu: float = 250.0, slices: slice = slice(No
 
 
 def write_dicom_series(image: sitk.Image, folder: Path, modality: str = "CT", series_uid: str | None = None,
-                       description: str = "test series", suffix: str = "") -> list[Path]:
-    """Write a 3D image as a DICOM series (one file per slice, optionally without a suffix)."""
+                       description: str = "test series", suffix: str = "",
+                       frame_of_reference: bool = True) -> list[Path]:
+    """Write a 3D image as a DICOM series (one file per slice, optionally without a suffix or, unlike any real CT,
+    without a Frame of Reference UID)."""
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or f"1.2.826.0.1.3680043.8.498.{abs(hash((str(folder), modality))) % 10**12}"
     image = sitk.Cast(image, sitk.sitkInt16)
@@ -84,6 +86,8 @@ def write_dicom_series(image: sitk.Image, folder: Path, modality: str = "CT", se
             "0008|0018": f"{series_uid}.{z + 1}", "0028|1052": "0", "0028|1053": "1",
             "0018|0050": f"{image.GetSpacing()[2]:.6f}",
         }
+        if frame_of_reference:
+            tags["0020|0052"] = series_uid + ".2"
         for key, value in tags.items():
             s.SetMetaData(key, value)
         path = folder / f"S{series_uid.split('.')[-1]}_{z:04d}{suffix}"

@@ -25,7 +25,8 @@ from .engine import CancelCheck, ProgressCallback, pick_device, score_slices, to
 from .errors import InputError, OutputError
 from .findings import find_findings, min_voxels_for, strongest_finding_p_value
 from .orientation import Reorientation
-from .outputs import CaseStaging, write_image, write_json, write_mood, write_overview, write_segmentation
+from .outputs import (DICOM_SEG_FILE, CaseStaging, write_dicom_segmentation, write_image, write_json, write_mood,
+                      write_overview, write_segmentation)
 from .preprocess import CUT_EDGE_MM, prepare_slices, unwindow
 from .significance import probability_of_significance
 from .volumes import COVERAGE_WARN_SHARE, CTVolume, check_path_encoding, read_volume
@@ -380,6 +381,8 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
                     write_image(result.reconstruction, image, staging.path / "reconstruction.nrrd")
                 write_image(result.labels, image, staging.path / "labels.nrrd")
                 write_segmentation(result.labels, result.findings, image, staging.path / "anomalies.seg.nrrd")
+                if volume.dicom_files and result.findings:
+                    _write_dicom_seg(result, staging.path / DICOM_SEG_FILE)
 
             with side_executor(2) as pool:
                 pending = [pool.submit(maps), pool.submit(others)]
@@ -399,6 +402,18 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
                               "check free space and permissions") from None
         result.output_dir = staging.commit()
     return result.output_dir
+
+
+def _write_dicom_seg(result: DetectionResult, path: Path) -> None:
+    """anomalies.seg.dcm for a DICOM input with findings; a series that cannot carry one gets a warning, not a
+    failed case (every other file is as good without it)."""
+    try:
+        write_dicom_segmentation(result.labels, result.findings, result.volume.image, result.volume.dicom_files, path,
+                                 model_name=result.model["name"], software_version=__version__)
+    except OutputError as exc:
+        message = f"{result.volume.case_name}: no DICOM SEG written: {exc}"
+        log.warning(message)
+        result.warnings.append(message)
 
 
 def _write_overview(result: DetectionResult, path: Path) -> None:

@@ -69,6 +69,70 @@ def write_segmentation(labels: np.ndarray, findings: list[dict], reference: sitk
     slicerio.write_segmentation(str(path), segmentation, compression_level=1)
 
 
+DICOM_SEG_FILE = "anomalies.seg.dcm"
+DICOM_SEG_SERIES_NUMBER = 9001
+# what every source instance must have for a SEG to reference it
+DICOM_SEG_NEEDS = (("SOPClassUID", "SOP Class UID"), ("SOPInstanceUID", "SOP Instance UID"),
+                   ("StudyInstanceUID", "Study Instance UID"), ("SeriesInstanceUID", "Series Instance UID"),
+                   ("FrameOfReferenceUID", "Frame of Reference UID"))
+
+
+def write_dicom_segmentation(labels: np.ndarray, findings: list[dict], reference: sitk.Image, source_files: list[str],
+                             path: Path, *, model_name: str, software_version: str) -> None:
+    """A DICOM Segmentation of the findings (binary; segment i is finding i with the .seg.nrrd's name, terminology and
+    colour) in the source CT series' patient, study and frame of reference, each frame placed by the input's exact
+    geometry and referencing the CT slice it lies on (highdicom). Raises OutputError with the reason when the series
+    cannot carry one (no frame of reference, say)."""
+    try:
+        import highdicom as hd
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+        from pydicom.sr.codedict import codes
+    except ImportError:
+        raise OutputError("highdicom is not installed (pip install highdicom)") from None
+    concept = lambda code: hd.sr.CodedConcept(value=code[1], scheme_designator=code[0], meaning=code[2])  # noqa: E731
+    try:
+        sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in source_files]
+        for source in sources:  # the file meta's copies where a writer left the dataset's own empty (in memory)
+            meta = getattr(source, "file_meta", None) or {}
+            for keyword in ("SOPClassUID", "SOPInstanceUID"):
+                if not source.get(keyword) and meta.get(f"MediaStorage{keyword}"):
+                    setattr(source, keyword, meta.get(f"MediaStorage{keyword}"))
+        missing = [name for keyword, name in DICOM_SEG_NEEDS if any(not s.get(keyword) for s in sources)]
+        if missing:
+            raise OutputError(f"the CT series has no {' and no '.join(missing)} (de-identified without new "
+                              "UIDs?), and a DICOM SEG must reference them")
+        frame_of_reference = sources[0].FrameOfReferenceUID
+        affine = ijk_to_lps(reference)
+        affine[:3, :3] = affine[:3, 2::-1]  # highdicom indexes (slice, row, column): our [k, j, i]
+        algorithm = hd.AlgorithmIdentificationSequence(name=f"MedAnomaly {model_name}"[:64], version=software_version,
+                                                       family=codes.cid7162.ArtificialIntelligence)
+        segments = []
+        for f in findings:
+            rgb = [round(255 * c) for c in finding_color(f["id"])]
+            segment = hd.seg.SegmentDescription(
+                segment_number=f["label"], segment_label=f["name"],
+                segmented_property_category=concept(FINDING_TERMINOLOGY["category"]),
+                segmented_property_type=concept(FINDING_TERMINOLOGY["type"]),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+                tracking_uid=hd.UID(), tracking_id=f["name"], display_color=hd.color.CIELabColor.from_rgb(*rgb))
+            segment.SegmentDescription = (f"p {f['p_value']:.2g}, {f['volume_mm3']:.0f} mm3, "
+                                          f"{f.get('flagged_by') or model_name}")[:64]
+            segments.append(segment)
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=hd.Volume(labels, affine, "PATIENT", frame_of_reference_uid=frame_of_reference),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
+            series_instance_uid=hd.UID(), series_number=DICOM_SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+            instance_number=1, manufacturer="MedAnomaly", manufacturer_model_name=model_name[:64],
+            software_versions=software_version, device_serial_number="none", content_label="ANOMALIES",
+            content_description=f"MedAnomaly findings, model {model_name}"[:64],
+            series_description=f"MedAnomaly findings ({model_name})"[:64])
+        seg.save_as(path)
+    except (AttributeError, KeyError, TypeError, ValueError, InvalidDicomError) as exc:
+        raise OutputError(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+
+
 def write_json(data: dict, path: Path) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 

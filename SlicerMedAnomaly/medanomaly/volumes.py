@@ -38,6 +38,7 @@ class CTVolume:
     case_name: str
     series_uid: str | None = None
     warnings: list[str] = field(default_factory=list)
+    dicom_files: list[str] | None = None  # the DICOM series' files, when read from a folder (for a DICOM SEG)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -91,7 +92,7 @@ def _dicom_series(folder: Path) -> list[tuple[str, list[str], str, str]]:
     return series
 
 
-def _read_dicom(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str]:
+def _read_dicom(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str]]:
     series = _dicom_series(folder)
     if not series:
         raise InputError(f"{folder}: no DICOM series found; point to a folder of DICOM files or to a NIfTI/NRRD/MHA file")
@@ -115,7 +116,7 @@ def _read_dicom(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str]:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(chosen[1])
     try:
-        return reader.Execute(), chosen[0]
+        return reader.Execute(), chosen[0], chosen[1]
     except RuntimeError as exc:
         raise InputError(f"{folder}: the DICOM series could not be read ({_first_line(exc)}); check that it is complete") from None
 
@@ -235,9 +236,9 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
     if not path.exists():
         raise InputError(f"{path}: no such file or folder; check the path")
     check_path_encoding(path, InputError)
-    series_uid = None
+    series_uid = dicom_files = None
     if path.is_dir():
-        image, series_uid = _read_dicom(path, series)
+        image, series_uid, dicom_files = _read_dicom(path, series)
         _check_memory(image.GetSize(), path, max_bytes)
     else:
         spacing = _header_spacing(path)
@@ -260,7 +261,7 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
             raise InputError(f"{path}: image data could not be read ({_first_line(exc)}); "
                              "the file may be truncated or corrupt") from None
     volume = CTVolume(image=image, hu=sitk.GetArrayViewFromImage(image), source=str(path),
-                      case_name=case_name_for(path), series_uid=series_uid)
+                      case_name=case_name_for(path), series_uid=series_uid, dicom_files=dicom_files)
     validate_volume(volume, allow_non_hu=allow_non_hu)
     return volume
 
