@@ -125,6 +125,60 @@ def test_mr_series_refused(small_ct, tmp_path, capsys):
     detect_fails(folder, tmp_path, capsys, "no CT series")
 
 
+def rewrite_tag(path: Path, keyword: str, value) -> None:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    setattr(ds, keyword, value)
+    ds.save_as(path)
+
+
+@pytest.mark.parametrize("fault", ["missing", "repeated", "uneven", "tilt", "orientation"])
+def test_irregular_dicom_series_refused(small_ct, tmp_path, capsys, fault):
+    """SimpleITK assembles any series into an evenly spaced stack, placing slices where they are not; such a
+    series is refused in one line that names the fault, instead of scored on a wrong grid."""
+    folder = tmp_path / fault
+    files = write_dicom_series(small_ct[:, :, :12], folder)
+    z0 = small_ct.TransformIndexToPhysicalPoint((0, 0, 0))
+    if fault == "missing":  # a file lost in transfer
+        files[5].unlink()
+        expect = "slices 5 and 6 are 4 mm apart where the series' spacing is 2 mm (1 uneven gap(s)): a slice is missing"
+    elif fault == "repeated":  # a second acquisition of one slice under the same series UID
+        shutil.copy(files[5], folder / "repeat")
+        rewrite_tag(folder / "repeat", "SOPInstanceUID", "1.2.3.4.5.6.7")
+        expect = "lie at the same position"
+    elif fault == "uneven":  # every slice from the 7th on 0.5 mm further
+        for k, path in enumerate(files[6:], start=6):
+            rewrite_tag(path, "ImagePositionPatient", [z0[0], z0[1], z0[2] + 2.0 * k + 0.5])
+        expect = "slices 6 and 7 are 2.5 mm apart where the series' spacing is 2 mm"
+    elif fault == "tilt":  # each slice 0.353 mm further posterior: 10 degrees of gantry tilt
+        for k, path in enumerate(files):
+            sideways = 2.0 * np.tan(np.radians(10)) * k
+            rewrite_tag(path, "ImagePositionPatient", [z0[0], z0[1] + sideways, z0[2] + 2.0 * k])
+        expect = "gantry tilt of 10.0 degrees"
+    else:
+        rewrite_tag(files[3], "ImageOrientationPatient", [1, 0, 0, 0, 0.96592583, 0.25881905])
+        expect = "orientation changes within the series"
+    detect_fails(folder, tmp_path, capsys, expect)
+
+
+def test_regular_dicom_series_read_on_its_own_positions(small_ct, tmp_path):
+    """The check passes a regular series in every stacking direction, and the grid read is the one written."""
+    from medanomaly.volumes import read_volume
+
+    for kind in ("lps", "ras", "flipped_z"):
+        from conftest import reoriented
+
+        image, _, _ = reoriented(small_ct[:, :, :12], kind)
+        folder = tmp_path / kind
+        write_dicom_series(image, folder)
+        volume = read_volume(folder)
+        np.testing.assert_allclose(volume.image.GetSpacing(), image.GetSpacing(), atol=1e-5)
+        box = [(i, j, k) for i in (0, 127) for j in (0, 127) for k in (0, 11)]
+        corners = {tuple(np.round(volume.image.TransformIndexToPhysicalPoint(c), 3)) for c in box}
+        assert corners == {tuple(np.round(image.TransformIndexToPhysicalPoint(c), 3)) for c in box}
+
+
 def test_constant_volume(tmp_path, capsys):
     image = sitk.Image([32, 32, 8], sitk.sitkInt16) - 1000
     path = tmp_path / "constant.nrrd"

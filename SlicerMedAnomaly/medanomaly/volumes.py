@@ -115,10 +115,67 @@ def _read_dicom(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, 
         raise InputError(f"{folder}: series {chosen[0]!r} is {chosen[2]}, not CT; medanomaly needs CT in Hounsfield units")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(chosen[1])
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's own position, for the check below
     try:
-        return reader.Execute(), chosen[0], chosen[1]
+        image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"{folder}: the DICOM series could not be read ({_first_line(exc)}); check that it is complete") from None
+    check_slice_positions(folder, [_numbers(reader, k, "0020|0032") for k in range(len(chosen[1]))],
+                          [_numbers(reader, k, "0020|0037") for k in range(len(chosen[1]))])
+    return image, chosen[0], chosen[1]
+
+
+def _numbers(reader: sitk.ImageSeriesReader, k: int, key: str) -> list[float] | None:
+    """A DICOM decimal-string tag of slice k as numbers (None where it is absent or unreadable)."""
+    if not reader.HasMetaDataKey(k, key):
+        return None
+    try:
+        return [float(v) for v in reader.GetMetaData(k, key).split("\\")]
+    except ValueError:
+        return None
+
+
+# How far a slice gap may differ from the series' typical one, and a slice's offset from the slice normal: scanners
+# round positions to about 0.001 mm, and a missing slice, repeated slice or gantry tilt is far larger.
+SLICE_GAP_TOLERANCE_MM = 0.01
+SLICE_GAP_TOLERANCE_SHARE = 0.01
+
+
+def check_slice_positions(folder: Path, positions: list, orientations: list) -> None:
+    """Refuse a DICOM series whose slices (in the order read) do not make one evenly spaced stack along their normal:
+    a missing or repeated slice, uneven spacing, gantry tilt or orientation that changes. SimpleITK would assemble
+    any of them into a regular grid anyway, with every slice after the first at a position it does not have.
+    A series without positions or orientations is left to the reader."""
+    if len(positions) < 2 or any(p is None or len(p) != 3 for p in positions) \
+            or any(o is None or len(o) != 6 for o in orientations):
+        return
+    orientation = np.asarray(orientations, float)
+    if np.abs(orientation - orientation[0]).max() > 1e-3:
+        raise InputError(f"{folder}: the slices' orientation changes within the series (a localizer among them?); "
+                         "give a series of parallel slices only")
+    normal = np.cross(orientation[0, :3], orientation[0, 3:])
+    positions = np.asarray(positions, float)
+    steps = np.diff(positions, axis=0)
+    along = steps @ normal
+    gap = float(np.median(np.abs(along)))
+    tolerance = max(SLICE_GAP_TOLERANCE_MM, SLICE_GAP_TOLERANCE_SHARE * gap)
+    if np.diff(np.sort(positions @ normal)).min() <= tolerance:
+        raise InputError(f"{folder}: two slices lie at the same position; the series holds a repeated slice or two "
+                         "acquisitions, give one acquisition per folder")
+    if np.any(np.sign(along) != np.sign(along[0])):
+        raise InputError(f"{folder}: the slices are not in order along their normal; give one acquisition per folder")
+    uneven = np.abs(np.abs(along) - gap) > tolerance
+    if np.any(uneven):
+        k = int(np.argmax(np.abs(np.abs(along) - gap)))
+        raise InputError(f"{folder}: slices {k + 1} and {k + 2} are {abs(along[k]):.3g} mm apart where the series' "
+                         f"spacing is {gap:.3g} mm ({int(uneven.sum())} uneven gap(s)): a slice is missing or the "
+                         "spacing varies; complete the series, or resample it to even spacing")
+    across = np.linalg.norm(steps - np.outer(along, normal), axis=1)
+    if np.any(across > tolerance):
+        tilt = float(np.degrees(np.arctan2(across.max(), gap)))
+        raise InputError(f"{folder}: each slice is offset {across.max():.3g} mm sideways from the one before (gantry "
+                         f"tilt of {tilt:.1f} degrees); resample the series to an orthogonal grid first, such as "
+                         "3D Slicer's DICOM acquisition geometry regularization")
 
 
 def _first_line(exc: Exception) -> str:
