@@ -237,8 +237,11 @@ def test_dicom_folder_without_suffix_and_series_choice(small_ct, tmp_path, caplo
     volume = read_volume(folder)
     assert volume.series_uid == "1.2.3.24" and volume.image.GetSize()[2] == 24
     assert "1.2.3.24" in caplog.text and "--series" in caplog.text
+    # the choice is recorded with the result too (findings.json's warnings), so a batch shows what it left out
+    assert len(volume.warnings) == 1 and "holds 3 series" in volume.warnings[0] and "the others were not" in \
+        volume.warnings[0]
     chosen = read_volume(folder, series="1.2.3.10")
-    assert chosen.image.GetSize()[2] == 10
+    assert chosen.image.GetSize()[2] == 10 and not chosen.warnings
     np.testing.assert_allclose(chosen.image.GetSpacing(), small_ct.GetSpacing(), rtol=1e-5)
     with pytest.raises(InputError, match="is MR"):
         read_volume(folder, series="1.2.3.99")

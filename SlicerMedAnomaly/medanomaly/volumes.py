@@ -92,7 +92,9 @@ def _dicom_series(folder: Path) -> list[tuple[str, list[str], str, str]]:
     return series
 
 
-def _read_dicom(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str]]:
+def _read_dicom(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str], list[str]]:
+    """The series' image, UID and files (in the order read), and notes about the choice of series."""
+    notes: list[str] = []
     series = _dicom_series(folder)
     if not series:
         raise InputError(f"{folder}: no DICOM series found; point to a folder of DICOM files or to a NIfTI/NRRD/MHA file")
@@ -109,8 +111,10 @@ def _read_dicom(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, 
             raise InputError(f"{folder}: no CT series (found modality {kinds}); medanomaly needs CT in Hounsfield units")
         chosen = max(ct, key=lambda s: len(s[1]))
         if len(series) > 1:
-            log.warning("%s holds %d series; using CT series %r (%d slices, %s); choose another with --series UID",
-                        folder, len(series), chosen[0], len(chosen[1]), chosen[3] or "no description")
+            notes.append(f"the folder holds {len(series)} series; CT series {chosen[0]!r} ({len(chosen[1])} slices, "
+                         f"{chosen[3] or 'no description'}) was examined, the others were not (choose with --series "
+                         "UID, or give each series its own folder)")
+            log.warning("%s: %s", folder, notes[-1])
     if chosen[2] not in ("CT", ""):
         raise InputError(f"{folder}: series {chosen[0]!r} is {chosen[2]}, not CT; medanomaly needs CT in Hounsfield units")
     reader = sitk.ImageSeriesReader()
@@ -122,7 +126,7 @@ def _read_dicom(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, 
         raise InputError(f"{folder}: the DICOM series could not be read ({_first_line(exc)}); check that it is complete") from None
     check_slice_positions(folder, [_numbers(reader, k, "0020|0032") for k in range(len(chosen[1]))],
                           [_numbers(reader, k, "0020|0037") for k in range(len(chosen[1]))])
-    return image, chosen[0], chosen[1]
+    return image, chosen[0], chosen[1], notes
 
 
 def _numbers(reader: sitk.ImageSeriesReader, k: int, key: str) -> list[float] | None:
@@ -294,8 +298,9 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
         raise InputError(f"{path}: no such file or folder; check the path")
     check_path_encoding(path, InputError)
     series_uid = dicom_files = None
+    notes: list[str] = []
     if path.is_dir():
-        image, series_uid, dicom_files = _read_dicom(path, series)
+        image, series_uid, dicom_files, notes = _read_dicom(path, series)
         _check_memory(image.GetSize(), path, max_bytes)
     else:
         spacing = _header_spacing(path)
@@ -318,7 +323,8 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
             raise InputError(f"{path}: image data could not be read ({_first_line(exc)}); "
                              "the file may be truncated or corrupt") from None
     volume = CTVolume(image=image, hu=sitk.GetArrayViewFromImage(image), source=str(path),
-                      case_name=case_name_for(path), series_uid=series_uid, dicom_files=dicom_files)
+                      case_name=case_name_for(path), series_uid=series_uid, dicom_files=dicom_files,
+                      warnings=notes)
     validate_volume(volume, allow_non_hu=allow_non_hu)
     return volume
 
