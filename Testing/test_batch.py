@@ -54,6 +54,48 @@ def test_find_inputs_folders_globs_and_manifest(repository, tmp_path):
     assert find_inputs([str(manifest)]) == [str(repository / "site_a" / "normal1.nii.gz")]
 
 
+def test_each_ct_series_of_a_study_folder_is_a_case(small_ct, default_model, tmp_path):
+    """A study folder with two CT reconstructions and an MR series: one case (its largest CT series, the choice in
+    findings.json's warnings) by default; with each_series one case per CT series, named by folder and series UID,
+    each scored on its own slices, skipped on a re-run, and the summary's input is what detect takes. A manifest
+    row can name the series too."""
+    from conftest import write_dicom_series
+
+    import medanomaly
+
+    study = tmp_path / "repo" / "study1"
+    write_dicom_series(small_ct, study, series_uid="1.2.3.24", description="thin")
+    write_dicom_series(small_ct[:, :, :12], study, series_uid="1.2.3.12", description="thick")
+    write_dicom_series(small_ct[:, :, :8], study, modality="MR", series_uid="1.2.3.99", description="mr")
+    assert find_inputs([str(tmp_path / "repo")]) == [str(study)]
+    assert find_inputs([str(tmp_path / "repo")], each_series=True) == [f"{study} [series 1.2.3.12]",
+                                                                       f"{study} [series 1.2.3.24]"]
+    options = dict(model=str(default_model), workers=1, overview=False)
+    (one,) = batch([str(tmp_path / "repo")], tmp_path / "one", **options)
+    assert one["case"] == "study1" and one["status"] == "ok"
+    summary = json.loads((tmp_path / "one" / "study1" / "findings.json").read_text(encoding="utf-8"))
+    assert summary["series_uid"] == "1.2.3.24" and any("holds 3 series" in w for w in summary["warnings"])
+
+    out = tmp_path / "each"
+    rows = batch([str(tmp_path / "repo")], out, each_series=True, **options)
+    assert sorted((r["case"], r["status"]) for r in rows) == [("study1-series-1.2.3.12", "ok"),
+                                                              ("study1-series-1.2.3.24", "ok")]
+    for uid, slices in (("1.2.3.12", 12), ("1.2.3.24", 24)):
+        summary = json.loads((out / f"study1-series-{uid}" / "findings.json").read_text(encoding="utf-8"))
+        assert summary["series_uid"] == uid and summary["geometry"]["size"][2] == slices
+        assert not summary["warnings"]
+    listed = {r["case"]: r["input"] for r in read_summary(out)}
+    assert listed["study1-series-1.2.3.12"] == f"{study} [series 1.2.3.12]"
+    (direct,) = medanomaly.detect(listed["study1-series-1.2.3.12"], model=str(default_model))
+    assert direct.volume.series_uid == "1.2.3.12" and direct.labels.shape[0] == 12
+    again = batch([str(tmp_path / "repo")], out, each_series=True, **options)
+    assert sorted(r["status"] for r in again) == ["skipped", "skipped"]
+
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"path,series\n{study},1.2.3.12\n{study},\n", encoding="utf-8")
+    assert find_inputs([str(manifest)]) == [f"{study} [series 1.2.3.12]", str(study)]
+
+
 def test_local_workers_rank_record_failures_and_skip_on_rerun(repository, default_model, tmp_path):
     out = tmp_path / "out"
     rows = batch([str(repository)], out, model=str(default_model), workers=2, memory_limit="2GB",

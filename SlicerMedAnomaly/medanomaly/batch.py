@@ -30,7 +30,7 @@ from .bundle import content_hash, default_model_name
 from .ensemble import model_folders, model_identity, resolved_spec
 from .errors import InputError
 from .report import is_failed, write_report
-from .volumes import VOLUME_SUFFIXES, case_name_for
+from .volumes import VOLUME_SUFFIXES, case_name_for, dicom_series, series_input, split_series_input
 
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ["rank", "case", "input", "volume_score", "volume_p_value", "findings", "top_finding_probability",
@@ -47,8 +47,17 @@ def _is_dicom_folder(folder: Path) -> bool:
     return head[128:132] == b"DICM" or any(p.suffix.lower() == ".dcm" for p in files)
 
 
-def find_inputs(inputs: list[str]) -> list[str]:
-    """Expand folders (recursively: volume files and DICOM series folders), globs and CSV manifests."""
+def each_ct_series(folder: str) -> list[str]:
+    """A DICOM folder as inputs: one per CT series where it holds several (series_input), else the folder itself
+    (which read_volume refuses with the reason where it holds no CT)."""
+    uids = sorted(uid for uid, _, modality, _ in dicom_series(Path(folder)) if modality in ("CT", ""))
+    return [series_input(folder, uid) for uid in uids] if len(uids) > 1 else [folder]
+
+
+def find_inputs(inputs: list[str], each_series: bool = False) -> list[str]:
+    """Expand folders (recursively: volume files and DICOM series folders), globs and CSV manifests (columns `path`
+    and, optionally, `series`). With `each_series`, every CT series of a DICOM folder is an input of its own; the
+    folders are read (their headers) four at a time."""
     found: list[str] = []
     for item in inputs:
         path = Path(item)
@@ -60,8 +69,10 @@ def find_inputs(inputs: list[str]) -> list[str]:
                 raise InputError(f"{path}: the manifest is not UTF-8 text; save it as CSV in UTF-8") from None
             if not rows or "path" not in rows[0]:
                 raise InputError(f"{path}: a manifest needs a 'path' column")
-            found += [str((path.parent / r["path"]).resolve()) if not os.path.isabs(r["path"]) else r["path"]
-                      for r in rows]
+            for r in rows:
+                row_path = str((path.parent / r["path"]).resolve()) if not os.path.isabs(r["path"]) else r["path"]
+                found.append(series_input(row_path, r["series"].strip()) if (r.get("series") or "").strip()
+                             else row_path)
         elif path.is_dir():
             for root, dirs, files in os.walk(path):
                 dirs.sort()
@@ -76,6 +87,11 @@ def find_inputs(inputs: list[str]) -> list[str]:
             found.append(str(path))
         else:
             raise InputError(f"{item}: no such file, folder or glob match; check the path")
+    if each_series:
+        folders = [p for p in found if os.path.isdir(p)]
+        with ThreadPoolExecutor(HASH_THREADS) as pool:
+            expanded = dict(zip(folders, pool.map(each_ct_series, folders)))
+        found = [item for p in found for item in expanded.get(p, [p])]
     unique = list(dict.fromkeys(found))
     if not unique:
         raise InputError("no CT volumes found in the inputs; give folders, globs or a CSV manifest")
@@ -95,7 +111,8 @@ def unique_case_names(paths: list[str]) -> dict[str, str]:
 
 
 def input_bytes(path: str) -> int:
-    """A case's size on disk: the file, or every file of a DICOM folder."""
+    """A case's size on disk: the file, or every file of a DICOM folder (of all its series)."""
+    path = split_series_input(path)[0]
     if os.path.isdir(path):
         return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
     return os.path.getsize(path)
@@ -134,15 +151,17 @@ def unreadable(path: str, exc: OSError) -> str:
 
 
 def hash_or_error(path: str) -> tuple[str | None, str | None]:
-    """The input's content hash, or why it cannot be read."""
+    """The input's content hash (for one series of a folder, the whole folder's: a change to any of its series runs
+    them all again), or why it cannot be read."""
     try:
-        return content_hash(path), None
+        return content_hash(split_series_input(path)[0]), None
     except OSError as exc:
         return None, unreadable(path, exc)
 
 
-# inputs hashed at once in the batch's own process (file reads and hashlib release the GIL): only the cases that an
-# earlier run completed with this model and settings, which a matching hash lets it skip
+# inputs read at once in the batch's own process (file reads and hashlib release the GIL): the content hashes of the
+# cases that an earlier run completed with this model and settings, which a matching hash lets it skip, and the DICOM
+# folders' headers for --each-series
 HASH_THREADS = 4
 
 
@@ -333,15 +352,18 @@ def check_cluster(client, model_folders: list[str]) -> None:
 
 
 def batch(inputs: list[str], output: str | Path, *, model: str | None = None, workers: int = 2,
-          memory_limit: str = "3GB", scheduler: str | None = None, progress=None, **options) -> list[dict]:
-    """Run `detect` over many inputs on a Dask cluster (local processes by default); returns the summary rows."""
+          memory_limit: str = "3GB", scheduler: str | None = None, progress=None, each_series: bool = False,
+          **options) -> list[dict]:
+    """Run `detect` over many inputs on a Dask cluster (local processes by default); returns the summary rows.
+    `each_series`: every CT series of a DICOM folder is a case (by default a folder is one case, its largest CT
+    series)."""
     from dask.distributed import Client, as_completed
 
     if options.get("threads") is not None and int(options["threads"]) < 1:
         raise InputError(f"--threads-per-worker {options['threads']}: give 1 or more torch threads per worker")
     for name in ("distributed", "tornado"):  # their INFO lines would drown the progress bar
         logging.getLogger(name).setLevel(logging.WARNING)
-    paths = find_inputs(inputs)  # bad inputs or a bad model are refused before anything is written
+    paths = find_inputs(inputs, each_series)  # bad inputs or a bad model are refused before anything is written
     model_path = resolved_spec(model)
     model_id, settings_id = model_identity(model), settings_identity(options)
     output = Path(output)
@@ -353,7 +375,7 @@ def batch(inputs: list[str], output: str | Path, *, model: str | None = None, wo
     rows, todo, earlier = [], [], []
     for path in paths:
         try:
-            os.stat(path)
+            os.stat(split_series_input(path)[0])
         except OSError as exc:  # a manifest row whose file is gone: a failed case, not a failed batch
             rows.append({"case": names[path], "input": path, "status": "failed", "seconds": "",
                          "error": unreadable(path, exc)})

@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--mood", action="store_true")
     b.add_argument("--allow-non-hu", action="store_true")
     b.add_argument("--no-overview", action="store_true")
+    b.add_argument("--each-series", action="store_true",
+                   help="every CT series of a DICOM folder is a case (default: a folder is one case, its largest CT "
+                        "series)")
 
     x = sub.add_parser("explain", help="latent direction between flagged and unflagged slices, with counterfactuals "
                                        "(stylegan2 models)")
@@ -315,7 +318,7 @@ def _cmd_batch(args) -> int:
         rows = batch(args.inputs, args.output, model=args.model, workers=args.workers,
                      memory_limit=args.memory_limit, scheduler=args.scheduler, progress=printer, device=args.device,
                      sensitivity=args.sensitivity, min_size_mm3=args.min_size_mm3, mood=args.mood,
-                     allow_non_hu=args.allow_non_hu, overview=not args.no_overview,
+                     allow_non_hu=args.allow_non_hu, overview=not args.no_overview, each_series=args.each_series,
                      **({"threads": args.threads_per_worker} if args.threads_per_worker is not None else {}))
     finally:
         printer.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +50,29 @@ class CTVolume:
         return float(np.prod(self.image.GetSpacing()))
 
 
+# One DICOM series of a folder that holds several, as one input: "FOLDER [series UID]" (what `batch --each-series`
+# and a manifest's series column make, and what summary.csv lists; read_volume and detect take it too)
+_SERIES_INPUT = re.compile(r"^(?P<folder>.+) \[series (?P<uid>[0-9.]+)\]$")
+
+
+def series_input(folder: str | os.PathLike, uid: str) -> str:
+    return f"{folder} [series {uid}]"
+
+
+def split_series_input(path: str | os.PathLike) -> tuple[str, str | None]:
+    """(folder, series UID) of a series input whose folder exists; (path, None) for anything else."""
+    match = _SERIES_INPUT.match(str(path))
+    if match and os.path.isdir(match["folder"]):
+        return match["folder"], match["uid"]
+    return str(path), None
+
+
 def case_name_for(path: str | os.PathLike) -> str:
-    """The output folder name of a case: the file name without its image suffix, or the DICOM folder's name."""
+    """The output folder name of a case: the file name without its image suffix, or the DICOM folder's name (with
+    the series UID for one series of a folder)."""
+    folder, uid = split_series_input(path)
+    if uid is not None:
+        return f"{Path(folder).name}-series-{uid}"
     name = Path(path).name
     for suffix in VOLUME_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -70,7 +92,7 @@ def available_memory_bytes() -> int:
     return 4 << 30
 
 
-def _dicom_series(folder: Path) -> list[tuple[str, list[str], str, str]]:
+def dicom_series(folder: Path) -> list[tuple[str, list[str], str, str]]:
     """(series UID, files, modality, description) for every series GDCM finds in a folder, whatever the suffixes."""
     try:
         uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
@@ -95,7 +117,7 @@ def _dicom_series(folder: Path) -> list[tuple[str, list[str], str, str]]:
 def _read_dicom(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str], list[str]]:
     """The series' image, UID and files (in the order read), and notes about the choice of series."""
     notes: list[str] = []
-    series = _dicom_series(folder)
+    series = dicom_series(folder)
     if not series:
         raise InputError(f"{folder}: no DICOM series found; point to a folder of DICOM files or to a NIfTI/NRRD/MHA file")
     if series_uid is not None:
@@ -287,11 +309,15 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
     """Read one CT volume and check that it is a usable 3D CT in HU; raises InputError with a one-line message.
 
     Args:
-        path: a NIfTI/NRRD/MetaImage file or a DICOM folder (files need no `.dcm` suffix).
-        series: DICOM SeriesInstanceUID to read when a folder holds several series.
+        path: a NIfTI/NRRD/MetaImage file or a DICOM folder (files need no `.dcm` suffix), or "FOLDER [series UID]"
+            for one series of a folder (series_input).
+        series: DICOM SeriesInstanceUID to read when a folder holds several series (instead of the path's).
         allow_non_hu: warn instead of refusing values that cannot be Hounsfield units.
         max_memory_gb: refuse volumes whose processing would need more; default: 80% of available memory.
     """
+    given = path
+    if series is None:
+        path, series = split_series_input(path)
     path = Path(path)
     max_bytes = int(max_memory_gb * 2**30) if max_memory_gb else int(0.8 * available_memory_bytes())
     if not path.exists():
@@ -323,7 +349,7 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
             raise InputError(f"{path}: image data could not be read ({_first_line(exc)}); "
                              "the file may be truncated or corrupt") from None
     volume = CTVolume(image=image, hu=sitk.GetArrayViewFromImage(image), source=str(path),
-                      case_name=case_name_for(path), series_uid=series_uid, dicom_files=dicom_files,
+                      case_name=case_name_for(given), series_uid=series_uid, dicom_files=dicom_files,
                       warnings=notes)
     validate_volume(volume, allow_non_hu=allow_non_hu)
     return volume
