@@ -2,10 +2,13 @@
 lists, and how long an input's content hash takes.
 
     python scripts/benchmark_summary.py [--cases 1000 10000 100000] [--runs 3] [--hash FILE ...]
+                                        [--series DICOM_FOLDER ...]
 
 Rows like those of a real batch (every column filled), written into a temporary folder; medians of the runs, and the
 sizes of both files. batch.SummaryWriter paces its rewrites by this cost. With --hash, each file's content hash
-(bundle.content_hash, as the batch computes it), timed over the runs after one read that warms the page cache.
+(bundle.content_hash, as the batch computes it), timed over the runs after one read that warms the page cache. With
+--series, listing each DICOM folder's CT series as `batch --each-series` does (batch.each_ct_series), timed the same
+way.
 """
 
 import argparse
@@ -14,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from medanomaly.batch import write_summary
+from medanomaly.batch import each_ct_series, write_summary
 from medanomaly.bundle import content_hash
 
 ROW = {"input": "/data/site/case.nii.gz", "status": "ok", "error": "", "seconds": 3.2, "volume_score": 0.93,
@@ -26,18 +29,21 @@ ROW = {"input": "/data/site/case.nii.gz", "status": "ok", "error": "", "seconds"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--cases", type=int, nargs="+", default=[1000, 10000, 100000])
+    ap.add_argument("--cases", type=int, nargs="*", default=[1000, 10000, 100000])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--hash", nargs="*", default=[], metavar="FILE")
+    ap.add_argument("--series", nargs="*", default=[], metavar="DICOM_FOLDER")
     args = ap.parse_args()
-    for path in args.hash:
-        content_hash(path)
-        seconds = []
-        for _ in range(args.runs):
-            t0 = time.perf_counter()
-            content_hash(path)
-            seconds.append(time.perf_counter() - t0)
-        print(f"content hash of {path}: {statistics.median(seconds):.3f} s (median of {args.runs}, page cache warm)")
+    for label, function, paths in (("content hash", content_hash, args.hash),
+                                   ("CT series listed", each_ct_series, args.series)):
+        for path in paths:
+            function(path)
+            seconds = []
+            for _ in range(args.runs):
+                t0 = time.perf_counter()
+                function(path)
+                seconds.append(time.perf_counter() - t0)
+            print(f"{label} of {path}: {statistics.median(seconds):.3f} s (median of {args.runs}, page cache warm)")
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
         for n in args.cases:
