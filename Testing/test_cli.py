@@ -52,6 +52,9 @@ def test_models_list_show_and_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "CUDA" in out and "model folders" in out
+    from importlib.metadata import version
+
+    assert f"highdicom {version('highdicom')}" in out and f"dask {version('dask')}" in out
 
 
 def test_installed_command_runs_quick_start(tmp_path):

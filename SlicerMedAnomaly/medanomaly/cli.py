@@ -237,12 +237,13 @@ def _cmd_info(args) -> int:
 
     lines = [f"medanomaly {__version__}", f"python {sys.version.split()[0]}", f"torch {torch.__version__}",
              f"numpy {numpy.__version__}", f"SimpleITK {SimpleITK.Version.VersionString()}"]
-    try:
-        import monai
+    from importlib.metadata import PackageNotFoundError, version
 
-        lines.append(f"monai {monai.__version__}")
-    except ImportError:
-        lines.append("monai: not installed")
+    for package in ("monai", "highdicom", "dask", "faiss-cpu"):  # the optional or lazily imported ones
+        try:
+            lines.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            lines.append(f"{package}: not installed")
     cuda = torch.cuda.is_available()
     lines.append(f"CUDA: {'available, ' + torch.cuda.get_device_name(0) + ', CUDA ' + str(torch.version.cuda) if cuda else 'not available'}")
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
