@@ -7,6 +7,7 @@ import csv
 import gc
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -90,6 +91,12 @@ def test_each_ct_series_of_a_study_folder_is_a_case(small_ct, default_model, tmp
     assert direct.volume.series_uid == "1.2.3.12" and direct.labels.shape[0] == 12
     again = batch([str(tmp_path / "repo")], out, each_series=True, **options)
     assert sorted(r["status"] for r in again) == ["skipped", "skipped"]
+
+    # exported media: a DICOMDIR index at the top and the series in folders below it; the index is no case
+    media = tmp_path / "cd"
+    files = write_dicom_series(small_ct[:, :, :8], media / "DICOM" / "ST0" / "SE0")
+    shutil.copy(files[0], media / "DICOMDIR")  # a DICOM file, as a real index is (header, preamble)
+    assert find_inputs([str(media)]) == [str(media / "DICOM" / "ST0" / "SE0")]
 
     manifest = tmp_path / "cases.csv"
     manifest.write_text(f"path,series\n{study},1.2.3.12\n{study},\n", encoding="utf-8")

@@ -39,7 +39,8 @@ SUMMARY_FIELDS = ["rank", "case", "input", "volume_score", "volume_p_value", "fi
 
 
 def _is_dicom_folder(folder: Path) -> bool:
-    files = [p for p in folder.iterdir() if p.is_file()]
+    # a DICOMDIR is the index of exported media (its images lie in the folders below), not an image of a series
+    files = [p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR"]
     if not files or any(p.name.lower().endswith(VOLUME_SUFFIXES) for p in files):
         return False
     with open(files[0], "rb") as f:
