@@ -97,6 +97,10 @@ def test_each_ct_series_of_a_study_folder_is_a_case(small_ct, default_model, tmp
     files = write_dicom_series(small_ct[:, :, :8], media / "DICOM" / "ST0" / "SE0")
     shutil.copy(files[0], media / "DICOMDIR")  # a DICOM file, as a real index is (header, preamble)
     assert find_inputs([str(media)]) == [str(media / "DICOM" / "ST0" / "SE0")]
+    # a series folder that also holds a desktop's hidden file and a note (read before the images in name order)
+    (media / "DICOM" / "ST0" / "SE0" / ".DS_Store").write_bytes(b"\0" * 200)
+    (media / "DICOM" / "ST0" / "SE0" / "0_readme.txt").write_text("scanned 2026", encoding="utf-8")
+    assert find_inputs([str(media)]) == [str(media / "DICOM" / "ST0" / "SE0")]
 
     manifest = tmp_path / "cases.csv"
     manifest.write_text(f"path,series\n{study},1.2.3.12\n{study},\n", encoding="utf-8")

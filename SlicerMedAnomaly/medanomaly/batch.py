@@ -38,14 +38,25 @@ SUMMARY_FIELDS = ["rank", "case", "input", "volume_score", "volume_p_value", "fi
                   "slices_unlike_reference", "body_outside_field_of_view_pct", "status", "error", "seconds"]
 
 
+# files of a folder whose first bytes are read to tell a DICOM folder (not one file only: a folder of DICOM files
+# may also hold a stray text file or an index)
+DICOM_PROBE_FILES = 5
+
+
 def _is_dicom_folder(folder: Path) -> bool:
-    # a DICOMDIR is the index of exported media (its images lie in the folders below), not an image of a series
-    files = [p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR"]
+    # hidden files (.DS_Store, say) and a DICOMDIR (the index of exported media, whose images lie in the folders below
+    # it) are no images of a series
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR")
     if not files or any(p.name.lower().endswith(VOLUME_SUFFIXES) for p in files):
         return False
-    with open(files[0], "rb") as f:
-        head = f.read(132)
-    return head[128:132] == b"DICM" or any(p.suffix.lower() == ".dcm" for p in files)
+    if any(p.suffix.lower() == ".dcm" for p in files):
+        return True
+    for path in files[:DICOM_PROBE_FILES]:
+        with open(path, "rb") as f:
+            if f.read(132)[128:132] == b"DICM":
+                return True
+    return False
 
 
 def each_ct_series(folder: str) -> list[str]:
