@@ -87,6 +87,9 @@ def test_each_ct_series_of_a_study_folder_is_a_case(small_ct, default_model, tmp
         assert not summary["warnings"]
     listed = {r["case"]: r["input"] for r in read_summary(out)}
     assert listed["study1-series-1.2.3.12"] == f"{study} [series 1.2.3.12]"
+    assert {r["case"]: r["series_uid"] for r in read_summary(out)} == {"study1-series-1.2.3.12": "1.2.3.12",
+                                                                       "study1-series-1.2.3.24": "1.2.3.24"}
+    assert read_summary(tmp_path / "one")[0]["series_uid"] == "1.2.3.24", "the series a folder's case examined"
     (direct,) = medanomaly.detect(listed["study1-series-1.2.3.12"], model=str(default_model))
     assert direct.volume.series_uid == "1.2.3.12" and direct.labels.shape[0] == 12
     again = batch([str(tmp_path / "repo")], out, each_series=True, **options)

@@ -33,7 +33,7 @@ from .report import is_failed, write_report
 from .volumes import VOLUME_SUFFIXES, case_name_for, dicom_series, series_input, split_series_input
 
 log = logging.getLogger(__name__)
-SUMMARY_FIELDS = ["rank", "case", "input", "volume_score", "volume_p_value", "findings", "top_finding_probability",
+SUMMARY_FIELDS = ["rank", "case", "input", "series_uid", "volume_score", "volume_p_value", "findings", "top_finding_probability",
                   "top_finding_p_value", "top_finding_ras_mm", "top_finding_volume_mm3", "top_finding_flagged_by",
                   "slices_unlike_reference", "body_outside_field_of_view_pct", "status", "error", "seconds"]
 
@@ -232,7 +232,8 @@ def run_case(path: str, case: str, output: str, model: str | None, options: dict
 
 def _summary_row(summary: dict) -> dict:
     top = summary["findings"][0] if summary["findings"] else None
-    return {"volume_score": summary["volume_score"], "volume_p_value": summary.get("volume_p_value", ""),
+    return {"series_uid": summary.get("series_uid") or "",  # the DICOM series examined; empty for a volume file
+            "volume_score": summary["volume_score"], "volume_p_value": summary.get("volume_p_value", ""),
             "findings": len(summary["findings"]),
             "top_finding_probability": top["max_probability"] if top else "",
             # the chance that a normal volume of this length has a finding as strong (findings.find_findings)
