@@ -179,6 +179,18 @@ def test_regular_dicom_series_read_on_its_own_positions(small_ct, tmp_path):
         assert corners == {tuple(np.round(image.TransformIndexToPhysicalPoint(c), 3)) for c in box}
 
 
+def test_sheared_nifti_refused_with_what_to_do(tmp_path, capsys):
+    demo = nib.load(str(ROOT / "Testing" / "Data" / "chest_ct_demo.nii.gz"))
+    affine = demo.affine.copy()
+    affine[0, 1] = 0.3  # the rows slant: a shear no CT grid has
+    sheared = nib.Nifti1Image(np.asarray(demo.dataobj), affine)
+    sheared.set_qform(None, code=0)
+    sheared.set_sform(affine, code=1)
+    path = tmp_path / "sheared.nii.gz"
+    nib.save(sheared, str(path))
+    detect_fails(path, tmp_path, capsys, "orientation is not a rotation (sheared or skewed axes)")
+
+
 def test_constant_volume(tmp_path, capsys):
     image = sitk.Image([32, 32, 8], sitk.sitkInt16) - 1000
     path = tmp_path / "constant.nrrd"

@@ -249,6 +249,29 @@ def test_dicom_folder_without_suffix_and_series_choice(small_ct, tmp_path, caplo
         read_volume(folder, series="9.9")
 
 
+def test_nifti_whose_qform_and_sform_disagree_says_which_it_used(tmp_path):
+    """ITK (and so 3D Slicer) reads such a header by its sform; the outputs follow it, and the result says so, since
+    a tool that takes the qform would show the findings elsewhere. A header whose two agree gets no note."""
+    import nibabel as nib
+
+    from conftest import DEMO_CT
+
+    demo = nib.load(str(DEMO_CT))
+    assert read_volume(DEMO_CT).warnings == []
+    shifted = demo.affine.copy()
+    shifted[:3, 3] += 20.0
+    image = nib.Nifti1Image(np.asarray(demo.dataobj), demo.affine)
+    image.set_qform(demo.affine, code=1)
+    image.set_sform(shifted, code=1)
+    path = tmp_path / "two_transforms.nii.gz"
+    nib.save(image, str(path))
+    volume = read_volume(path)
+    ras_origin = np.array(volume.image.GetOrigin()) * [-1, -1, 1]
+    np.testing.assert_allclose(ras_origin, shifted[:3, 3], atol=1e-3)  # the sform's, 20 mm from the qform's
+    (note,) = volume.warnings
+    assert "qform and sform place the voxels up to 34.6 mm apart" in note and "read with its sform" in note
+
+
 def test_hu_check_accepts_real_ct(demo_image, tmp_path):
     path = tmp_path / "ct.mha"
     sitk.WriteImage(demo_image, str(path))

@@ -234,6 +234,40 @@ def _nifti_pixdim(path: Path) -> list[float] | None:
     return None
 
 
+# How far (mm, at the volume's corners) a NIfTI header's qform and sform may disagree before detect says which it used
+NIFTI_TRANSFORMS_AGREE_MM = 0.1
+
+
+def _nifti_transform_notes(path: Path, image: sitk.Image) -> list[str]:
+    """A note where a NIfTI header holds both a qform and an sform that place the voxels differently: which one the
+    volume was read with (as ITK, and so 3D Slicer, reads it; the outputs follow it) and by how much they differ,
+    since another tool that takes the other one puts the findings elsewhere."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return []
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+        (qform, qcode), (sform, scode) = header.get_qform(coded=True), header.get_sform(coded=True)
+    except Exception:  # noqa: BLE001 - the image was read; a header nibabel cannot parse gets no note
+        return []
+    if not qcode or not scode:
+        return []
+    size = np.array(image.GetSize()) - 1
+    corners = np.array([[i, j, k, 1] for i in (0, size[0]) for j in (0, size[1]) for k in (0, size[2])], float).T
+    lps = np.diag([-1, -1, 1, 1])  # NIfTI's transforms are RAS
+    placed = {name: (lps @ affine @ corners)[:3] for name, affine in (("qform", qform), ("sform", sform))}
+    apart = float(np.linalg.norm(placed["qform"] - placed["sform"], axis=0).max())
+    if apart <= NIFTI_TRANSFORMS_AGREE_MM:
+        return []
+    read = np.array([image.TransformContinuousIndexToPhysicalPoint(c[:3].tolist()) for c in corners.T]).T
+    used = min(placed, key=lambda name: float(np.abs(placed[name] - read).max()))
+    other = "sform" if used == "qform" else "qform"
+    return [f"the NIfTI header's qform and sform place the voxels up to {apart:.1f} mm apart; the volume was read "
+            f"with its {used} (as ITK and 3D Slicer read it) and the outputs follow it, so a tool that uses the "
+            f"{other} shows them shifted"]
+
+
 def _header_spacing(path: Path) -> list[float] | None:
     """Spacing as the file's own header states it, before any reader normalizes it."""
     name = path.name.lower()
@@ -338,6 +372,10 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
         try:
             reader.ReadImageInformation()
         except RuntimeError as exc:
+            if "orthonormal" in str(exc):  # ITK's NIfTI reader: a sheared or scaled orientation in the header
+                raise InputError(f"{path}: the header's orientation is not a rotation (sheared or skewed axes), "
+                                 "which ITK cannot place on a grid; resample the volume onto an orthogonal grid "
+                                 "first") from None
             raise InputError(f"{path}: not a readable image ({_first_line(exc)}); "
                              "give a NIfTI, NRRD or MetaImage file or a DICOM folder") from None
         _check_header(reader, path, max_bytes)
@@ -348,6 +386,9 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
         except RuntimeError as exc:
             raise InputError(f"{path}: image data could not be read ({_first_line(exc)}); "
                              "the file may be truncated or corrupt") from None
+        for note in _nifti_transform_notes(path, image):
+            log.warning("%s: %s", path, note)
+            notes.append(note)
     volume = CTVolume(image=image, hu=sitk.GetArrayViewFromImage(image), source=str(path),
                       case_name=case_name_for(given), series_uid=series_uid, dicom_files=dicom_files,
                       warnings=notes)
