@@ -257,6 +257,18 @@ def test_volume_too_large_for_memory(small_ct_file, tmp_path, capsys):
     detect_fails(small_ct_file, tmp_path, capsys, "refused", "--max-memory-gb", "0.0001")
 
 
+def test_dicom_series_too_large_is_refused_before_its_pixels_are_read(small_ct, tmp_path, capsys, monkeypatch):
+    """The size comes from the first file's header and the number of files; a spy on SimpleITK's series reader
+    counts the series read."""
+    folder = tmp_path / "series"
+    write_dicom_series(small_ct, folder)
+    reads = []
+    real = sitk.ImageSeriesReader.Execute
+    monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", lambda self: reads.append(1) or real(self))
+    detect_fails(folder, tmp_path, capsys, "128x128x24 voxels needs about", "--max-memory-gb", "0.0001")
+    assert reads == [], "refused before the series was read"
+
+
 def test_output_folder_not_writable(small_ct_file, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

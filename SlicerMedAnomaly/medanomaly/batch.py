@@ -62,7 +62,7 @@ def _is_dicom_folder(folder: Path) -> bool:
 def each_ct_series(folder: str) -> list[str]:
     """A DICOM folder as inputs: one per CT series where it holds several (series_input), else the folder itself
     (which read_volume refuses with the reason where it holds no CT)."""
-    uids = sorted(uid for uid, _, modality, _ in dicom_series(Path(folder)) if modality in ("CT", ""))
+    uids = sorted(s.uid for s in dicom_series(Path(folder)) if s.modality in ("CT", ""))
     return [series_input(folder, uid) for uid in uids] if len(uids) > 1 else [folder]
 
 

@@ -8,6 +8,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -92,8 +93,16 @@ def available_memory_bytes() -> int:
     return 4 << 30
 
 
-def dicom_series(folder: Path) -> list[tuple[str, list[str], str, str]]:
-    """(series UID, files, modality, description) for every series GDCM finds in a folder, whatever the suffixes."""
+class DicomSeries(NamedTuple):
+    uid: str
+    files: list[str]
+    modality: str
+    description: str
+    size: tuple[int, int, int]  # (columns, rows, slices) from the first file's header and the number of files
+
+
+def dicom_series(folder: Path) -> list[DicomSeries]:
+    """Every series GDCM finds in a folder, whatever the suffixes (only the first file of each is read)."""
     try:
         uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     except RuntimeError:
@@ -110,45 +119,53 @@ def dicom_series(folder: Path) -> list[tuple[str, list[str], str, str]]:
         except RuntimeError:
             continue
         tag = lambda key: reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""  # noqa: E731
-        series.append((uid, files, tag("0008|0060").upper(), tag("0008|103e")))
+        size = tuple(reader.GetSize()) + (1,) * (3 - reader.GetDimension())  # a multi-frame file: its frames
+        series.append(DicomSeries(uid, files, tag("0008|0060").upper(), tag("0008|103e"),
+                                  (size[0], size[1], size[2] * len(files))))
     return series
 
 
-def _read_dicom(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str], list[str]]:
-    """The series' image, UID and files (in the order read), and notes about the choice of series."""
+def _read_dicom(folder: Path, series_uid: str | None, max_bytes: int) -> tuple[sitk.Image, str, list[str], list[str]]:
+    """The series' image, UID and files (in the order read), and notes about the choice of series. A series too large
+    for `max_bytes` is refused from its first file's header, before any pixel is read."""
     notes: list[str] = []
     series = dicom_series(folder)
     if not series:
-        raise InputError(f"{folder}: no DICOM series found; point to a folder of DICOM files or to a NIfTI/NRRD/MHA file")
+        raise InputError(f"{folder}: no DICOM series found; point to a folder of DICOM files or to a NIfTI/NRRD/MHA "
+                         "file")
     if series_uid is not None:
-        chosen = [s for s in series if s[0] == series_uid]
+        chosen = [s for s in series if s.uid == series_uid]
         if not chosen:
-            known = ", ".join(repr(s[0]) for s in series)
+            known = ", ".join(repr(s.uid) for s in series)
             raise InputError(f"{folder}: no series with UID {series_uid!r}; the folder holds {known}")
         chosen = chosen[0]
     else:
-        ct = [s for s in series if s[2] in ("CT", "")]
+        ct = [s for s in series if s.modality in ("CT", "")]
         if not ct:
-            kinds = ", ".join(sorted({s[2] for s in series}))
-            raise InputError(f"{folder}: no CT series (found modality {kinds}); medanomaly needs CT in Hounsfield units")
-        chosen = max(ct, key=lambda s: len(s[1]))
+            kinds = ", ".join(sorted({s.modality for s in series}))
+            raise InputError(f"{folder}: no CT series (found modality {kinds}); medanomaly needs CT in Hounsfield "
+                             "units")
+        chosen = max(ct, key=lambda s: len(s.files))
         if len(series) > 1:
-            notes.append(f"the folder holds {len(series)} series; CT series {chosen[0]!r} ({len(chosen[1])} slices, "
-                         f"{chosen[3] or 'no description'}) was examined, the others were not (choose with --series "
-                         "UID, or give each series its own folder)")
+            notes.append(f"the folder holds {len(series)} series; CT series {chosen.uid!r} ({len(chosen.files)} "
+                         f"slices, {chosen.description or 'no description'}) was examined, the others were not "
+                         "(choose with --series UID, or give each series its own folder)")
             log.warning("%s: %s", folder, notes[-1])
-    if chosen[2] not in ("CT", ""):
-        raise InputError(f"{folder}: series {chosen[0]!r} is {chosen[2]}, not CT; medanomaly needs CT in Hounsfield units")
+    if chosen.modality not in ("CT", ""):
+        raise InputError(f"{folder}: series {chosen.uid!r} is {chosen.modality}, not CT; medanomaly needs CT in "
+                         "Hounsfield units")
+    _check_memory(chosen.size, folder, max_bytes)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(chosen[1])
+    reader.SetFileNames(chosen.files)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's own position, for the check below
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"{folder}: the DICOM series could not be read ({_first_line(exc)}); check that it is complete") from None
-    check_slice_positions(folder, [_numbers(reader, k, "0020|0032") for k in range(len(chosen[1]))],
-                          [_numbers(reader, k, "0020|0037") for k in range(len(chosen[1]))])
-    return image, chosen[0], chosen[1], notes
+        raise InputError(f"{folder}: the DICOM series could not be read ({_first_line(exc)}); "
+                         "check that it is complete") from None
+    check_slice_positions(folder, [_numbers(reader, k, "0020|0032") for k in range(len(chosen.files))],
+                          [_numbers(reader, k, "0020|0037") for k in range(len(chosen.files))])
+    return image, chosen.uid, chosen.files, notes
 
 
 def _numbers(reader: sitk.ImageSeriesReader, k: int, key: str) -> list[float] | None:
@@ -360,8 +377,8 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
     series_uid = dicom_files = None
     notes: list[str] = []
     if path.is_dir():
-        image, series_uid, dicom_files, notes = _read_dicom(path, series)
-        _check_memory(image.GetSize(), path, max_bytes)
+        image, series_uid, dicom_files, notes = _read_dicom(path, series, max_bytes)
+        _check_memory(image.GetSize(), path, max_bytes)  # as read (the first file's header may have undersold it)
     else:
         spacing = _header_spacing(path)
         if spacing is not None and (not np.all(np.isfinite(spacing)) or any(v <= 0 for v in spacing)):
