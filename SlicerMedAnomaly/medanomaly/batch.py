@@ -33,9 +33,10 @@ from .report import is_failed, write_report
 from .volumes import VOLUME_SUFFIXES, case_name_for, dicom_series, series_input, split_series_input
 
 log = logging.getLogger(__name__)
-SUMMARY_FIELDS = ["rank", "case", "input", "series_uid", "volume_score", "volume_p_value", "findings", "top_finding_probability",
-                  "top_finding_p_value", "top_finding_ras_mm", "top_finding_volume_mm3", "top_finding_flagged_by",
-                  "slices_unlike_reference", "body_outside_field_of_view_pct", "status", "error", "seconds"]
+SUMMARY_FIELDS = ["rank", "case", "input", "series_uid", "volume_score", "volume_p_value", "findings",
+                  "top_finding_probability", "top_finding_p_value", "top_finding_ras_mm", "top_finding_volume_mm3",
+                  "top_finding_flagged_by", "slices_unlike_reference", "body_outside_field_of_view_pct", "status",
+                  "error", "seconds"]
 
 
 # files of a folder whose first bytes are read to tell a DICOM folder (not one file only: a folder of DICOM files
