@@ -187,7 +187,7 @@ SLICE_GAP_TOLERANCE_SHARE = 0.01
 def check_slice_positions(folder: Path, positions: list, orientations: list) -> None:
     """Refuse a DICOM series whose slices (in the order read) do not make one evenly spaced stack along their normal:
     a missing or repeated slice, uneven spacing, gantry tilt or orientation that changes. SimpleITK would assemble
-    any of them into a regular grid anyway, with every slice after the first at a position it does not have.
+    any of them into a regular grid anyway, with slices at positions they do not have.
     A series without positions or orientations is left to the reader."""
     if len(positions) < 2 or any(p is None or len(p) != 3 for p in positions) \
             or any(o is None or len(o) != 6 for o in orientations):
@@ -255,34 +255,34 @@ def _nifti_pixdim(path: Path) -> list[float] | None:
 NIFTI_TRANSFORMS_AGREE_MM = 0.1
 
 
-def _nifti_transform_notes(path: Path, image: sitk.Image) -> list[str]:
+def _nifti_transform_note(path: Path, image: sitk.Image) -> str | None:
     """A note where a NIfTI header holds both a qform and an sform that place the voxels differently: which one the
     volume was read with (as ITK, and so 3D Slicer, reads it; the outputs follow it) and by how much they differ,
     since another tool that takes the other one puts the findings elsewhere."""
     if not path.name.lower().endswith((".nii", ".nii.gz")):
-        return []
+        return None
     import nibabel as nib
 
     try:
         header = nib.load(str(path)).header
         (qform, qcode), (sform, scode) = header.get_qform(coded=True), header.get_sform(coded=True)
     except Exception:  # noqa: BLE001 - the image was read; a header nibabel cannot parse gets no note
-        return []
+        return None
     if not qcode or not scode:
-        return []
+        return None
     size = np.array(image.GetSize()) - 1
     corners = np.array([[i, j, k, 1] for i in (0, size[0]) for j in (0, size[1]) for k in (0, size[2])], float).T
     lps = np.diag([-1, -1, 1, 1])  # NIfTI's transforms are RAS
     placed = {name: (lps @ affine @ corners)[:3] for name, affine in (("qform", qform), ("sform", sform))}
     apart = float(np.linalg.norm(placed["qform"] - placed["sform"], axis=0).max())
     if apart <= NIFTI_TRANSFORMS_AGREE_MM:
-        return []
+        return None
     read = np.array([image.TransformContinuousIndexToPhysicalPoint(c[:3].tolist()) for c in corners.T]).T
     used = min(placed, key=lambda name: float(np.abs(placed[name] - read).max()))
     other = "sform" if used == "qform" else "qform"
-    return [f"the NIfTI header's qform and sform place the voxels up to {apart:.1f} mm apart; the volume was read "
+    return (f"the NIfTI header's qform and sform place the voxels up to {apart:.1f} mm apart; the volume was read "
             f"with its {used} (as ITK and 3D Slicer read it) and the outputs follow it, so a tool that uses the "
-            f"{other} shows them shifted"]
+            f"{other} shows them shifted")
 
 
 def _header_spacing(path: Path) -> list[float] | None:
@@ -403,7 +403,8 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
         except RuntimeError as exc:
             raise InputError(f"{path}: image data could not be read ({_first_line(exc)}); "
                              "the file may be truncated or corrupt") from None
-        for note in _nifti_transform_notes(path, image):
+        note = _nifti_transform_note(path, image)
+        if note:
             log.warning("%s: %s", path, note)
             notes.append(note)
     volume = CTVolume(image=image, hu=sitk.GetArrayViewFromImage(image), source=str(path),
