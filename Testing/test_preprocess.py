@@ -272,6 +272,20 @@ def test_nifti_whose_qform_and_sform_disagree_says_which_it_used(tmp_path):
     assert "qform and sform place the voxels up to 34.6 mm apart" in note and "read with its sform" in note
 
 
+def test_dicom_files_that_no_series_could_read_are_named(small_ct, tmp_path):
+    """GDCM leaves a truncated file out of its series without a word; where it was the first or last slice, the rest
+    still makes an evenly spaced stack, so only this note tells that the series is shorter than the folder."""
+    folder = tmp_path / "series"
+    files = write_dicom_series(small_ct[:, :, :12], folder)
+    assert read_volume(folder).warnings == []
+    files[0].write_bytes(files[0].read_bytes()[:300])
+    files[-1].write_bytes(files[-1].read_bytes()[:-4000])
+    volume = read_volume(folder)
+    assert volume.image.GetSize()[2] == 10
+    (note,) = volume.warnings
+    assert note.startswith("2 DICOM file(s) of the folder are in no series that could be read")
+
+
 def test_hu_check_accepts_real_ct(demo_image, tmp_path):
     path = tmp_path / "ct.mha"
     sitk.WriteImage(demo_image, str(path))

@@ -30,7 +30,8 @@ from .bundle import content_hash, default_model_name
 from .ensemble import model_folders, model_identity, resolved_spec
 from .errors import InputError
 from .report import is_failed, write_report
-from .volumes import VOLUME_SUFFIXES, case_name_for, dicom_series, series_input, split_series_input
+from .volumes import (VOLUME_SUFFIXES, case_name_for, dicom_series, has_dicom_preamble, series_input,
+                      split_series_input)
 
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ["rank", "case", "input", "series_uid", "volume_score", "volume_p_value", "findings",
@@ -53,11 +54,7 @@ def _is_dicom_folder(folder: Path) -> bool:
         return False
     if any(p.suffix.lower() == ".dcm" for p in files):
         return True
-    for path in files[:DICOM_PROBE_FILES]:
-        with open(path, "rb") as f:
-            if f.read(132)[128:132] == b"DICM":
-                return True
-    return False
+    return any(has_dicom_preamble(path) for path in files[:DICOM_PROBE_FILES])
 
 
 def each_ct_series(folder: str) -> list[str]:

@@ -93,6 +93,19 @@ def available_memory_bytes() -> int:
     return 4 << 30
 
 
+def has_dicom_preamble(path: str | os.PathLike) -> bool:
+    """A DICOM Part 10 file: "DICM" after the 128-byte preamble."""
+    with open(path, "rb") as f:
+        return f.read(132)[128:132] == b"DICM"
+
+
+def _unread_dicom_files(folder: Path, series: list["DicomSeries"]) -> int:
+    """DICOM files of the folder in no series GDCM could read (it leaves truncated files out without a word)."""
+    listed = {Path(f).name for s in series for f in s.files}
+    return sum(1 for p in folder.iterdir()
+               if p.is_file() and p.name not in listed and p.name.upper() != "DICOMDIR" and has_dicom_preamble(p))
+
+
 class DicomSeries(NamedTuple):
     uid: str
     files: list[str]
@@ -154,6 +167,12 @@ def _read_dicom(folder: Path, series_uid: str | None, max_bytes: int) -> tuple[s
     if chosen.modality not in ("CT", ""):
         raise InputError(f"{folder}: series {chosen.uid!r} is {chosen.modality}, not CT; medanomaly needs CT in "
                          "Hounsfield units")
+    unread = _unread_dicom_files(folder, series)
+    if unread:
+        notes.append(f"{unread} DICOM file(s) of the folder are in no series that could be read (truncated, or not "
+                     "images, such as a dose report) and were not examined; if they belong to this series, it is "
+                     "incomplete")
+        log.warning("%s: %s", folder, notes[-1])
     _check_memory(chosen.size, folder, max_bytes)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(chosen.files)
