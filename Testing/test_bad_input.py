@@ -238,6 +238,42 @@ def test_zero_spacing_nrrd(small_ct_file, tmp_path, capsys):
     detect_fails(path, tmp_path, capsys, "spacing")
 
 
+def test_padding_outside_the_scan_circle_is_read_as_air(small_ct, default_model, tmp_path):
+    """A scanner's padding value (-32768 outside the reconstruction circle) is no Hounsfield unit; such a CT is read
+    with the padding as air and a warning, and detects exactly as the same CT padded with air does. Padding mixed
+    with other values below any HU is still refused."""
+    import medanomaly
+    from medanomaly.errors import InputError
+    from medanomaly.volumes import read_volume
+
+    arr = sitk.GetArrayFromImage(small_ct).astype(np.int16)
+    k, j, i = np.ogrid[:arr.shape[0], :arr.shape[1], :arr.shape[2]]
+    outside = np.broadcast_to((j - arr.shape[1] / 2) ** 2 + (i - arr.shape[2] / 2) ** 2 > (0.5 * arr.shape[1]) ** 2,
+                              arr.shape)
+    cases = {}
+    for name, value in (("padded", -32768), ("air", -1024)):
+        image = sitk.GetImageFromArray(np.where(outside, value, arr).astype(np.int16))
+        image.CopyInformation(small_ct)
+        cases[name] = tmp_path / f"{name}.nrrd"
+        sitk.WriteImage(image, str(cases[name]))
+    before = digest(cases["padded"])
+    volume = read_volume(cases["padded"])
+    (note,) = volume.warnings
+    assert "hold -32768, a padding value" in note and f"{outside.mean():.1%}" in note
+    assert volume.hu.min() >= -1024 and np.array_equal(volume.hu, read_volume(cases["air"]).hu)
+    results = {name: medanomaly.detect_volume(read_volume(path), str(default_model), device="cpu")
+               for name, path in cases.items()}
+    assert np.array_equal(results["padded"].significance, results["air"].significance)
+    assert digest(cases["padded"]) == before, "the input was modified"
+    mixed = np.where(outside, -32768, arr).astype(np.int16)
+    mixed[0, 0, 0] = -5000  # a second value below any HU: not padding
+    image = sitk.GetImageFromArray(mixed)
+    image.CopyInformation(small_ct)
+    sitk.WriteImage(image, str(tmp_path / "mixed.nrrd"))
+    with pytest.raises(InputError, match="outside any Hounsfield-unit range"):
+        read_volume(tmp_path / "mixed.nrrd")
+
+
 def test_values_not_hu(small_ct, tmp_path, capsys):
     arr = sitk.GetArrayFromImage(small_ct).astype(np.int32) + 1024  # stored values without the rescale
     image = sitk.GetImageFromArray(arr)

@@ -442,6 +442,31 @@ def volume_from_image(image: sitk.Image, *, name: str = "volume", allow_non_hu: 
     return volume
 
 
+# Scanners mark the voxels outside their reconstruction circle with a padding value (DICOM's Pixel Padding Value),
+# often far below any Hounsfield unit (-32768); they hold no tissue and are read as air.
+PADDING_AS_HU = -1024
+
+
+def _padding_as_air(volume: CTVolume, lo: float) -> float:
+    """Where every voxel below HU_FLOOR holds the one lowest value, a padding value, those voxels become air
+    (PADDING_AS_HU) in the volume's image (the file is untouched), with a warning; returns the new lowest value.
+    Anything else below HU_FLOOR is left for the HU check to refuse."""
+    padded = volume.hu == volume.hu.dtype.type(lo)
+    rest_lo = float(volume.hu[~padded].min()) if not padded.all() else lo
+    if rest_lo < HU_FLOOR:
+        return lo
+    array = sitk.GetArrayFromImage(volume.image)  # a copy
+    array[padded] = PADDING_AS_HU
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(volume.image)
+    volume.image, volume.hu = image, sitk.GetArrayViewFromImage(image)
+    note = (f"{padded.mean():.1%} of the voxels hold {lo:g}, a padding value (no tissue, outside the scanner's field of "
+            f"view), and were read as air ({PADDING_AS_HU} HU)")
+    volume.warnings.append(note)
+    log.warning("%s: %s", volume.source, note)
+    return min(rest_lo, PADDING_AS_HU)
+
+
 def validate_volume(volume: CTVolume, *, allow_non_hu: bool = False) -> None:
     """Geometry and value checks shared by every way a volume enters the pipeline."""
     image, src = volume.image, volume.source
@@ -459,6 +484,8 @@ def validate_volume(volume: CTVolume, *, allow_non_hu: bool = False) -> None:
     lo, hi = float(hu.min()), float(hu.max())
     if lo == hi:
         raise InputError(f"{src}: every voxel has the value {lo:g}; the volume is empty")
+    if lo < HU_FLOOR:
+        lo = _padding_as_air(volume, lo)
     problem = None
     if lo < HU_FLOOR or hi > HU_CEILING:
         problem = f"values {lo:g}..{hi:g} lie outside any Hounsfield-unit range"
