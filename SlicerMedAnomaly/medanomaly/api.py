@@ -29,7 +29,7 @@ from .outputs import (DICOM_SEG_FILE, CaseStaging, write_dicom_segmentation, wri
                       write_overview, write_segmentation)
 from .preprocess import CUT_EDGE_MM, prepare_slices, unwindow
 from .significance import probability_of_significance
-from .volumes import COVERAGE_WARN_SHARE, CTVolume, check_path_encoding, read_volume
+from .volumes import COVERAGE_WARN_SHARE, CTVolume, check_path_encoding, read_volume, warn
 
 log = logging.getLogger(__name__)
 
@@ -306,12 +306,11 @@ def check_reference(unlike: list, volume: CTVolume, reorientation: Reorientation
     if flagged.size:
         where = ", ".join(f"S {a:g} to {b:g} mm" if a != b else f"S {a:g} mm" for a, b in ranges[:4])
         where += f" and {len(ranges) - 4} more" if len(ranges) > 4 else ""
-        warnings.append(
-            f"{flagged.size} of {int(checked.sum())} slices ({where}) look unlike the model's normal reference: up "
-            f"to {record['max_ratio']:.1f}x as large a share of their tissue above the {REFERENCE_LEVEL * 100:g}th "
-            "percentile of normal tissue as any reference slice. The scan may differ from the model's training data "
-            "(body region, contrast, kernel, scanner) or hold widespread disease; read the findings there with care")
-        log.warning("%s: %s", volume.case_name, warnings[-1])
+        warn(warnings, volume.case_name,
+             f"{flagged.size} of {int(checked.sum())} slices ({where}) look unlike the model's normal reference: up "
+             f"to {record['max_ratio']:.1f}x as large a share of their tissue above the {REFERENCE_LEVEL * 100:g}th "
+             "percentile of normal tissue as any reference slice. The scan may differ from the model's training data "
+             "(body region, contrast, kernel, scanner) or hold widespread disease; read the findings there with care")
     return record, warnings
 
 
@@ -411,9 +410,7 @@ def _write_dicom_seg(result: DetectionResult, path: Path) -> None:
         write_dicom_segmentation(result.labels, result.findings, result.volume.image, result.volume.dicom_files, path,
                                  model_name=result.model["name"], software_version=__version__)
     except OutputError as exc:
-        message = f"{result.volume.case_name}: no DICOM SEG written: {exc}"
-        log.warning(message)
-        result.warnings.append(message)
+        warn(result.warnings, result.volume.case_name, f"no DICOM SEG written: {exc}")
 
 
 def _write_overview(result: DetectionResult, path: Path) -> None:

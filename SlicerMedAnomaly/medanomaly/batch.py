@@ -30,8 +30,8 @@ from .bundle import content_hash, default_model_name
 from .ensemble import model_folders, model_identity, resolved_spec
 from .errors import InputError
 from .report import is_failed, write_report
-from .volumes import (VOLUME_SUFFIXES, case_name_for, dicom_series, has_dicom_preamble, series_input,
-                      split_series_input)
+from .volumes import (VOLUME_SUFFIXES, case_name_for, dicom_series, has_dicom_preamble, is_dicomdir,
+                      series_input, split_series_input)
 
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ["rank", "case", "input", "series_uid", "volume_score", "volume_p_value", "findings",
@@ -46,10 +46,8 @@ DICOM_PROBE_FILES = 5
 
 
 def _is_dicom_folder(folder: Path) -> bool:
-    # hidden files (.DS_Store, say) and a DICOMDIR (the index of exported media, whose images lie in the folders below
-    # it) are no images of a series
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR")
+    # hidden files (.DS_Store, say) and a DICOMDIR are no images of a series
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not is_dicomdir(p))
     if not files or any(p.name.lower().endswith(VOLUME_SUFFIXES) for p in files):
         return False
     if any(p.suffix.lower() == ".dcm" for p in files):
@@ -60,7 +58,7 @@ def _is_dicom_folder(folder: Path) -> bool:
 def each_ct_series(folder: str) -> list[str]:
     """A DICOM folder as inputs: one per CT series where it holds several (series_input), else the folder itself
     (which read_volume refuses with the reason where it holds no CT)."""
-    uids = sorted(s.uid for s in dicom_series(Path(folder)) if s.modality in ("CT", ""))
+    uids = sorted(s.uid for s in dicom_series(Path(folder)) if s.is_ct)
     return [series_input(folder, uid) for uid in uids] if len(uids) > 1 else [folder]
 
 

@@ -93,6 +93,17 @@ def available_memory_bytes() -> int:
     return 4 << 30
 
 
+def warn(warnings: list[str], where: str | os.PathLike, text: str) -> None:
+    """Record a warning with the result (findings.json) and log it with where it comes from."""
+    warnings.append(text)
+    log.warning("%s: %s", where, text)
+
+
+def is_dicomdir(path: Path) -> bool:
+    """The index of exported media (its images lie in the folders below it), not an image of a series."""
+    return path.name.upper() == "DICOMDIR"
+
+
 def has_dicom_preamble(path: str | os.PathLike) -> bool:
     """A DICOM Part 10 file: "DICM" after the 128-byte preamble."""
     with open(path, "rb") as f:
@@ -103,7 +114,7 @@ def _unread_dicom_files(folder: Path, series: list["DicomSeries"]) -> int:
     """DICOM files of the folder in no series GDCM could read (it leaves truncated files out without a word)."""
     listed = {Path(f).name for s in series for f in s.files}
     return sum(1 for p in folder.iterdir()
-               if p.is_file() and p.name not in listed and p.name.upper() != "DICOMDIR" and has_dicom_preamble(p))
+               if p.is_file() and p.name not in listed and not is_dicomdir(p) and has_dicom_preamble(p))
 
 
 class DicomSeries(NamedTuple):
@@ -112,6 +123,10 @@ class DicomSeries(NamedTuple):
     modality: str
     description: str
     size: tuple[int, int, int]  # (columns, rows, slices) from the first file's header and the number of files
+
+    @property
+    def is_ct(self) -> bool:  # a series without a modality is taken for CT; the HU checks judge it
+        return self.modality in ("CT", "")
 
 
 def dicom_series(folder: Path) -> list[DicomSeries]:
@@ -152,27 +167,25 @@ def _read_dicom(folder: Path, series_uid: str | None, max_bytes: int) -> tuple[s
             known = ", ".join(repr(s.uid) for s in series)
             raise InputError(f"{folder}: no series with UID {series_uid!r}; the folder holds {known}")
         chosen = chosen[0]
+        if not chosen.is_ct:
+            raise InputError(f"{folder}: series {chosen.uid!r} is {chosen.modality}, not CT; medanomaly needs CT in "
+                             "Hounsfield units")
     else:
-        ct = [s for s in series if s.modality in ("CT", "")]
+        ct = [s for s in series if s.is_ct]
         if not ct:
             kinds = ", ".join(sorted({s.modality for s in series}))
             raise InputError(f"{folder}: no CT series (found modality {kinds}); medanomaly needs CT in Hounsfield "
                              "units")
         chosen = max(ct, key=lambda s: len(s.files))
         if len(series) > 1:
-            notes.append(f"the folder holds {len(series)} series; CT series {chosen.uid!r} ({len(chosen.files)} "
-                         f"slices, {chosen.description or 'no description'}) was examined, the others were not "
-                         "(choose with --series UID, or give each series its own folder)")
-            log.warning("%s: %s", folder, notes[-1])
-    if chosen.modality not in ("CT", ""):
-        raise InputError(f"{folder}: series {chosen.uid!r} is {chosen.modality}, not CT; medanomaly needs CT in "
-                         "Hounsfield units")
+            warn(notes, folder, f"the folder holds {len(series)} series; CT series {chosen.uid!r} "
+                                f"({len(chosen.files)} slices, {chosen.description or 'no description'}) was examined, "
+                                "the others were not (choose with --series UID, or give each series its own folder)")
     unread = _unread_dicom_files(folder, series)
     if unread:
-        notes.append(f"{unread} DICOM file(s) of the folder are in no series that could be read (truncated, or not "
-                     "images, such as a dose report) and were not examined; if they belong to this series, it is "
-                     "incomplete")
-        log.warning("%s: %s", folder, notes[-1])
+        warn(notes, folder, f"{unread} DICOM file(s) of the folder are in no series that could be read (truncated, "
+                            "or not images, such as a dose report) and were not examined; if they belong to this "
+                            "series, it is incomplete")
     _check_memory(chosen.size, folder, max_bytes)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(chosen.files)
@@ -424,8 +437,7 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
                              "the file may be truncated or corrupt") from None
         note = _nifti_transform_note(path, image)
         if note:
-            log.warning("%s: %s", path, note)
-            notes.append(note)
+            warn(notes, path, note)
     volume = CTVolume(image=image, hu=sitk.GetArrayViewFromImage(image), source=str(path),
                       case_name=case_name_for(given), series_uid=series_uid, dicom_files=dicom_files,
                       warnings=notes)
@@ -460,10 +472,9 @@ def _padding_as_air(volume: CTVolume, lo: float) -> float:
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(volume.image)
     volume.image, volume.hu = image, sitk.GetArrayViewFromImage(image)
-    note = (f"{padded.mean():.1%} of the voxels hold {lo:g}, a padding value (no tissue, outside the scanner's field of "
-            f"view), and were read as air ({PADDING_AS_HU} HU)")
-    volume.warnings.append(note)
-    log.warning("%s: %s", volume.source, note)
+    warn(volume.warnings, volume.source, f"{padded.mean():.1%} of the voxels hold {lo:g}, a padding value (no "
+                                         f"tissue, outside the scanner's field of view), and were read as air "
+                                         f"({PADDING_AS_HU} HU)")
     return min(rest_lo, PADDING_AS_HU)
 
 
