@@ -97,6 +97,51 @@ def write_dicom_series(image: sitk.Image, folder: Path, modality: str = "CT", se
     return files
 
 
+def write_enhanced_ct(image: sitk.Image, path: Path, intercepts: tuple[float, ...] = (-1024.0,),
+                      frame_order: list[int] | None = None, drop_frames: tuple[int, ...] = ()) -> Path:
+    """Write a 3D image as one multi-frame CT object (a Legacy Converted Enhanced CT Image, highdicom), as modern
+    scanners and PACS store a series. Frame k of the stacked slices is stored as unsigned values with rescale
+    intercept intercepts[k % len(intercepts)] (several make the rescale differ frame by frame); `frame_order` stores
+    the frames in another order (each keeps its own position); `drop_frames` leaves those slices out."""
+    import highdicom as hd
+    import pydicom
+
+    slices = path.parent / f".{path.name}.slices"
+    files = write_dicom_series(image, slices)
+    datasets = []
+    for k, file in enumerate(files):
+        if k in drop_frames:
+            continue
+        ds = pydicom.dcmread(file)
+        intercept = intercepts[k % len(intercepts)]
+        stored = ds.pixel_array.astype(np.int32) - int(intercept)
+        assert stored.min() >= 0 and stored.max() < 2**16, "the intercept must lie at or below the lowest value"
+        ds.PixelData, ds.PixelRepresentation = stored.astype(np.uint16).tobytes(), 0
+        ds.RescaleIntercept, ds.RescaleSlope = intercept, 1
+        for keyword, value in (("StudyDate", "20260101"), ("StudyTime", "120000"), ("ContentDate", "20260101"),
+                               ("ContentTime", "120000"), ("Manufacturer", "Test"), ("PatientBirthDate", ""),
+                               ("PatientSex", ""), ("AccessionNumber", ""), ("ReferringPhysicianName", ""),
+                               ("StudyID", "1"), ("SeriesNumber", 1), ("KVP", 120), ("AcquisitionNumber", 1)):
+            setattr(ds, keyword, value)
+        datasets.append(ds)
+    import logging
+
+    logging.getLogger("highdicom").setLevel(logging.ERROR)  # it notes the legacy frame type it cannot fill in
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        datasets, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
+    if frame_order is not None:  # the converter stores frames by position: reorder them with their own tags
+        pixels = enhanced.pixel_array
+        groups = enhanced.PerFrameFunctionalGroupsSequence
+        enhanced.PerFrameFunctionalGroupsSequence = pydicom.Sequence([groups[k] for k in frame_order])
+        enhanced.PixelData = np.ascontiguousarray(pixels[list(frame_order)]).tobytes()
+    for file in files:
+        file.unlink()
+    slices.rmdir()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    enhanced.save_as(path)
+    return path
+
+
 def reoriented(image: sitk.Image, kind: str):
     """The same physical CT stored in another orientation: voxels permuted/flipped with the geometry to match
     (exact), or, for "oblique", resampled onto a rotated grid. Returns (image, array permutation, flips); the

@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("detect", help="detect anomalies in CT volumes and write Slicer-ready results")
-    d.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA files or DICOM folders")
+    d.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="NIfTI/NRRD/MHA files, DICOM folders or multi-frame (enhanced) DICOM CT files")
     d.add_argument("-o", "--output", default="medanomaly-out", help="output folder; results go to OUT/<case>/")
     d.add_argument("--model", default=None, help="model name from the catalog, a bundle folder, or ensemble:NAME1,NAME2 "
                    "(mean of calibrated maps) / ensemble-max:NAME1,NAME2 / ensemble-max-rate:NAME1,NAME2 (maximum after "

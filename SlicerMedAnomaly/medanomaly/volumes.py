@@ -69,13 +69,13 @@ def split_series_input(path: str | os.PathLike) -> tuple[str, str | None]:
 
 
 def case_name_for(path: str | os.PathLike) -> str:
-    """The output folder name of a case: the file name without its image suffix, or the DICOM folder's name (with
-    the series UID for one series of a folder)."""
+    """The output folder name of a case: the file name without its image (or .dcm) suffix, or the DICOM folder's
+    name (with the series UID for one series of a folder)."""
     folder, uid = split_series_input(path)
     if uid is not None:
         return f"{Path(folder).name}-series-{uid}"
     name = Path(path).name
-    for suffix in VOLUME_SUFFIXES:
+    for suffix in (*VOLUME_SUFFIXES, ".dcm"):  # a multi-frame DICOM file's too
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -128,6 +128,10 @@ class DicomSeries(NamedTuple):
     def is_ct(self) -> bool:  # a series without a modality is taken for CT; the HU checks judge it
         return self.modality in ("CT", "")
 
+    @property
+    def is_multiframe(self) -> bool:  # an enhanced CT object: one file holds many slices (frames)
+        return self.size[2] > len(self.files)
+
 
 def dicom_series(folder: Path) -> list[DicomSeries]:
     """Every series GDCM finds in a folder, whatever the suffixes (only the first file of each is read)."""
@@ -138,19 +142,23 @@ def dicom_series(folder: Path) -> list[DicomSeries]:
     series = []
     for uid in uids:
         files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
-        if not files:
-            continue
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(files[0])
         try:
-            reader.ReadImageInformation()
-        except RuntimeError:
+            series.append(_describe_series(files, uid))
+        except (IndexError, RuntimeError):  # no file, or the first unreadable
             continue
-        tag = lambda key: reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""  # noqa: E731
-        size = tuple(reader.GetSize()) + (1,) * (3 - reader.GetDimension())  # a multi-frame file: its frames
-        series.append(DicomSeries(uid, files, tag("0008|0060").upper(), tag("0008|103e"),
-                                  (size[0], size[1], size[2] * len(files))))
     return series
+
+
+def _describe_series(files: list[str], uid: str | None = None) -> DicomSeries:
+    """A series from its files (only the first one's header is read; the UID from it unless given). Raises
+    RuntimeError where that header cannot be read."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    reader.ReadImageInformation()
+    tag = lambda key: reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""  # noqa: E731
+    size = tuple(reader.GetSize()) + (1,) * (3 - reader.GetDimension())  # a multi-frame file: its frames
+    return DicomSeries(uid if uid is not None else tag("0020|000e"), files, tag("0008|0060").upper(),
+                       tag("0008|103e"), (size[0], size[1], size[2] * len(files)))
 
 
 def _read_dicom(folder: Path, series_uid: str | None, max_bytes: int) -> tuple[sitk.Image, str, list[str], list[str]]:
@@ -176,10 +184,10 @@ def _read_dicom(folder: Path, series_uid: str | None, max_bytes: int) -> tuple[s
             kinds = ", ".join(sorted({s.modality for s in series}))
             raise InputError(f"{folder}: no CT series (found modality {kinds}); medanomaly needs CT in Hounsfield "
                              "units")
-        chosen = max(ct, key=lambda s: len(s.files))
+        chosen = max(ct, key=lambda s: s.size[2])  # the most slices, whether files or frames of one
         if len(series) > 1:
             warn(notes, folder, f"the folder holds {len(series)} series; CT series {chosen.uid!r} "
-                                f"({len(chosen.files)} slices, {chosen.description or 'no description'}) was examined, "
+                                f"({chosen.size[2]} slices, {chosen.description or 'no description'}) was examined, "
                                 "the others were not (choose with --series UID, or give each series its own folder)")
     unread = _unread_dicom_files(folder, series)
     if unread:
@@ -187,6 +195,8 @@ def _read_dicom(folder: Path, series_uid: str | None, max_bytes: int) -> tuple[s
                             "or not images, such as a dose report) and were not examined; if they belong to this "
                             "series, it is incomplete")
     _check_memory(chosen.size, folder, max_bytes)
+    if chosen.is_multiframe:
+        return read_multiframe(folder, chosen.files), chosen.uid, chosen.files, notes
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(chosen.files)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's own position, for the check below
@@ -198,6 +208,21 @@ def _read_dicom(folder: Path, series_uid: str | None, max_bytes: int) -> tuple[s
     check_slice_positions(folder, [_numbers(reader, k, "0020|0032") for k in range(len(chosen.files))],
                           [_numbers(reader, k, "0020|0037") for k in range(len(chosen.files))])
     return image, chosen.uid, chosen.files, notes
+
+
+def _read_dicom_file(path: Path, max_bytes: int) -> tuple[sitk.Image, str, list[str]]:
+    """One DICOM file given as the input: a multi-frame CT object is read whole; a single slice is refused."""
+    try:
+        series = _describe_series([str(path)])
+    except RuntimeError as exc:
+        raise InputError(f"{path}: not a readable DICOM image ({_first_line(exc)}); give a DICOM folder or a NIfTI/"
+                         "NRRD/MetaImage file") from None
+    if not series.is_multiframe:
+        raise InputError(f"{path}: a single DICOM slice; give the folder that holds the whole series")
+    if not series.is_ct:
+        raise InputError(f"{path}: the file is {series.modality}, not CT; medanomaly needs CT in Hounsfield units")
+    _check_memory(series.size, path, max_bytes)
+    return read_multiframe(path, series.files), series.uid, series.files
 
 
 def _numbers(reader: sitk.ImageSeriesReader, k: int, key: str) -> list[float] | None:
@@ -216,18 +241,21 @@ SLICE_GAP_TOLERANCE_MM = 0.01
 SLICE_GAP_TOLERANCE_SHARE = 0.01
 
 
-def check_slice_positions(folder: Path, positions: list, orientations: list) -> None:
+def check_slice_positions(folder: Path, positions: list, orientations: list, numbers: list[int] | None = None,
+                          noun: str = "slices") -> None:
     """Refuse a DICOM series whose slices (in the order read) do not make one evenly spaced stack along their normal:
     a missing or repeated slice, uneven spacing, gantry tilt or orientation that changes. SimpleITK would assemble
     any of them into a regular grid anyway, with slices at positions they do not have.
-    A series without positions or orientations is left to the reader."""
+    A series without positions or orientations is left to the reader. Messages name slice k as numbers[k] (default
+    k + 1) and call the slices `noun` (the frames of a multi-frame file)."""
+    numbers = numbers or list(range(1, len(positions) + 1))
     if len(positions) < 2 or any(p is None or len(p) != 3 for p in positions) \
             or any(o is None or len(o) != 6 for o in orientations):
         return
     orientation = np.asarray(orientations, float)
     if np.abs(orientation - orientation[0]).max() > 1e-3:
-        raise InputError(f"{folder}: the slices' orientation changes within the series (a localizer among them?); "
-                         "give a series of parallel slices only")
+        raise InputError(f"{folder}: the {noun}' orientation changes within the series (a localizer among them?); "
+                         f"give a series of parallel {noun} only")
     normal = np.cross(orientation[0, :3], orientation[0, 3:])
     positions = np.asarray(positions, float)
     steps = np.diff(positions, axis=0)
@@ -235,22 +263,86 @@ def check_slice_positions(folder: Path, positions: list, orientations: list) -> 
     gap = float(np.median(np.abs(along)))
     tolerance = max(SLICE_GAP_TOLERANCE_MM, SLICE_GAP_TOLERANCE_SHARE * gap)
     if np.diff(np.sort(positions @ normal)).min() <= tolerance:
-        raise InputError(f"{folder}: two slices lie at the same position; the series holds a repeated slice or two "
-                         "acquisitions, give one acquisition per folder")
+        raise InputError(f"{folder}: two {noun} lie at the same position; the series holds a repeated slice or two "
+                         "acquisitions (or phases), give one acquisition per folder")
     if np.any(np.sign(along) != np.sign(along[0])):
-        raise InputError(f"{folder}: the slices are not in order along their normal; give one acquisition per folder")
+        raise InputError(f"{folder}: the {noun} are not in order along their normal; give one acquisition per "
+                         "folder")
     uneven = np.abs(np.abs(along) - gap) > tolerance
     if np.any(uneven):
         k = int(np.argmax(np.abs(np.abs(along) - gap)))
-        raise InputError(f"{folder}: slices {k + 1} and {k + 2} are {abs(along[k]):.3g} mm apart where the series' "
-                         f"spacing is {gap:.3g} mm ({int(uneven.sum())} uneven gap(s)): a slice is missing or the "
-                         "spacing varies; complete the series, or resample it to even spacing")
+        raise InputError(f"{folder}: {noun} {numbers[k]} and {numbers[k + 1]} are {abs(along[k]):.3g} mm apart where "
+                         f"the series' spacing is {gap:.3g} mm ({int(uneven.sum())} uneven gap(s)): a slice is missing "
+                         "or the spacing varies; complete the series, or resample it to even spacing")
     across = np.linalg.norm(steps - np.outer(along, normal), axis=1)
     if np.any(across > tolerance):
         tilt = float(np.degrees(np.arctan2(across.max(), gap)))
         raise InputError(f"{folder}: each slice is offset {across.max():.3g} mm sideways from the one before (gantry "
                          f"tilt of {tilt:.1f} degrees); resample the series to an orthogonal grid first, such as "
                          "3D Slicer's DICOM acquisition geometry regularization")
+
+
+def _functional_group(dataset, frame: int, sequence: str):
+    """The item of a functional-group sequence that holds for one frame of an enhanced DICOM object: the frame's own,
+    else the one shared by every frame (None if neither has it)."""
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    for group in (per_frame[frame] if per_frame else None, shared[0] if shared else None):
+        items = group.get(sequence) if group is not None else None
+        if items:
+            return items[0]
+    return None
+
+
+def read_multiframe(where: Path, files: list[str]) -> sitk.Image:
+    """A multi-frame (enhanced) CT object: each frame placed by its own position and scaled to HU by its own rescale
+    (highdicom), in the order of the frames' positions whatever the order they are stored in. SimpleITK (GDCM) alone
+    applies one frame's rescale to every frame and misplaces frames stored out of spatial order; a folder holding
+    such a file it reads as a 4D image. Frames that do not make one evenly spaced stack are refused as a series'
+    slices are (check_slice_positions)."""
+    if len(files) > 1:
+        raise InputError(f"{where}: the series is stored in {len(files)} multi-frame files, which medanomaly does not "
+                         "join; give one multi-frame file, or convert the series to NIfTI first (dcm2niix, 3D Slicer)")
+    try:
+        import highdicom as hd
+    except ImportError:
+        raise InputError(f"{where}: reading a multi-frame (enhanced) DICOM CT needs highdicom (pip install "
+                         "highdicom)") from None
+    try:
+        image = hd.imread(files[0], lazy_frame_retrieval=True)
+        frames = int(image.get("NumberOfFrames", 1))
+        positions, orientations = [], []
+        for frame in range(frames):
+            plane = _functional_group(image, frame, "PlanePositionSequence")
+            orientation = _functional_group(image, frame, "PlaneOrientationSequence")
+            positions.append([float(v) for v in plane.ImagePositionPatient] if plane else None)
+            orientations.append([float(v) for v in orientation.ImageOrientationPatient] if orientation else None)
+    except (AttributeError, KeyError, TypeError, ValueError, OSError) as exc:
+        raise InputError(f"{where}: the multi-frame DICOM file could not be read ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}); check that it is complete") from None
+    if any(p is None for p in positions) or any(o is None for o in orientations):
+        raise InputError(f"{where}: the multi-frame DICOM file gives no position or orientation for some frames, so "
+                         "its slices cannot be placed; export the series with its geometry")
+    normal = np.cross(orientations[0][:3], orientations[0][3:])
+    order = np.argsort(np.asarray(positions) @ normal, kind="stable")
+    check_slice_positions(where, [positions[k] for k in order], [orientations[k] for k in order],
+                          numbers=[int(k) + 1 for k in order], noun="frames")
+    try:  # HU: the modality transform (rescale) of each frame, not a real-world value map or a display window
+        volume = image.get_volume(dtype=np.float32, apply_modality_transform=True, apply_real_world_transform=False)
+    except (RuntimeError, ValueError, KeyError, AttributeError, OSError) as exc:
+        raise InputError(f"{where}: the multi-frame DICOM file's frames could not be read as one volume "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    array = volume.array
+    if np.all(np.isfinite(array)) and np.array_equal(array, np.round(array)) \
+            and array.min() >= np.iinfo(np.int16).min and array.max() <= np.iinfo(np.int16).max:
+        array = array.astype(np.int16)  # whole HU, as a single-frame series is read
+    columns = volume.affine[:3, 2::-1]  # highdicom indexes (slice, row, column); SimpleITK's axes are i, j, k
+    spacing = np.linalg.norm(columns, axis=0)
+    result = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    result.SetSpacing(tuple(float(v) for v in spacing))
+    result.SetOrigin(tuple(float(v) for v in volume.affine[:3, 3]))
+    result.SetDirection(tuple(float(v) for v in (columns / spacing).ravel()))
+    return result
 
 
 def _first_line(exc: Exception) -> str:
@@ -411,6 +503,8 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
     if path.is_dir():
         image, series_uid, dicom_files, notes = _read_dicom(path, series, max_bytes)
         _check_memory(image.GetSize(), path, max_bytes)  # as read (the first file's header may have undersold it)
+    elif has_dicom_preamble(path):
+        image, series_uid, dicom_files = _read_dicom_file(path, max_bytes)
     else:
         spacing = _header_spacing(path)
         if spacing is not None and (not np.all(np.isfinite(spacing)) or any(v <= 0 for v in spacing)):
