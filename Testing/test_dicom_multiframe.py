@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import medanomaly
 from conftest import write_dicom_series, write_enhanced_ct
 from medanomaly.errors import InputError
-from medanomaly.outputs import DICOM_SEG_FILE
+from medanomaly.outputs import DICOM_SEG_FILE, DICOM_SR_FILE
 from medanomaly.volumes import read_volume
 
 hd = pytest.importorskip("highdicom")
@@ -104,9 +104,11 @@ def test_dicom_seg_of_an_enhanced_ct_references_its_frames(small_ct, default_mod
     assert result.findings, "a dense 20 mm mass inserted in lung must give a finding"
     case = result.output_dir
     summary = json.loads((case / "findings.json").read_text(encoding="utf-8"))
-    assert DICOM_SEG_FILE in summary["files"] and not summary["warnings"]
+    assert DICOM_SEG_FILE in summary["files"] and DICOM_SR_FILE in summary["files"] and not summary["warnings"]
     seg = hd.seg.segread(case / DICOM_SEG_FILE)
     source = pydicom.dcmread(path, stop_before_pixels=True)
+    sr = hd.sr.srread(case / DICOM_SR_FILE)
+    assert len(sr.content.get_volumetric_roi_measurement_groups()) == len(result.findings)
     for keyword in ("PatientID", "StudyInstanceUID", "FrameOfReferenceUID"):
         assert getattr(seg, keyword) == getattr(source, keyword), keyword
 

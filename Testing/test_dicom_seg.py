@@ -1,6 +1,7 @@
-"""A DICOM input also gets its findings as a DICOM Segmentation (anomalies.seg.dcm), read back here with highdicom
-and pydicom: one segment per finding, voxel for voxel labels.nrrd, in the source series' patient, study and frame of
-reference, each frame referencing the CT slice it lies on."""
+"""A DICOM input also gets its findings as a DICOM Segmentation (anomalies.seg.dcm) and as a DICOM Structured Report
+(anomalies.sr.dcm), read back here with highdicom and pydicom: one segment per finding, voxel for voxel labels.nrrd,
+in the source series' patient, study and frame of reference, each frame referencing the CT slice it lies on; one
+measurement group per finding in the report, tracking and referencing its segment."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import SimpleITK as sitk
 
 import medanomaly
 from conftest import reoriented, write_dicom_series
-from medanomaly.outputs import DICOM_SEG_FILE, FINDING_TERMINOLOGY
+from medanomaly.outputs import DICOM_SEG_FILE, DICOM_SR_FILE, FINDING_TERMINOLOGY, P_VALUE_CODE
 
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 def folder_digest(folder) -> str:
@@ -100,7 +102,8 @@ def test_series_without_frame_of_reference_gets_a_warning_not_a_failure(small_ct
     assert not (case / DICOM_SEG_FILE).exists()
     assert (case / "anomalies.seg.nrrd").is_file() and (case / "labels.nrrd").is_file()
     summary = json.loads((case / "findings.json").read_text(encoding="utf-8"))
-    assert any("no DICOM SEG written: the CT series has no Frame of Reference UID (de-identified" in w
+    assert not (case / DICOM_SR_FILE).exists()
+    assert any("no DICOM SEG or SR written: the CT series has no Frame of Reference UID (de-identified" in w
                for w in summary["warnings"])
 
 
@@ -113,8 +116,74 @@ def test_files_and_folders_without_findings_get_no_dicom_seg(small_ct, default_m
     sitk.WriteImage(image, str(path))
     (result,) = medanomaly.detect(path, tmp_path / "out", model=str(default_model), sensitivity=0.9)
     assert result.findings and not (result.output_dir / DICOM_SEG_FILE).exists()
+    assert not (result.output_dir / DICOM_SR_FILE).exists()
     folder = tmp_path / "normal_series"
     write_dicom_series(small_ct, folder)
     (result,) = medanomaly.detect(folder, tmp_path / "out", model=str(default_model), sensitivity=0.0)
     assert not result.findings and not (result.output_dir / DICOM_SEG_FILE).exists()
+    assert not (result.output_dir / DICOM_SR_FILE).exists()
     assert not json.loads((result.output_dir / "findings.json").read_text(encoding="utf-8"))["warnings"]
+
+
+def test_dicom_sr_lists_each_finding_and_references_its_segment(nodule_series, default_model, tmp_path):
+    """anomalies.sr.dcm: a TID 1500 measurement report with one volumetric group per finding, tracked by its SEG
+    segment's tracking UID, referencing that segment, with the volume, mean HU and p-value of findings.json."""
+    (result,) = medanomaly.detect(nodule_series, tmp_path / "out", model=str(default_model), sensitivity=0.9)
+    case = result.output_dir
+    summary = json.loads((case / "findings.json").read_text(encoding="utf-8"))
+    assert DICOM_SR_FILE in summary["files"] and not summary["warnings"]
+    seg = hd.seg.segread(case / DICOM_SEG_FILE)
+    sr = hd.sr.srread(case / DICOM_SR_FILE)
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR_STORAGE and sr.CompletionFlag == "COMPLETE"
+    for keyword in ("PatientID", "StudyInstanceUID"):
+        assert getattr(sr, keyword) == getattr(seg, keyword), keyword
+    assert sr.SeriesInstanceUID not in (seg.SeriesInstanceUID, seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    # the evidence: every CT instance of the series and the SEG
+    evidence = {series.SeriesInstanceUID: {item.ReferencedSOPInstanceUID for item in series.ReferencedSOPSequence}
+                for study in sr.CurrentRequestedProcedureEvidenceSequence for series in study.ReferencedSeriesSequence}
+    ct_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in nodule_series.iterdir()}
+    assert evidence == {seg.ReferencedSeriesSequence[0].SeriesInstanceUID: ct_uids,
+                        seg.SeriesInstanceUID: {seg.SOPInstanceUID}}
+
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "labels.nrrd")))
+    slice_uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID  # in the order the CT was read
+                  for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(nodule_series))]
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(result.findings) == seg.number_of_segments
+    for group, finding, segment in zip(groups, result.findings, seg.SegmentSequence):
+        assert group.tracking_uid == segment.TrackingUID
+        reference = group.referenced_segment
+        assert reference.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert reference.referenced_segment_numbers == [finding["label"]]
+        # the CT slices the finding lies on, and only those
+        on = {slice_uids[k] for k in np.flatnonzero((labels == finding["label"]).any(axis=(1, 2)))}
+        assert {image.referenced_sop_instance_uid for image in reference.source_images_for_segmentation} == on
+        assert group.finding_type.value == FINDING_TERMINOLOGY["type"][1]
+        values = {m.name.value: (m.value, m.unit.value) for m in group.get_measurements()}
+        assert values == {"118565006": (pytest.approx(finding["volume_mm3"]), "mm3"),
+                          "112181": (pytest.approx(finding["mean_hu"]), "[hnsf'U]"),
+                          P_VALUE_CODE[1]: (pytest.approx(finding["p_value"]), "1")}
+
+
+def test_dicom_sr_of_a_single_finding(small_ct, tmp_path):
+    """A SEG of one segment keeps its segment number in the shared functional groups, where highdicom's
+    ReferencedSegment.from_segmentation does not look (it failed on it): the SR still references the segment and
+    the CT slices it lies on."""
+    from medanomaly.outputs import write_dicom_report, write_dicom_segmentation
+    from medanomaly.volumes import read_volume
+
+    folder = tmp_path / "series"
+    write_dicom_series(small_ct[:, :, :8], folder)
+    volume = read_volume(folder)
+    labels = np.zeros(sitk.GetArrayViewFromImage(volume.image).shape, np.uint8)
+    labels[3:5, 40:50, 40:50] = 1
+    finding = {"id": 1, "label": 1, "name": "Anomaly 1", "p_value": 0.001, "volume_mm3": 123.0, "mean_hu": -20.5}
+    seg, sources = write_dicom_segmentation(labels, [finding], volume.image, volume.dicom_files, tmp_path / "seg.dcm",
+                                            model_name="test", software_version="0")
+    assert seg.number_of_segments == 1
+    write_dicom_report(seg, sources, [finding], tmp_path / "sr.dcm", model_name="test", software_version="0")
+    (group,) = hd.sr.srread(tmp_path / "sr.dcm").content.get_volumetric_roi_measurement_groups()
+    reference = group.referenced_segment
+    assert reference.referenced_segment_numbers == [1] and reference.referenced_sop_instance_uid == seg.SOPInstanceUID
+    assert {image.referenced_sop_instance_uid for image in reference.source_images_for_segmentation} == \
+        {sources[3].SOPInstanceUID, sources[4].SOPInstanceUID}

@@ -1,4 +1,4 @@
-"""A DICOM SEG of a real scanner's series: written, read back and timed.
+"""A DICOM SEG and SR of a real scanner's series: written, read back and timed.
 
     python scripts/benchmark_dicom_seg.py [--series DIR] [--model NAME] [--sensitivity 0.9] [--runs 5] [--json F]
 
@@ -6,7 +6,8 @@ The shared abdomen series (Siemens, JPEG 2000, de-identified) is used twice: as 
 it cannot carry a SEG (its Study and Series Instance UIDs were blanked), and as a copy in a temporary folder with new
 UIDs filled in where they are empty, as a PACS export would have them (every other byte as read, pixel data still
 compressed). For the copy: the findings, the SEG's size and frames, a check that the SEG read back with highdicom
-gives labels.nrrd slice by slice through the source instances, and the time of writing it (medians of the runs).
+gives labels.nrrd slice by slice through the source instances, and the time of writing it (medians of the runs); the
+SR's size, its measurement groups (one per finding, tracking its segment) and the time of writing it.
 """
 
 import argparse
@@ -22,7 +23,7 @@ import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
 import medanomaly
-from medanomaly.outputs import DICOM_SEG_FILE, write_dicom_segmentation
+from medanomaly.outputs import DICOM_SEG_FILE, DICOM_SR_FILE, write_dicom_report, write_dicom_segmentation
 from medanomaly.volumes import read_volume
 
 SHARED_SERIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct" / "abdomen_ct_02_dicom"
@@ -61,13 +62,17 @@ def main() -> None:
         (result,) = medanomaly.detect(copy, tmp / "out", model=args.model, sensitivity=args.sensitivity)
         seg_path = result.output_dir / DICOM_SEG_FILE
         volume = read_volume(copy)
-        seconds = []
+        seconds, sr_seconds = [], []
         for run in range(args.runs):
             t0 = time.perf_counter()
-            write_dicom_segmentation(result.labels, result.findings, volume.image, volume.dicom_files,
-                                     tmp / f"run{run}.dcm", model_name=result.model["name"],
-                                     software_version=medanomaly.__version__)
-            seconds.append(time.perf_counter() - t0)
+            segmentation, sources = write_dicom_segmentation(
+                result.labels, result.findings, volume.image, volume.dicom_files, tmp / f"run{run}.dcm",
+                model_name=result.model["name"], software_version=medanomaly.__version__)
+            t1 = time.perf_counter()
+            write_dicom_report(segmentation, sources, result.findings, tmp / f"run{run}.sr.dcm",
+                               model_name=result.model["name"], software_version=medanomaly.__version__)
+            seconds.append(t1 - t0)
+            sr_seconds.append(time.perf_counter() - t1)
         import highdicom as hd
 
         seg = hd.seg.segread(seg_path)
@@ -83,6 +88,16 @@ def main() -> None:
             "write_seconds_median": round(statistics.median(seconds), 3),
             "write_seconds": [round(s, 3) for s in seconds],
             "warnings": [w for w in result.warnings if "DICOM SEG" in w],
+        }
+        sr_path = result.output_dir / DICOM_SR_FILE
+        sr = hd.sr.srread(sr_path)
+        groups = sr.content.get_volumetric_roi_measurement_groups()
+        report["with_uids"]["sr"] = {
+            "written": sr_path.exists(), "bytes": sr_path.stat().st_size, "measurement_groups": len(groups),
+            "groups_track_their_segments": ([g.tracking_uid for g in groups]
+                                            == [s.TrackingUID for s in seg.SegmentSequence]),
+            "write_seconds_median": round(statistics.median(sr_seconds), 3),
+            "write_seconds": [round(s, 3) for s in sr_seconds],
         }
     print(json.dumps(report, indent=2))
     if args.json:

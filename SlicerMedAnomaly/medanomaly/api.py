@@ -25,8 +25,8 @@ from .engine import CancelCheck, ProgressCallback, pick_device, score_slices, to
 from .errors import InputError, OutputError
 from .findings import find_findings, min_voxels_for, strongest_finding_p_value
 from .orientation import Reorientation
-from .outputs import (DICOM_SEG_FILE, CaseStaging, write_dicom_segmentation, write_image, write_json, write_mood,
-                      write_overview, write_segmentation)
+from .outputs import (DICOM_SEG_FILE, DICOM_SR_FILE, CaseStaging, write_dicom_report, write_dicom_segmentation,
+                      write_image, write_json, write_mood, write_overview, write_segmentation)
 from .preprocess import CUT_EDGE_MM, prepare_slices, unwindow
 from .significance import probability_of_significance
 from .volumes import COVERAGE_WARN_SHARE, CTVolume, check_path_encoding, read_volume, warn
@@ -381,7 +381,7 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
                 write_image(result.labels, image, staging.path / "labels.nrrd")
                 write_segmentation(result.labels, result.findings, image, staging.path / "anomalies.seg.nrrd")
                 if volume.dicom_files and result.findings:
-                    _write_dicom_seg(result, staging.path / DICOM_SEG_FILE)
+                    _write_dicom_objects(result, staging.path)
 
             with side_executor(2) as pool:
                 pending = [pool.submit(maps), pool.submit(others)]
@@ -403,14 +403,23 @@ def write_case(result: DetectionResult, output_dir: str | Path, *, mood: bool = 
     return result.output_dir
 
 
-def _write_dicom_seg(result: DetectionResult, path: Path) -> None:
-    """anomalies.seg.dcm for a DICOM input with findings; a series that cannot carry one gets a warning, not a
-    failed case (every other file is as good without it)."""
+def _write_dicom_objects(result: DetectionResult, folder: Path) -> None:
+    """anomalies.seg.dcm and anomalies.sr.dcm (the findings table, referencing the SEG's segments) for a DICOM input
+    with findings; a series that cannot carry them gets a warning, not a failed case (every other file is as good
+    without them)."""
+    name, case = result.model["name"], result.volume.case_name
     try:
-        write_dicom_segmentation(result.labels, result.findings, result.volume.image, result.volume.dicom_files, path,
-                                 model_name=result.model["name"], software_version=__version__)
+        segmentation, sources = write_dicom_segmentation(
+            result.labels, result.findings, result.volume.image, result.volume.dicom_files, folder / DICOM_SEG_FILE,
+            model_name=name, software_version=__version__)
     except OutputError as exc:
-        warn(result.warnings, result.volume.case_name, f"no DICOM SEG written: {exc}")
+        warn(result.warnings, case, f"no DICOM SEG or SR written: {exc}")
+        return
+    try:
+        write_dicom_report(segmentation, sources, result.findings, folder / DICOM_SR_FILE, model_name=name,
+                           software_version=__version__)
+    except OutputError as exc:
+        warn(result.warnings, case, f"no DICOM SR written: {exc}")
 
 
 def _write_overview(result: DetectionResult, path: Path) -> None:

@@ -15,6 +15,7 @@ import slicerio
 
 from .bundle import replace_dir, staging_dir
 from .errors import OutputError
+from .volumes import functional_group
 
 # Slicer's terminology for a finding: category and type from the "3D Slicer General Anatomy list" context.
 FINDING_TERMINOLOGY = {
@@ -71,6 +72,8 @@ def write_segmentation(labels: np.ndarray, findings: list[dict], reference: sitk
 
 DICOM_SEG_FILE = "anomalies.seg.dcm"
 DICOM_SEG_SERIES_NUMBER = 9001
+DICOM_SR_FILE = "anomalies.sr.dcm"
+DICOM_SR_SERIES_NUMBER = 9002
 # what every source instance must have for a SEG to reference it
 DICOM_SEG_NEEDS = (("SOPClassUID", "SOP Class UID"), ("SOPInstanceUID", "SOP Instance UID"),
                    ("StudyInstanceUID", "Study Instance UID"), ("SeriesInstanceUID", "Series Instance UID"),
@@ -78,11 +81,12 @@ DICOM_SEG_NEEDS = (("SOPClassUID", "SOP Class UID"), ("SOPInstanceUID", "SOP Ins
 
 
 def write_dicom_segmentation(labels: np.ndarray, findings: list[dict], reference: sitk.Image, source_files: list[str],
-                             path: Path, *, model_name: str, software_version: str) -> None:
+                             path: Path, *, model_name: str, software_version: str) -> tuple:
     """A DICOM Segmentation of the findings (binary; segment i is finding i with the .seg.nrrd's name, terminology and
     colour) in the source CT series' patient, study and frame of reference, each frame placed by the input's exact
-    geometry and referencing the CT slice it lies on (highdicom). Raises OutputError with the reason when the series
-    cannot carry one (no frame of reference, say)."""
+    geometry and referencing the CT slice it lies on (highdicom). Returns the segmentation and the source CT's headers
+    (for write_dicom_report). Raises OutputError with the reason when the series cannot carry one (no frame of
+    reference, say)."""
     try:
         import highdicom as hd
         import pydicom
@@ -130,6 +134,82 @@ def write_dicom_segmentation(labels: np.ndarray, findings: list[dict], reference
             series_description=f"MedAnomaly findings ({model_name})"[:64])
         seg.save_as(path)
     except (AttributeError, KeyError, TypeError, ValueError, InvalidDicomError) as exc:
+        raise OutputError(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    return seg, sources
+
+
+def segment_source_images(segmentation, number: int) -> list:
+    """The CT images (and frames, of a multi-frame CT) that a segment's frames were derived from, as an SR names
+    them. highdicom's ReferencedSegment.from_segmentation looks for each frame's segment number only among its own
+    functional groups, and a SEG of one segment holds it in the shared ones (highdicom 0.28 fails on it)."""
+    import highdicom as hd
+    from pydicom.multival import MultiValue
+
+    sources: dict[str, tuple[str, set[int]]] = {}
+    for frame in range(int(segmentation.NumberOfFrames)):
+        identification = functional_group(segmentation, frame, "SegmentIdentificationSequence")
+        if identification is None or int(identification.ReferencedSegmentNumber) != number:
+            continue
+        for source in functional_group(segmentation, frame, "DerivationImageSequence").SourceImageSequence:
+            frames = source.get("ReferencedFrameNumber")
+            frames = [] if frames is None else list(frames) if isinstance(frames, MultiValue) else [frames]
+            entry = sources.setdefault(source.ReferencedSOPInstanceUID, (source.ReferencedSOPClassUID, set()))
+            entry[1].update(int(f) for f in frames)
+    return [hd.sr.SourceImageForSegmentation(sop_class, uid, referenced_frame_numbers=sorted(frames) or None)
+            for uid, (sop_class, frames) in sources.items()]
+
+
+# A finding's p-value (the chance that normal CT makes a finding as strong, per volume) has no standard code: a
+# private coding scheme, as DICOM allows ("99" designators)
+P_VALUE_CODE = ("99MEDANOMALY", "p-value", "Finding p-value under normal CT")
+
+
+def write_dicom_report(segmentation, sources: list, findings: list[dict], path: Path, *, model_name: str,
+                       software_version: str) -> None:
+    """The findings table as a DICOM Structured Report (TID 1500 Imaging Measurement Report in a Comprehensive 3D
+    SR; highdicom), the companion of the DICOM SEG that DICOM viewers and archives read with it: one volumetric ROI
+    group per finding, tracked by its SEG segment's tracking UID and referencing that segment, with the finding's
+    volume (mm3), mean attenuation (HU) and p-value. Raises OutputError with the reason where it cannot be made."""
+    try:
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+    except ImportError:
+        raise OutputError("highdicom is not installed (pip install highdicom)") from None
+    concept = lambda code: hd.sr.CodedConcept(value=code[1], scheme_designator=code[0], meaning=code[2])  # noqa: E731
+    try:
+        algorithm = hd.sr.AlgorithmIdentification(name=f"MedAnomaly {model_name}"[:64], version=software_version)
+        groups = []
+        for finding, segment in zip(findings, segmentation.SegmentSequence):
+            measurements = [
+                hd.sr.Measurement(name=codes.SCT.Volume, value=float(finding["volume_mm3"]),
+                                  unit=codes.UCUM.CubicMillimeter, algorithm_id=algorithm),
+                hd.sr.Measurement(name=codes.DCM.MeanAttenuationCoefficient, value=float(finding["mean_hu"]),
+                                  unit=codes.UCUM.HounsfieldUnit, algorithm_id=algorithm),
+            ]
+            if "p_value" in finding:
+                measurements.append(hd.sr.Measurement(name=concept(P_VALUE_CODE), value=float(finding["p_value"]),
+                                                      unit=codes.UCUM.NoUnits, algorithm_id=algorithm))
+            groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=segment.TrackingUID, identifier=segment.TrackingID),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=segmentation.SOPClassUID, sop_instance_uid=segmentation.SOPInstanceUID,
+                    segment_number=segment.SegmentNumber,
+                    source_images=segment_source_images(segmentation, segment.SegmentNumber)),
+                finding_type=concept(FINDING_TERMINOLOGY["type"]), algorithm_id=algorithm,
+                measurements=measurements))
+        device = hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=hd.UID(), name="MedAnomaly", manufacturer_name="MedAnomaly", model_name=model_name[:64]))
+        report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
+                                         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+                                         imaging_measurements=groups)
+        document = hd.sr.Comprehensive3DSR(
+            evidence=[*sources, segmentation], content=report, series_instance_uid=hd.UID(),
+            series_number=DICOM_SR_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
+            manufacturer="MedAnomaly", is_complete=True, series_description=f"MedAnomaly findings ({model_name})"[:64])
+        document.save_as(path)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise OutputError(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
 
 

@@ -282,7 +282,7 @@ def check_slice_positions(folder: Path, positions: list, orientations: list, num
                          "3D Slicer's DICOM acquisition geometry regularization")
 
 
-def _functional_group(dataset, frame: int, sequence: str):
+def functional_group(dataset, frame: int, sequence: str):
     """The item of a functional-group sequence that holds for one frame of an enhanced DICOM object: the frame's own,
     else the one shared by every frame (None if neither has it)."""
     per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
@@ -313,8 +313,8 @@ def read_multiframe(where: Path, files: list[str]) -> sitk.Image:
         frames = int(image.get("NumberOfFrames", 1))
         positions, orientations = [], []
         for frame in range(frames):
-            plane = _functional_group(image, frame, "PlanePositionSequence")
-            orientation = _functional_group(image, frame, "PlaneOrientationSequence")
+            plane = functional_group(image, frame, "PlanePositionSequence")
+            orientation = functional_group(image, frame, "PlaneOrientationSequence")
             positions.append([float(v) for v in plane.ImagePositionPatient] if plane else None)
             orientations.append([float(v) for v in orientation.ImageOrientationPatient] if orientation else None)
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as exc:
