@@ -121,7 +121,8 @@ def write_enhanced_ct(image: sitk.Image, path: Path, intercepts: tuple[float, ..
         for keyword, value in (("StudyDate", "20260101"), ("StudyTime", "120000"), ("ContentDate", "20260101"),
                                ("ContentTime", "120000"), ("Manufacturer", "Test"), ("PatientBirthDate", ""),
                                ("PatientSex", ""), ("AccessionNumber", ""), ("ReferringPhysicianName", ""),
-                               ("StudyID", "1"), ("SeriesNumber", 1), ("KVP", 120), ("AcquisitionNumber", 1)):
+                               ("StudyID", "1"), ("SeriesNumber", 1), ("KVP", 120), ("AcquisitionNumber", 1),
+                               ("ImageType", ["ORIGINAL", "PRIMARY", "AXIAL"])):
             setattr(ds, keyword, value)
         datasets.append(ds)
     import logging
