@@ -9,14 +9,16 @@ scanner's export makes):
 - the whole chest_ct_01 (512x512x141) written as a series (Testing/conftest.write_dicom_series), converted with the
   rescale intercept varying frame by frame and the frames stored in a shuffled order.
 For each: the voxels and geometry read from the file against those read from the series (read_volume both), and the
-time of read_volume for each (medians of the runs, page cache warm). The CTs are those of ../shared/data (see
-../shared/data/SOURCES.md).
+time of read_volume for each (medians of the runs, page cache warm), and the peak RSS of a fresh process that reads
+each once. The CTs are those of ../shared/data (see ../shared/data/SOURCES.md).
 """
 
 import argparse
 import json
 import logging
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,6 +76,27 @@ def compare(enhanced: sitk.Image, series: sitk.Image) -> dict:
             "max_abs_difference_hu": int(diff.max())}
 
 
+# VmHWM, the peak RSS of the process's own memory since its exec (ru_maxrss would carry over this large parent's)
+PEAK_RSS_CHILD = """
+import sys
+from medanomaly.volumes import read_volume
+def peak_mb():
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM:"))
+before = peak_mb()
+read_volume(sys.argv[1])
+print(before, peak_mb())
+"""
+
+
+def peak_rss_mb(path) -> dict:
+    """Peak RSS of a fresh process that reads the input once, and the same process's peak after its imports."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS_CHILD, str(path)], capture_output=True, text=True,
+                         check=True, env=env).stdout.split()
+    return {"after_imports_mb": int(out[0]), "after_read_mb": int(out[1])}
+
+
 def timed(path, runs: int) -> tuple[float, sitk.Image]:
     times, image = [], None
     for _ in range(runs):
@@ -112,6 +135,8 @@ def main() -> None:
                 "enhanced_file_mb": round(enhanced.stat().st_size / 2**20, 1),
                 "read_series_s_median": round(series_seconds, 3),
                 "read_enhanced_s_median": round(enhanced_seconds, 3),
+                "peak_rss_series": peak_rss_mb(folder),
+                "peak_rss_enhanced": peak_rss_mb(enhanced),
             }
             print(name, json.dumps(report["cases"][name]))
     if args.json:

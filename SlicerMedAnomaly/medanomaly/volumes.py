@@ -294,6 +294,20 @@ def functional_group(dataset, frame: int, sequence: str):
     return None
 
 
+def _as_int16_if_whole(array: np.ndarray) -> np.ndarray:
+    """A float volume of whole HU within int16 as int16 (as a single-frame series is read), converted slice by slice
+    so that no second float copy is held; else the array as it is."""
+    info = np.iinfo(np.int16)
+    for plane in array:
+        if not (np.isfinite(plane).all() and info.min <= plane.min() and plane.max() <= info.max
+                and np.array_equal(plane, np.round(plane))):
+            return array
+    out = np.empty(array.shape, np.int16)
+    for k, plane in enumerate(array):
+        out[k] = plane
+    return out
+
+
 def read_multiframe(where: Path, files: list[str]) -> sitk.Image:
     """A multi-frame (enhanced) CT object: each frame placed by its own position and scaled to HU by its own rescale
     (highdicom), in the order of the frames' positions whatever the order they are stored in. SimpleITK (GDCM) alone
@@ -332,10 +346,7 @@ def read_multiframe(where: Path, files: list[str]) -> sitk.Image:
     except (RuntimeError, ValueError, KeyError, AttributeError, OSError) as exc:
         raise InputError(f"{where}: the multi-frame DICOM file's frames could not be read as one volume "
                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-    array = volume.array
-    if np.all(np.isfinite(array)) and np.array_equal(array, np.round(array)) \
-            and array.min() >= np.iinfo(np.int16).min and array.max() <= np.iinfo(np.int16).max:
-        array = array.astype(np.int16)  # whole HU, as a single-frame series is read
+    array = _as_int16_if_whole(volume.array)
     columns = volume.affine[:3, 2::-1]  # highdicom indexes (slice, row, column); SimpleITK's axes are i, j, k
     spacing = np.linalg.norm(columns, axis=0)
     result = sitk.GetImageFromArray(np.ascontiguousarray(array))
