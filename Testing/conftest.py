@@ -143,6 +143,36 @@ def write_enhanced_ct(image: sitk.Image, path: Path, intercepts: tuple[float, ..
     return path
 
 
+def compress_jpeg_lossless(path: Path) -> Path:
+    """Recompress a DICOM file's pixel data in place as JPEG Lossless (process 14, selection value 1), the
+    compression PACS usually store CT in: encoded by GDCM, every header as it was (GDCM's image writer would rewrite
+    an enhanced object's functional groups from its own idea of the geometry)."""
+    import gdcm
+    import pydicom
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    assert reader.Read(), path
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(reader.GetImage())
+    assert change.Change(), path
+    encoded = path.parent / f".{path.name}.jpeg"
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(encoded))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write(), path
+    compressed = pydicom.dcmread(encoded)
+    encoded.unlink()
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = compressed.file_meta.TransferSyntaxUID
+    ds.PixelData = compressed.PixelData  # the encapsulated frames, in the stored order
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def reoriented(image: sitk.Image, kind: str):
     """The same physical CT stored in another orientation: voxels permuted/flipped with the geometry to match
     (exact), or, for "oblique", resampled onto a rotated grid. Returns (image, array permutation, flips); the

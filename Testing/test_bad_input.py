@@ -162,6 +162,43 @@ def test_irregular_dicom_series_refused(small_ct, tmp_path, capsys, fault):
     detect_fails(folder, tmp_path, capsys, expect)
 
 
+@pytest.mark.parametrize("corrupt", ["rle_first", "rle_middle", "jpeg_lossless", "jpeg2000"])
+def test_corrupt_compressed_slice_is_one_line(small_ct, tmp_path, corrupt):
+    """A slice whose compressed pixel data is corrupt. GDCM divides by zero on an RLE frame that declares no
+    segment, which killed the process (SIGFPE, exit 136, no message) even while it listed the folder's series; its
+    JPEG and JPEG 2000 decoders print their complaints straight onto stderr. Now: exit 2, one line that names the
+    file or the decoder's complaint, nothing written, the input unchanged. Run as a real child process, so that a
+    crash fails this test instead of the test run."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    folder = tmp_path / corrupt
+    files = write_dicom_series(small_ct[:, :, :6], folder)
+    victim = files[0 if corrupt == "rle_first" else 3]
+    ds = pydicom.dcmread(victim)
+    ds.file_meta.TransferSyntaxUID = {"jpeg_lossless": pydicom.uid.JPEGLosslessSV1,
+                                      "jpeg2000": pydicom.uid.JPEG2000Lossless}.get(corrupt, pydicom.uid.RLELossless)
+    # an RLE header of zeros (no segment); for the JPEGs, bytes that are no JPEG stream
+    ds.PixelData = encapsulate([bytes(64) if corrupt.startswith("rle") else bytes(range(256)) * 4])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(victim, enforce_file_format=True)
+    before = digest(folder)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "medanomaly.cli", "detect", str(folder), "-o", str(out)],
+                          capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-500:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("medanomaly: error:"), proc.stderr
+    expect = {"rle_first": f"{victim.name} is corrupt: its RLE-compressed pixel data declares 0 segments",
+              "rle_middle": f"{victim.name} is corrupt: its RLE-compressed pixel data declares 0 segments",
+              "jpeg_lossless": "the decoder said: Not a JPEG file",
+              "jpeg2000": "the decoder said:"}[corrupt]
+    assert expect in lines[0] and "(0x" not in lines[0], lines[0]
+    assert not out.exists() or not any(out.iterdir())
+    assert digest(folder) == before
+
+
 def test_regular_dicom_series_read_on_its_own_positions(small_ct, tmp_path):
     """The check passes a regular series in every stacking direction, and the grid read is the one written."""
     from medanomaly.volumes import read_volume

@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 import medanomaly
-from conftest import write_dicom_series, write_enhanced_ct
+from conftest import compress_jpeg_lossless, write_dicom_series, write_enhanced_ct
 from medanomaly.errors import InputError
 from medanomaly.outputs import DICOM_SEG_FILE, DICOM_SR_FILE
 from medanomaly.volumes import read_volume
@@ -65,6 +65,30 @@ def test_enhanced_ct_reads_as_its_single_frame_series(small_ct, tmp_path):
         assert volume.series_uid == pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID
     assert volume.case_name == "ct"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before, "the input must not change"
+
+
+def test_jpeg_lossless_enhanced_ct_reads_as_uncompressed(small_ct, tmp_path):
+    """JPEG Lossless, which pydicom decodes only through a plugin (python-gdcm here): the same HU at the same places."""
+    reference = read_volume(write_dicom_series(small_ct[:, :, :12], tmp_path / "series")[0].parent).image
+    path = write_enhanced_ct(small_ct[:, :, :12], tmp_path / "enhanced" / "ct.dcm", intercepts=INTERCEPTS,
+                             frame_order=SHUFFLED)
+    compress_jpeg_lossless(path)
+    assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    same_voxels_and_places(read_volume(path).image, reference)
+
+
+def test_undecodable_enhanced_ct_is_one_line(small_ct, tmp_path, capsys):
+    """Frames that cannot be decoded (pixel data that is not what its transfer syntax says): one error line, no
+    traceback (highdicom logs one before it raises), nothing written, the file unchanged."""
+    from test_bad_input import detect_fails
+
+    path = write_enhanced_ct(small_ct[:, :, :6], tmp_path / "enhanced" / "ct.dcm")
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.RLELossless
+    ds.PixelData = pydicom.encaps.encapsulate([bytes(range(256)) * 4] * int(ds.NumberOfFrames))  # no RLE header
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    detect_fails(path, tmp_path, capsys, "the multi-frame DICOM file's frames could not be read as one volume")
 
 
 @pytest.mark.parametrize("fault", ["missing", "repeated"])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -134,31 +137,96 @@ class DicomSeries(NamedTuple):
 
 
 def dicom_series(folder: Path) -> list[DicomSeries]:
-    """Every series GDCM finds in a folder, whatever the suffixes (only the first file of each is read)."""
-    try:
-        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError:
-        uids = ()
+    """Every series GDCM finds in a folder, whatever the suffixes (only the first file of each is read). A corrupt
+    RLE file, on which GDCM's scan of the folder would kill the process, is refused first."""
+    _refuse_corrupt_rle(folder, [str(p) for p in sorted(folder.iterdir()) if p.is_file() and not is_dicomdir(p)])
+    with _stderr_captured() as decoder_lines:
+        try:
+            uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        except RuntimeError:
+            uids = ()
+        listed = [list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids]
+    for line in decoder_lines:
+        log.debug("while listing %s: %s", folder, line)
     series = []
-    for uid in uids:
-        files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+    for uid, files in zip(uids, listed):
         try:
             series.append(_describe_series(files, uid))
-        except (IndexError, RuntimeError):  # no file, or the first unreadable
+        except (IndexError, UnreadableHeader):  # no file, or the first unreadable
             continue
     return series
 
 
+class UnreadableHeader(Exception):
+    """A DICOM file whose header cannot be read as an image's."""
+
+
+def _header(path: str):
+    """A DICOM file's header without its pixel data (pydicom). GDCM's header reader decodes the first RLE frame's
+    header and divides by zero on a corrupt one, which kills the process."""
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+
+
 def _describe_series(files: list[str], uid: str | None = None) -> DicomSeries:
     """A series from its files (only the first one's header is read; the UID from it unless given). Raises
-    RuntimeError where that header cannot be read."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(files[0])
-    reader.ReadImageInformation()
-    tag = lambda key: reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""  # noqa: E731
-    size = tuple(reader.GetSize()) + (1,) * (3 - reader.GetDimension())  # a multi-frame file: its frames
-    return DicomSeries(uid if uid is not None else tag("0020|000e"), files, tag("0008|0060").upper(),
-                       tag("0008|103e"), (size[0], size[1], size[2] * len(files)))
+    UnreadableHeader where that header cannot be read or describes no image."""
+    try:
+        ds = _header(files[0])
+        text = lambda keyword: str(ds.get(keyword) or "").strip()  # noqa: E731
+        size = (int(ds.Columns), int(ds.Rows), int(ds.get("NumberOfFrames") or 1) * len(files))
+    except Exception as exc:  # pydicom raises many kinds on a file that is not DICOM or not an image
+        raise UnreadableHeader(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+    return DicomSeries(uid if uid is not None else text("SeriesInstanceUID"), files, text("Modality").upper(),
+                       text("SeriesDescription"), size)
+
+
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+
+def _refuse_corrupt_rle(where: Path, files: list[str]) -> None:
+    """Refuse a series with an RLE-compressed file whose frame declares no segment (or more than DICOM allows):
+    GDCM divides by zero on it and the process dies. Only RLE files are read beyond their file meta."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    for path in files:
+        try:
+            if pydicom.filereader.read_file_meta_info(path).get("TransferSyntaxUID") != RLE_LOSSLESS:
+                continue
+            ds = pydicom.dcmread(path, force=True)
+            frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
+        except Exception:  # unreadable here: GDCM's own reading reports it
+            continue
+        for frame in frames:
+            segments = int.from_bytes(frame[:4], "little") if len(frame) >= 64 else 0
+            if not 1 <= segments <= 15 or int.from_bytes(frame[4:8], "little") != 64:
+                raise InputError(f"{where}: {Path(path).name} is corrupt: its RLE-compressed pixel data declares "
+                                 f"{segments} segments; replace that file, or export the series again")
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """What libraries print on stderr during the block, captured instead of shown: GDCM's JPEG and JPEG 2000
+    decoders print a line per attempt on a corrupt slice (from C, on the process's stderr), and highdicom prints a
+    traceback before it raises on a frame it cannot decode (on sys.stderr). The list it yields holds those lines
+    after the block; our one-line error is what the user sees."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_text = io.StringIO()
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(python_text):
+                yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace") + python_text.getvalue()
+            lines.extend(line for line in text.splitlines() if line.strip())
 
 
 def _read_dicom(folder: Path, series_uid: str | None, max_bytes: int) -> tuple[sitk.Image, str, list[str], list[str]]:
@@ -200,11 +268,18 @@ def _read_dicom(folder: Path, series_uid: str | None, max_bytes: int) -> tuple[s
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(chosen.files)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's own position, for the check below
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(f"{folder}: the DICOM series could not be read ({_first_line(exc)}); "
-                         "check that it is complete") from None
+    failure = None
+    with _stderr_captured() as decoder_lines:
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            failure = _first_line(exc)
+    for line in decoder_lines:
+        log.debug("while reading %s: %s", folder, line)
+    if failure is not None:
+        said = f"; the decoder said: {decoder_lines[-1].strip()}" if decoder_lines else ""
+        raise InputError(f"{folder}: the DICOM series could not be read ({failure}{said}); check that it is complete "
+                         "and not corrupt")
     check_slice_positions(folder, [_numbers(reader, k, "0020|0032") for k in range(len(chosen.files))],
                           [_numbers(reader, k, "0020|0037") for k in range(len(chosen.files))])
     return image, chosen.uid, chosen.files, notes
@@ -214,9 +289,9 @@ def _read_dicom_file(path: Path, max_bytes: int) -> tuple[sitk.Image, str, list[
     """One DICOM file given as the input: a multi-frame CT object is read whole; a single slice is refused."""
     try:
         series = _describe_series([str(path)])
-    except RuntimeError as exc:
-        raise InputError(f"{path}: not a readable DICOM image ({_first_line(exc)}); give a DICOM folder or a NIfTI/"
-                         "NRRD/MetaImage file") from None
+    except UnreadableHeader as exc:
+        raise InputError(f"{path}: not a readable DICOM image ({exc}); give a DICOM folder or a NIfTI/NRRD/MetaImage "
+                         "file") from None
     if not series.is_multiframe:
         raise InputError(f"{path}: a single DICOM slice; give the folder that holds the whole series")
     if not series.is_ct:
@@ -341,11 +416,17 @@ def read_multiframe(where: Path, files: list[str]) -> sitk.Image:
     order = np.argsort(np.asarray(positions) @ normal, kind="stable")
     check_slice_positions(where, [positions[k] for k in order], [orientations[k] for k in order],
                           numbers=[int(k) + 1 for k in order], noun="frames")
+    printed: list[str] = []
     try:  # HU: the modality transform (rescale) of each frame, not a real-world value map or a display window
-        volume = image.get_volume(dtype=np.float32, apply_modality_transform=True, apply_real_world_transform=False)
+        with _stderr_captured() as printed:
+            volume = image.get_volume(dtype=np.float32, apply_modality_transform=True,
+                                      apply_real_world_transform=False)
     except (RuntimeError, ValueError, KeyError, AttributeError, OSError) as exc:
         raise InputError(f"{where}: the multi-frame DICOM file's frames could not be read as one volume "
                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    finally:
+        for line in printed:
+            log.debug("while reading %s: %s", where, line)
     array = _as_int16_if_whole(volume.array)
     columns = volume.affine[:3, 2::-1]  # highdicom indexes (slice, row, column); SimpleITK's axes are i, j, k
     spacing = np.linalg.norm(columns, axis=0)
@@ -363,7 +444,7 @@ def _first_line(exc: Exception) -> str:
         if marker in text:
             text = text.split(marker)[-1]
             break
-    text = text.split("Description:")[-1].strip()
+    text = re.sub(r"\(0x[0-9a-fA-F]+\)", "", text.split("Description:")[-1]).strip()  # no object addresses
     return (text or type(exc).__name__)[:200]
 
 
