@@ -240,7 +240,7 @@ def _cmd_info(args) -> int:
              f"numpy {numpy.__version__}", f"SimpleITK {SimpleITK.Version.VersionString()}"]
     from importlib.metadata import PackageNotFoundError, version
 
-    for package in ("monai", "highdicom", "dask", "faiss-cpu"):  # the optional or lazily imported ones
+    for package in ("monai", "highdicom", "pydicom", "python-gdcm", "dask", "faiss-cpu"):  # optional or lazily imported
         try:
             lines.append(f"{package} {version(package)}")
         except PackageNotFoundError:
