@@ -190,8 +190,8 @@ def test_corrupt_compressed_slice_is_one_line(small_ct, tmp_path, corrupt):
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-500:])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("medanomaly: error:"), proc.stderr
-    expect = {"rle_first": f"{victim.name} is corrupt: its RLE-compressed pixel data declares 0 segments",
-              "rle_middle": f"{victim.name} is corrupt: its RLE-compressed pixel data declares 0 segments",
+    expect = {"rle_first": f"{victim.name} is corrupt: its RLE-compressed pixel data has no valid RLE header (0 se",
+              "rle_middle": f"{victim.name} is corrupt: its RLE-compressed pixel data has no valid RLE header (0 se",
               "jpeg_lossless": "the decoder said: Not a JPEG file",
               "jpeg2000": "the decoder said:"}[corrupt]
     assert expect in lines[0] and "(0x" not in lines[0], lines[0]

@@ -161,19 +161,14 @@ class UnreadableHeader(Exception):
     """A DICOM file whose header cannot be read as an image's."""
 
 
-def _header(path: str):
-    """A DICOM file's header without its pixel data (pydicom). GDCM's header reader decodes the first RLE frame's
-    header and divides by zero on a corrupt one, which kills the process."""
+def _describe_series(files: list[str], uid: str | None = None) -> DicomSeries:
+    """A series from its files (only the first one's header is read, by pydicom: GDCM's header reader decodes an RLE
+    frame's header and divides by zero on a corrupt one; the UID from it unless given). Raises UnreadableHeader
+    where that header cannot be read or describes no image."""
     import pydicom
 
-    return pydicom.dcmread(path, stop_before_pixels=True, force=True)
-
-
-def _describe_series(files: list[str], uid: str | None = None) -> DicomSeries:
-    """A series from its files (only the first one's header is read; the UID from it unless given). Raises
-    UnreadableHeader where that header cannot be read or describes no image."""
     try:
-        ds = _header(files[0])
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
         text = lambda keyword: str(ds.get(keyword) or "").strip()  # noqa: E731
         size = (int(ds.Columns), int(ds.Rows), int(ds.get("NumberOfFrames") or 1) * len(files))
     except Exception as exc:  # pydicom raises many kinds on a file that is not DICOM or not an image
@@ -199,11 +194,12 @@ def _refuse_corrupt_rle(where: Path, files: list[str]) -> None:
             frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
         except Exception:  # unreadable here: GDCM's own reading reports it
             continue
-        for frame in frames:
+        for frame in frames:  # an RLE header: the number of segments (1-15), then their offsets, the first 64
             segments = int.from_bytes(frame[:4], "little") if len(frame) >= 64 else 0
             if not 1 <= segments <= 15 or int.from_bytes(frame[4:8], "little") != 64:
-                raise InputError(f"{where}: {Path(path).name} is corrupt: its RLE-compressed pixel data declares "
-                                 f"{segments} segments; replace that file, or export the series again")
+                raise InputError(f"{where}: {Path(path).name} is corrupt: its RLE-compressed pixel data has no valid "
+                                 f"RLE header ({segments} segments declared); replace that file, or export the "
+                                 "series again")
 
 
 @contextlib.contextmanager
