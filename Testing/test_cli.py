@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import SimpleITK as sitk
 from conftest import DEMO_CT, ROOT, denser_tissue
 
@@ -88,3 +89,19 @@ def test_detect_warns_about_slices_unlike_the_normal_reference(small_ct, small_c
     (warning,) = unusual["warnings"]
     assert warning.startswith(f"{check['slices_unlike']} of 24 slices (S ")
     assert "look unlike the model's normal reference" in warning and warning in unusual_log
+
+
+@pytest.mark.skipif(os.name != "posix", reason="closes the child's stderr with preexec_fn (POSIX)")
+def test_detect_on_a_dicom_folder_without_stderr(small_ct, tmp_path):
+    """A windowed process (pythonw, a GUI's child) has no stderr at all: reading a DICOM series, which captures the
+    decoders' stderr, still works and writes the case."""
+    from conftest import write_dicom_series
+
+    folder = tmp_path / "series"
+    write_dicom_series(small_ct[:, :, :8], folder)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "SlicerMedAnomaly"))
+    command = [sys.executable, "-m", "medanomaly.cli", "-q", "detect", str(folder), "-o", str(tmp_path / "out"),
+               "--model", "chest-ct-hu-outlier", "--no-overview"]
+    run = subprocess.run(command, preexec_fn=lambda: os.close(2), stdout=subprocess.PIPE, env=env, timeout=300)
+    assert run.returncode == 0
+    assert (tmp_path / "out" / "series" / "findings.json").is_file()

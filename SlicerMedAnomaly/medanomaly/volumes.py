@@ -209,17 +209,23 @@ def _stderr_captured():
     traceback before it raises on a frame it cannot decode (on sys.stderr). The list it yields holds those lines
     after the block; our one-line error is what the user sees."""
     lines: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all (a windowed process): nothing to keep clean at the descriptor level
+        saved = None
     python_text = io.StringIO()
     with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
+        if saved is not None:
+            os.dup2(sink.fileno(), 2)
         try:
             with contextlib.redirect_stderr(python_text):
                 yield lines
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
             sink.seek(0)
             text = sink.read().decode("utf-8", "replace") + python_text.getvalue()
             lines.extend(line for line in text.splitlines() if line.strip())
