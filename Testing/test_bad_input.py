@@ -199,6 +199,50 @@ def test_corrupt_compressed_slice_is_one_line(small_ct, tmp_path, corrupt):
     assert digest(folder) == before
 
 
+def write_media(series: dict[str, sitk.Image], root: Path, tmp_path: Path) -> dict[str, Path]:
+    """Exported media as a CD or a PACS download has it: DICOMDIR beside PATIENT/STUDY/SERIES folders (pydicom's
+    FileSet). Returns each series' folder by its UID."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    media = FileSet()
+    for uid, image in series.items():
+        for k, file in enumerate(write_dicom_series(image, tmp_path / f"src-{uid}", series_uid=uid)):
+            ds = pydicom.dcmread(file)
+            ds.StudyID, ds.StudyDate, ds.StudyTime = "1", "20260101", "1200"
+            ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+            media.add(ds)
+    media.write(root)
+    folders = {}
+    for uid in series:
+        (first,) = {Path(i.path).parent for i in media.find(SeriesInstanceUID=uid)}
+        folders[uid] = first
+    return folders
+
+
+def test_exported_media_folder_or_dicomdir(small_ct, tmp_path):
+    """`detect` on exported media (its root, or its DICOMDIR): the one series below is read, with a note; with several
+    the refusal says how many and what to give (or --series picks one). It said "no DICOM series found" before."""
+    from medanomaly.errors import InputError
+    from medanomaly.volumes import read_volume
+
+    root = tmp_path / "media"
+    (folder,) = write_media({"1.2.3.4": small_ct[:, :, :10]}, root, tmp_path).values()
+    expected = read_volume(folder)
+    for given in (root, root / "DICOMDIR"):
+        volume = read_volume(given)
+        assert volume.dicom_files == expected.dicom_files and volume.case_name == "media"
+        assert np.array_equal(volume.hu, expected.hu) and volume.image.GetOrigin() == expected.image.GetOrigin()
+        assert any("holds no DICOM series itself" in w and str(folder.relative_to(root)) in w for w in volume.warnings)
+
+    two = tmp_path / "two"
+    folders = write_media({"1.2.3.4": small_ct[:, :, :10], "1.2.3.5": small_ct[:, :, 10:16]}, two, tmp_path)
+    with pytest.raises(InputError, match="no DICOM series in the folder itself, but 2 DICOM folders below it"):
+        read_volume(two)
+    volume = read_volume(two, series="1.2.3.5")
+    assert volume.series_uid == "1.2.3.5" and volume.dicom_files == read_volume(folders["1.2.3.5"]).dicom_files
+
+
 def test_regular_dicom_series_read_on_its_own_positions(small_ct, tmp_path):
     """The check passes a regular series in every stacking direction, and the grid read is the one written."""
     from medanomaly.volumes import read_volume

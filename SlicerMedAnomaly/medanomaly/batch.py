@@ -30,29 +30,14 @@ from .bundle import content_hash, default_model_name
 from .ensemble import model_folders, model_identity, resolved_spec
 from .errors import InputError
 from .report import is_failed, write_report
-from .volumes import (VOLUME_SUFFIXES, case_name_for, dicom_series, has_dicom_preamble, is_dicomdir,
-                      series_input, split_series_input)
+from .volumes import (VOLUME_SUFFIXES, case_name_for, dicom_series, is_dicom_folder, series_input,
+                      split_series_input)
 
 log = logging.getLogger(__name__)
 SUMMARY_FIELDS = ["rank", "case", "input", "series_uid", "volume_score", "volume_p_value", "findings",
                   "top_finding_probability", "top_finding_p_value", "top_finding_ras_mm", "top_finding_volume_mm3",
                   "top_finding_flagged_by", "slices_unlike_reference", "body_outside_field_of_view_pct", "status",
                   "error", "seconds"]
-
-
-# files of a folder whose first bytes are read to tell a DICOM folder (not one file only: a folder of DICOM files
-# may also hold a stray text file or an index)
-DICOM_PROBE_FILES = 5
-
-
-def _is_dicom_folder(folder: Path) -> bool:
-    # hidden files (.DS_Store, say) and a DICOMDIR are no images of a series
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not is_dicomdir(p))
-    if not files or any(p.name.lower().endswith(VOLUME_SUFFIXES) for p in files):
-        return False
-    if any(p.suffix.lower() == ".dcm" for p in files):
-        return True
-    return any(has_dicom_preamble(path) for path in files[:DICOM_PROBE_FILES])
 
 
 def each_ct_series(folder: str) -> list[str]:
@@ -85,7 +70,7 @@ def find_inputs(inputs: list[str], each_series: bool = False) -> list[str]:
             for root, dirs, files in os.walk(path):
                 dirs.sort()
                 folder = Path(root)
-                if _is_dicom_folder(folder):
+                if is_dicom_folder(folder):
                     found.append(str(folder))
                     continue
                 found += [str(folder / f) for f in sorted(files) if f.lower().endswith(VOLUME_SUFFIXES)]

@@ -73,11 +73,13 @@ def split_series_input(path: str | os.PathLike) -> tuple[str, str | None]:
 
 def case_name_for(path: str | os.PathLike) -> str:
     """The output folder name of a case: the file name without its image (or .dcm) suffix, or the DICOM folder's
-    name (with the series UID for one series of a folder)."""
+    name (with the series UID for one series of a folder; for a DICOMDIR, the folder it indexes)."""
     folder, uid = split_series_input(path)
     if uid is not None:
         return f"{Path(folder).name}-series-{uid}"
     name = Path(path).name
+    if is_dicomdir(Path(path)):  # exported media's index: the case is the media's folder
+        return Path(path).resolve().parent.name
     for suffix in (*VOLUME_SUFFIXES, ".dcm"):  # a multi-frame DICOM file's too
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -111,6 +113,33 @@ def has_dicom_preamble(path: str | os.PathLike) -> bool:
     """A DICOM Part 10 file: "DICM" after the 128-byte preamble."""
     with open(path, "rb") as f:
         return f.read(132)[128:132] == b"DICM"
+
+
+# files of a folder whose first bytes are read to tell a DICOM folder (not one file only: a folder of DICOM files
+# may also hold a stray text file or an index)
+DICOM_PROBE_FILES = 5
+
+
+def is_dicom_folder(folder: Path) -> bool:
+    """A folder of DICOM files (a series, or several), told from its files' names and first bytes only."""
+    # hidden files (.DS_Store, say) and a DICOMDIR are no images of a series
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not is_dicomdir(p))
+    if not files or any(p.name.lower().endswith(VOLUME_SUFFIXES) for p in files):
+        return False
+    if any(p.suffix.lower() == ".dcm" for p in files):
+        return True
+    return any(has_dicom_preamble(path) for path in files[:DICOM_PROBE_FILES])
+
+
+def dicom_folders_below(folder: Path) -> list[Path]:
+    """The DICOM folders inside a folder, at any depth (exported media: DICOMDIR beside PATIENT/STUDY/SERIES
+    folders), in a stable order."""
+    found = []
+    for root, dirs, _ in os.walk(folder):
+        dirs.sort()
+        if Path(root) != folder and is_dicom_folder(Path(root)):
+            found.append(Path(root))
+    return found
 
 
 def _unread_dicom_files(folder: Path, series: list["DicomSeries"]) -> int:
@@ -236,6 +265,18 @@ def _read_dicom(folder: Path, series_uid: str | None, max_bytes: int) -> tuple[s
     for `max_bytes` is refused from its first file's header, before any pixel is read."""
     notes: list[str] = []
     series = dicom_series(folder)
+    if not series:  # exported media, say: the series lie in folders below
+        below = dicom_folders_below(folder)
+        if len(below) > 1 and series_uid is not None:  # the folder below that holds the series asked for
+            below = [f for f in below if any(s.uid == series_uid for s in dicom_series(f))][:1] or below
+        if len(below) > 1:
+            raise InputError(f"{folder}: no DICOM series in the folder itself, but {len(below)} DICOM folders below "
+                             f"it (such as {below[0].relative_to(folder)}); give one of them, or run `medanomaly "
+                             "batch` on this folder for every series")
+        if below:
+            warn(notes, folder, f"the folder holds no DICOM series itself; the one folder of DICOM files below it, "
+                                f"{below[0].relative_to(folder)}, was examined")
+            folder, series = below[0], dicom_series(below[0])
     if not series:
         raise InputError(f"{folder}: no DICOM series found; point to a folder of DICOM files or to a NIfTI/NRRD/MHA "
                          "file")
@@ -594,6 +635,8 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
     check_path_encoding(path, InputError)
     series_uid = dicom_files = None
     notes: list[str] = []
+    if is_dicomdir(path):  # the index of exported media: its series lie in the folders beside it
+        path = path.parent
     if path.is_dir():
         image, series_uid, dicom_files, notes = _read_dicom(path, series, max_bytes)
         _check_memory(image.GetSize(), path, max_bytes)  # as read (the first file's header may have undersold it)
