@@ -199,7 +199,8 @@ def test_corrupt_compressed_slice_is_one_line(small_ct, tmp_path, corrupt):
     assert digest(folder) == before
 
 
-def write_media(series: dict[str, sitk.Image], root: Path, tmp_path: Path) -> dict[str, Path]:
+def write_media(series: dict[str, sitk.Image], root: Path, tmp_path: Path,
+                modalities: dict[str, str] | None = None) -> dict[str, Path]:
     """Exported media as a CD or a PACS download has it: DICOMDIR beside PATIENT/STUDY/SERIES folders (pydicom's
     FileSet). Returns each series' folder by its UID."""
     import pydicom
@@ -207,7 +208,8 @@ def write_media(series: dict[str, sitk.Image], root: Path, tmp_path: Path) -> di
 
     media = FileSet()
     for uid, image in series.items():
-        for k, file in enumerate(write_dicom_series(image, tmp_path / f"src-{uid}", series_uid=uid)):
+        modality = (modalities or {}).get(uid, "CT")
+        for k, file in enumerate(write_dicom_series(image, tmp_path / f"src-{uid}", modality=modality, series_uid=uid)):
             ds = pydicom.dcmread(file)
             ds.StudyID, ds.StudyDate, ds.StudyTime = "1", "20260101", "1200"
             ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
@@ -237,10 +239,19 @@ def test_exported_media_folder_or_dicomdir(small_ct, tmp_path):
 
     two = tmp_path / "two"
     folders = write_media({"1.2.3.4": small_ct[:, :, :10], "1.2.3.5": small_ct[:, :, 10:16]}, two, tmp_path)
-    with pytest.raises(InputError, match="no DICOM series in the folder itself, but 2 DICOM folders below it"):
+    with pytest.raises(InputError, match="no DICOM series in the folder itself, but 2 folders of CT below it"):
         read_volume(two)
     volume = read_volume(two, series="1.2.3.5")
     assert volume.series_uid == "1.2.3.5" and volume.dicom_files == read_volume(folders["1.2.3.5"]).dicom_files
+
+    # beside a series that is not CT (a report's, an MR), the CT is the one read
+    mixed = tmp_path / "mixed"
+    folders = write_media({"1.2.3.4": small_ct[:, :, :10], "1.2.3.6": small_ct[:, :, 10:16]}, mixed, tmp_path,
+                          modalities={"1.2.3.6": "MR"})
+    volume = read_volume(mixed)
+    assert volume.series_uid == "1.2.3.4" and volume.dicom_files == read_volume(folders["1.2.3.4"]).dicom_files
+    with pytest.raises(InputError, match="no series '9.9' in the folder or in the 2 DICOM folder"):
+        read_volume(mixed, series="9.9")
 
 
 def test_regular_dicom_series_read_on_its_own_positions(small_ct, tmp_path):

@@ -260,23 +260,35 @@ def _stderr_captured():
             lines.extend(line for line in text.splitlines() if line.strip())
 
 
+def _series_below(folder: Path, series_uid: str | None, notes: list[str]) -> tuple[Path, list[DicomSeries]]:
+    """For a folder without a series of its own (exported media: DICOMDIR beside PATIENT/STUDY/SERIES folders), the
+    one folder below that holds a CT series (or the series asked for) and its series, with a note; (folder, []) where
+    there is no DICOM folder below. More than one such folder, or none with CT, is refused with what to give."""
+    below = {f: dicom_series(f) for f in dicom_folders_below(folder)}
+    wanted = (lambda s: s.uid == series_uid) if series_uid is not None else (lambda s: s.is_ct)  # noqa: E731
+    candidates = [f for f, held in below.items() if any(map(wanted, held))]
+    if below and not candidates:
+        asked = f"series {series_uid!r}" if series_uid is not None else "CT series"
+        raise InputError(f"{folder}: no {asked} in the folder or in the {len(below)} DICOM folder(s) below it; "
+                         "medanomaly needs CT in Hounsfield units")
+    if len(candidates) > 1:
+        raise InputError(f"{folder}: no DICOM series in the folder itself, but {len(candidates)} folders of CT below "
+                         f"it (such as {candidates[0].relative_to(folder)}); give one of them (or --series UID), or "
+                         "run `medanomaly batch` on this folder for every series")
+    if not candidates:
+        return folder, []
+    warn(notes, folder, f"the folder holds no DICOM series itself; the folder of DICOM files below it, "
+                        f"{candidates[0].relative_to(folder)}, was examined")
+    return candidates[0], below[candidates[0]]
+
+
 def _read_dicom(folder: Path, series_uid: str | None, max_bytes: int) -> tuple[sitk.Image, str, list[str], list[str]]:
     """The series' image, UID and files (in the order read), and notes about the choice of series. A series too large
     for `max_bytes` is refused from its first file's header, before any pixel is read."""
     notes: list[str] = []
     series = dicom_series(folder)
     if not series:  # exported media, say: the series lie in folders below
-        below = dicom_folders_below(folder)
-        if len(below) > 1 and series_uid is not None:  # the folder below that holds the series asked for
-            below = [f for f in below if any(s.uid == series_uid for s in dicom_series(f))][:1] or below
-        if len(below) > 1:
-            raise InputError(f"{folder}: no DICOM series in the folder itself, but {len(below)} DICOM folders below "
-                             f"it (such as {below[0].relative_to(folder)}); give one of them, or run `medanomaly "
-                             "batch` on this folder for every series")
-        if below:
-            warn(notes, folder, f"the folder holds no DICOM series itself; the one folder of DICOM files below it, "
-                                f"{below[0].relative_to(folder)}, was examined")
-            folder, series = below[0], dicom_series(below[0])
+        folder, series = _series_below(folder, series_uid, notes)
     if not series:
         raise InputError(f"{folder}: no DICOM series found; point to a folder of DICOM files or to a NIfTI/NRRD/MHA "
                          "file")
