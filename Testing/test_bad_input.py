@@ -254,6 +254,36 @@ def test_exported_media_folder_or_dicomdir(small_ct, tmp_path):
         read_volume(mixed, series="9.9")
 
 
+@pytest.mark.parametrize("kind", ["dicom", "nrrd", "mha"])
+def test_volume_without_spacing_refused(small_ct, tmp_path, capsys, kind):
+    """A header that gives no voxel spacing: a DICOM series without Pixel Spacing, a NRRD written from a bare array
+    (pynrrd with no header), a MetaImage without ElementSpacing. ITK reads 1 mm for each, and every size, volume and
+    position would have been wrong without a word (a 3.9 mm CT scored as a 1 mm one)."""
+    import nrrd
+    import pydicom
+
+    if kind == "dicom":
+        path = tmp_path / "series"
+        for file in write_dicom_series(small_ct[:, :, :6], path):
+            ds = pydicom.dcmread(file)
+            del ds.PixelSpacing
+            ds.save_as(file)
+        expect = "the DICOM series gives no Pixel Spacing (0028,0030), so its pixel size is unknown"
+    elif kind == "nrrd":
+        path = tmp_path / "bare.nrrd"
+        nrrd.write(str(path), sitk.GetArrayFromImage(small_ct).T.copy())
+        expect = "the header gives no voxel spacing, so the voxel size is unknown"
+    else:
+        path = tmp_path / "bare.mha"
+        sitk.WriteImage(small_ct, str(path))
+        data = path.read_bytes()
+        head, rest = data.split(b"ElementDataFile", 1)
+        head = b"".join(line for line in head.splitlines(keepends=True) if not line.startswith(b"ElementSpacing"))
+        path.write_bytes(head + b"ElementDataFile" + rest)
+        expect = "the header gives no voxel spacing, so the voxel size is unknown"
+    detect_fails(path, tmp_path, capsys, expect)
+
+
 def test_regular_dicom_series_read_on_its_own_positions(small_ct, tmp_path):
     """The check passes a regular series in every stacking direction, and the grid read is the one written."""
     from medanomaly.volumes import read_volume

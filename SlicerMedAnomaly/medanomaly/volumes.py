@@ -155,6 +155,7 @@ class DicomSeries(NamedTuple):
     modality: str
     description: str
     size: tuple[int, int, int]  # (columns, rows, slices) from the first file's header and the number of files
+    pixel_spacing: bool = True  # whether the first file's header gives the pixel spacing (GDCM assumes 1 mm if not)
 
     @property
     def is_ct(self) -> bool:  # a series without a modality is taken for CT; the HU checks judge it
@@ -200,10 +201,20 @@ def _describe_series(files: list[str], uid: str | None = None) -> DicomSeries:
         ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
         text = lambda keyword: str(ds.get(keyword) or "").strip()  # noqa: E731
         size = (int(ds.Columns), int(ds.Rows), int(ds.get("NumberOfFrames") or 1) * len(files))
+        measures = functional_group(ds, 0, "PixelMeasuresSequence")  # an enhanced object's
+        spacing = bool(ds.get("PixelSpacing") or (measures is not None and measures.get("PixelSpacing")))
     except Exception as exc:  # pydicom raises many kinds on a file that is not DICOM or not an image
         raise UnreadableHeader(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
     return DicomSeries(uid if uid is not None else text("SeriesInstanceUID"), files, text("Modality").upper(),
-                       text("SeriesDescription"), size)
+                       text("SeriesDescription"), size, spacing)
+
+
+def _check_pixel_spacing(where: Path, series: DicomSeries) -> None:
+    """A CT series must state its pixel size: without Pixel Spacing GDCM reads 1 mm, and every size, volume and
+    position derived from it would be wrong without a word."""
+    if not series.pixel_spacing:
+        raise InputError(f"{where}: the DICOM series gives no Pixel Spacing (0028,0030), so its pixel size is "
+                         "unknown; export it with its spacing (a CT series always has one)")
 
 
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
@@ -317,6 +328,7 @@ def _read_dicom(folder: Path, series_uid: str | None, max_bytes: int) -> tuple[s
         warn(notes, folder, f"{unread} DICOM file(s) of the folder are in no series that could be read (truncated, "
                             "or not images, such as a dose report) and were not examined; if they belong to this "
                             "series, it is incomplete")
+    _check_pixel_spacing(folder, chosen)
     _check_memory(chosen.size, folder, max_bytes)
     if chosen.is_multiframe:
         return read_multiframe(folder, chosen.files), chosen.uid, chosen.files, notes
@@ -351,6 +363,7 @@ def _read_dicom_file(path: Path, max_bytes: int) -> tuple[sitk.Image, str, list[
         raise InputError(f"{path}: a single DICOM slice; give the folder that holds the whole series")
     if not series.is_ct:
         raise InputError(f"{path}: the file is {series.modality}, not CT; medanomaly needs CT in Hounsfield units")
+    _check_pixel_spacing(path, series)
     _check_memory(series.size, path, max_bytes)
     return read_multiframe(path, series.files), series.uid, series.files
 
@@ -557,7 +570,8 @@ def _nifti_transform_note(path: Path, image: sitk.Image) -> str | None:
 
 
 def _header_spacing(path: Path) -> list[float] | None:
-    """Spacing as the file's own header states it, before any reader normalizes it."""
+    """Spacing as the file's own header states it, before any reader normalizes it: [] where a NRRD or MetaImage
+    header states none, None where it cannot be told."""
     name = path.name.lower()
     try:
         if name.endswith((".nii", ".nii.gz")):
@@ -571,6 +585,13 @@ def _header_spacing(path: Path) -> list[float] | None:
                 return [float(np.linalg.norm(v)) for v in vectors if v.ndim == 1 and np.all(np.isfinite(v))]
             if "spacings" in header:
                 return [float(v) for v in header["spacings"]]
+            return []  # no spacing at all: ITK would read 1 mm
+        if name.endswith((".mha", ".mhd")):
+            with open(path, "rb") as f:  # the text header, up to the pixel data
+                lines = f.read(65536).split(b"ElementDataFile")[0].decode("latin-1").splitlines()
+            fields = {line.split("=")[0].strip(): line.split("=", 1)[1].split() for line in lines if "=" in line}
+            spacing = fields.get("ElementSpacing") or fields.get("ElementSize")
+            return [float(v) for v in spacing] if spacing else []
     except Exception:  # an unreadable header is reported by SimpleITK's own reading
         return None
     return None
@@ -656,6 +677,9 @@ def read_volume(path: str | os.PathLike, *, series: str | None = None, allow_non
         image, series_uid, dicom_files = _read_dicom_file(path, max_bytes)
     else:
         spacing = _header_spacing(path)
+        if spacing == []:
+            raise InputError(f"{path}: the header gives no voxel spacing, so the voxel size is unknown (ITK would "
+                             "read 1 mm); write the volume with its spacing")
         if spacing is not None and (not np.all(np.isfinite(spacing)) or any(v <= 0 for v in spacing)):
             raise InputError(f"{path}: voxel spacing {tuple(round(v, 6) for v in spacing)} in the header is not "
                              "positive; fix the header's spacing")
