@@ -97,13 +97,47 @@ def write_dicom_series(image: sitk.Image, folder: Path, modality: str = "CT", se
     return files
 
 
+# what a Legacy Converted Enhanced CT needs of its sources, filled in where a writer or de-identification left it empty
+LEGACY_CONVERTER_NEEDS = (
+    ("StudyDate", "20260101"), ("StudyTime", "120000"), ("ContentDate", "20260101"), ("ContentTime", "120000"),
+    ("Manufacturer", "Test"), ("PatientBirthDate", ""), ("PatientSex", ""), ("AccessionNumber", ""),
+    ("ReferringPhysicianName", ""), ("StudyID", "1"), ("SeriesNumber", 1), ("KVP", 120), ("AcquisitionNumber", 1),
+    ("ImageType", ["ORIGINAL", "PRIMARY", "AXIAL"]),
+)
+
+
+def legacy_enhanced_ct(datasets: list, path: Path, frame_order: list[int] | None = None) -> Path:
+    """Single-frame CT datasets (decompressed) as one Legacy Converted Enhanced CT Image file (highdicom), the
+    conversion a PACS or a scanner's export makes. The converter stores the frames by position; `frame_order` stores
+    them in another order, each with its own tags."""
+    import logging
+
+    import highdicom as hd
+    import pydicom
+
+    for ds in datasets:
+        for keyword, value in LEGACY_CONVERTER_NEEDS:
+            if not ds.get(keyword):
+                setattr(ds, keyword, value)
+    logging.getLogger("highdicom").setLevel(logging.ERROR)  # it notes the legacy frame type it cannot fill in
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        datasets, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
+    if frame_order is not None:
+        pixels = enhanced.pixel_array
+        groups = enhanced.PerFrameFunctionalGroupsSequence
+        enhanced.PerFrameFunctionalGroupsSequence = pydicom.Sequence([groups[k] for k in frame_order])
+        enhanced.PixelData = np.ascontiguousarray(pixels[list(frame_order)]).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    enhanced.save_as(path)
+    return path
+
+
 def write_enhanced_ct(image: sitk.Image, path: Path, intercepts: tuple[float, ...] = (-1024.0,),
                       frame_order: list[int] | None = None, drop_frames: tuple[int, ...] = ()) -> Path:
-    """Write a 3D image as one multi-frame CT object (a Legacy Converted Enhanced CT Image, highdicom), as modern
-    scanners and PACS store a series. Frame k of the stacked slices is stored as unsigned values with rescale
-    intercept intercepts[k % len(intercepts)] (several make the rescale differ frame by frame); `frame_order` stores
-    the frames in another order (each keeps its own position); `drop_frames` leaves those slices out."""
-    import highdicom as hd
+    """Write a 3D image as one multi-frame CT object (legacy_enhanced_ct), as modern scanners and PACS store a
+    series. Frame k of the stacked slices is stored as unsigned values with rescale intercept
+    intercepts[k % len(intercepts)] (several make the rescale differ frame by frame); `frame_order` stores the frames
+    in another order (each keeps its own position); `drop_frames` leaves those slices out."""
     import pydicom
 
     slices = path.parent / f".{path.name}.slices"
@@ -118,29 +152,35 @@ def write_enhanced_ct(image: sitk.Image, path: Path, intercepts: tuple[float, ..
         assert stored.min() >= 0 and stored.max() < 2**16, "the intercept must lie at or below the lowest value"
         ds.PixelData, ds.PixelRepresentation = stored.astype(np.uint16).tobytes(), 0
         ds.RescaleIntercept, ds.RescaleSlope = intercept, 1
-        for keyword, value in (("StudyDate", "20260101"), ("StudyTime", "120000"), ("ContentDate", "20260101"),
-                               ("ContentTime", "120000"), ("Manufacturer", "Test"), ("PatientBirthDate", ""),
-                               ("PatientSex", ""), ("AccessionNumber", ""), ("ReferringPhysicianName", ""),
-                               ("StudyID", "1"), ("SeriesNumber", 1), ("KVP", 120), ("AcquisitionNumber", 1),
-                               ("ImageType", ["ORIGINAL", "PRIMARY", "AXIAL"])):
-            setattr(ds, keyword, value)
         datasets.append(ds)
-    import logging
-
-    logging.getLogger("highdicom").setLevel(logging.ERROR)  # it notes the legacy frame type it cannot fill in
-    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
-        datasets, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
-    if frame_order is not None:  # the converter stores frames by position: reorder them with their own tags
-        pixels = enhanced.pixel_array
-        groups = enhanced.PerFrameFunctionalGroupsSequence
-        enhanced.PerFrameFunctionalGroupsSequence = pydicom.Sequence([groups[k] for k in frame_order])
-        enhanced.PixelData = np.ascontiguousarray(pixels[list(frame_order)]).tobytes()
     for file in files:
         file.unlink()
     slices.rmdir()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    enhanced.save_as(path)
-    return path
+    return legacy_enhanced_ct(datasets, path, frame_order)
+
+
+def grid_comparison(image: sitk.Image, reference: sitk.Image) -> dict:
+    """How far `image` holds `reference`'s voxels at their physical places: sizes and spacings, the largest distance
+    from a corner voxel's centre of `image` to a voxel centre of `reference` (in voxels and mm; the two grids may
+    be stacked in opposite directions), and the voxels that differ after resampling `image` onto `reference`
+    (nearest neighbour, no interpolation)."""
+    corners = [(i, j, k) for i in (0, image.GetWidth() - 1) for j in (0, image.GetHeight() - 1)
+               for k in (0, image.GetDepth() - 1)]
+    offsets = []
+    for corner in corners:
+        index = np.array(reference.TransformPhysicalPointToContinuousIndex(image.TransformIndexToPhysicalPoint(corner)))
+        offsets.append(np.abs(index - np.round(index)))
+    offsets = np.array(offsets)
+    resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, -5000,
+                              reference.GetPixelID())
+    diff = np.abs(sitk.GetArrayFromImage(resampled).astype(np.int64)
+                  - sitk.GetArrayFromImage(reference).astype(np.int64))
+    return {"size": list(image.GetSize()), "reference_size": list(reference.GetSize()),
+            "spacing_mm": [round(v, 6) for v in image.GetSpacing()],
+            "reference_spacing_mm": [round(v, 6) for v in reference.GetSpacing()],
+            "max_corner_offset_voxels": float(offsets.max()),
+            "max_corner_offset_mm": float((offsets * np.array(reference.GetSpacing())).max()),
+            "voxels_differing": int((diff > 0).sum()), "max_abs_difference_hu": int(diff.max())}
 
 
 def compress_jpeg_lossless(path: Path) -> Path:

@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 import medanomaly
-from conftest import compress_jpeg_lossless, write_dicom_series, write_enhanced_ct
+from conftest import compress_jpeg_lossless, grid_comparison, write_dicom_series, write_enhanced_ct
 from medanomaly.errors import InputError
 from medanomaly.outputs import DICOM_SEG_FILE, DICOM_SR_FILE
 from medanomaly.volumes import read_volume
@@ -35,16 +35,11 @@ def frame_positions(path) -> np.ndarray:
 def same_voxels_and_places(image: sitk.Image, reference: sitk.Image) -> None:
     """`image` holds `reference`'s voxels at their physical places: its grid is the reference's, possibly stacked the
     other way, and resampled onto the reference (nearest, no interpolation) it equals it exactly."""
-    assert image.GetSize() == reference.GetSize()
-    np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-5)
-    corners = [(i, j, k) for i in (0, image.GetWidth() - 1) for j in (0, image.GetHeight() - 1)
-               for k in (0, image.GetDepth() - 1)]
-    for corner in corners:  # every voxel centre of one grid is a voxel centre of the other
-        index = reference.TransformPhysicalPointToContinuousIndex(image.TransformIndexToPhysicalPoint(corner))
-        np.testing.assert_allclose(index, np.round(index), atol=1e-3)
-    resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, -5000,
-                              reference.GetPixelID())
-    assert np.array_equal(sitk.GetArrayFromImage(resampled), sitk.GetArrayFromImage(reference))
+    found = grid_comparison(image, reference)
+    assert found["size"] == found["reference_size"]
+    np.testing.assert_allclose(found["spacing_mm"], found["reference_spacing_mm"], atol=1e-5)
+    assert found["max_corner_offset_voxels"] <= 1e-3  # every voxel centre of one grid is a voxel centre of the other
+    assert found["voxels_differing"] == 0
 
 
 def test_enhanced_ct_reads_as_its_single_frame_series(small_ct, tmp_path):

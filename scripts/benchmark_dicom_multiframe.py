@@ -15,7 +15,6 @@ each once. The CTs are those of ../shared/data (see ../shared/data/SOURCES.md).
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT / "Testing"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark_dicom_seg import SHARED_SERIES, with_uids  # noqa: E402
-from conftest import write_dicom_series, write_enhanced_ct  # noqa: E402
+from conftest import grid_comparison, legacy_enhanced_ct, write_dicom_series, write_enhanced_ct  # noqa: E402
 
 from medanomaly.volumes import read_volume  # noqa: E402
 
@@ -41,39 +40,11 @@ SHARED_CHEST = ROOT.parent / "shared" / "data" / "ct" / "chest_ct_01.nii.gz"
 
 
 def convert(series: Path, path: Path) -> Path:
-    """The series' files as one Legacy Converted Enhanced CT Image (highdicom), frames in the converter's order."""
-    import highdicom as hd
-
+    """The series' files as one Legacy Converted Enhanced CT Image, frames in the converter's order."""
     datasets = [pydicom.dcmread(p) for p in sorted(series.iterdir()) if p.is_file()]
-    for ds in datasets:  # attributes the converter needs that de-identification left out
-        for keyword, value in (("StudyDate", "20260101"), ("StudyTime", "120000"), ("ContentDate", "20260101"),
-                               ("ContentTime", "120000"), ("AccessionNumber", ""), ("ReferringPhysicianName", ""),
-                               ("StudyID", "1"), ("PatientBirthDate", ""), ("PatientSex", "")):
-            if keyword not in ds:
-                setattr(ds, keyword, value)
+    for ds in datasets:
         ds.decompress()  # the converter joins the frames' pixel data as they are
-    logging.getLogger("highdicom").setLevel(logging.ERROR)
-    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
-        datasets, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    enhanced.save_as(path)
-    return path
-
-
-def compare(enhanced: sitk.Image, series: sitk.Image) -> dict:
-    """The enhanced file's voxels at their physical places against the series': resampled (nearest) onto the
-    series' grid, and the largest distance between a corner voxel's centre and a voxel centre of the series."""
-    corners = [(i, j, k) for i in (0, enhanced.GetWidth() - 1) for j in (0, enhanced.GetHeight() - 1)
-               for k in (0, enhanced.GetDepth() - 1)]
-    off = 0.0
-    for corner in corners:
-        index = np.array(series.TransformPhysicalPointToContinuousIndex(enhanced.TransformIndexToPhysicalPoint(corner)))
-        off = max(off, float(np.abs((index - np.round(index)) * np.array(series.GetSpacing())).max()))
-    resampled = sitk.Resample(enhanced, series, sitk.Transform(), sitk.sitkNearestNeighbor, -5000, series.GetPixelID())
-    diff = np.abs(sitk.GetArrayFromImage(resampled).astype(np.int32) - sitk.GetArrayFromImage(series).astype(np.int32))
-    return {"size": list(enhanced.GetSize()), "spacing_mm": [round(v, 6) for v in enhanced.GetSpacing()],
-            "max_corner_offset_mm": off, "voxels_differing": int((diff > 0).sum()),
-            "max_abs_difference_hu": int(diff.max())}
+    return legacy_enhanced_ct(datasets, path)
 
 
 # VmHWM, the peak RSS of the process's own memory since its exec (ru_maxrss would carry over this large parent's)
@@ -131,7 +102,7 @@ def main() -> None:
             series_seconds, series_image = timed(folder, args.runs)
             enhanced_seconds, enhanced_image = timed(enhanced, args.runs)
             report["cases"][name] = {
-                **compare(enhanced_image, series_image),
+                **grid_comparison(enhanced_image, series_image),
                 "enhanced_file_mb": round(enhanced.stat().st_size / 2**20, 1),
                 "read_series_s_median": round(series_seconds, 3),
                 "read_enhanced_s_median": round(enhanced_seconds, 3),

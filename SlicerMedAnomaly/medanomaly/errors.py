@@ -1,6 +1,11 @@
 """Errors a user can act on: each one carries a one-line message that says what is wrong and what to do."""
 
 
+def exception_line(exc: BaseException, limit: int = 200) -> str:
+    """A library's exception as one short line for our own message: its type and its text, whitespace folded."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
+
+
 class MedAnomalyError(Exception):
     """Base class of every error the command line reports as one line, without a traceback."""
 

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import slicerio
 
 from .bundle import replace_dir, staging_dir
-from .errors import OutputError
+from .errors import OutputError, exception_line
 from .volumes import functional_group
 
 # Slicer's terminology for a finding: category and type from the "3D Slicer General Anatomy list" context.
@@ -134,7 +134,7 @@ def write_dicom_segmentation(labels: np.ndarray, findings: list[dict], reference
             series_description=f"MedAnomaly findings ({model_name})"[:64])
         seg.save_as(path)
     except (AttributeError, KeyError, TypeError, ValueError, InvalidDicomError) as exc:
-        raise OutputError(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+        raise OutputError(exception_line(exc, 300)) from None
     return seg, sources
 
 
@@ -210,7 +210,7 @@ def write_dicom_report(segmentation, sources: list, findings: list[dict], path: 
             manufacturer="MedAnomaly", is_complete=True, series_description=f"MedAnomaly findings ({model_name})"[:64])
         document.save_as(path)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise OutputError(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+        raise OutputError(exception_line(exc, 300)) from None
 
 
 def write_json(data: dict, path: Path) -> None:

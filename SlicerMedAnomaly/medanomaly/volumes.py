@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, exception_line
 
 log = logging.getLogger(__name__)
 # ITK prints reader warnings straight to the terminal; our own checks report what matters in one line.
@@ -155,7 +155,7 @@ class DicomSeries(NamedTuple):
     modality: str
     description: str
     size: tuple[int, int, int]  # (columns, rows, slices) from the first file's header and the number of files
-    pixel_spacing: bool = True  # whether the first file's header gives the pixel spacing (GDCM assumes 1 mm if not)
+    pixel_spacing: bool  # whether the first file's header gives the pixel spacing (GDCM assumes 1 mm if not)
 
     @property
     def is_ct(self) -> bool:  # a series without a modality is taken for CT; the HU checks judge it
@@ -170,14 +170,12 @@ def dicom_series(folder: Path) -> list[DicomSeries]:
     """Every series GDCM finds in a folder, whatever the suffixes (only the first file of each is read). A corrupt
     RLE file, on which GDCM's scan of the folder would kill the process, is refused first."""
     _refuse_corrupt_rle(folder, [str(p) for p in sorted(folder.iterdir()) if p.is_file() and not is_dicomdir(p)])
-    with _stderr_captured() as decoder_lines:
+    with _stderr_captured(folder):
         try:
             uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
         except RuntimeError:
             uids = ()
         listed = [list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids]
-    for line in decoder_lines:
-        log.debug("while listing %s: %s", folder, line)
     series = []
     for uid, files in zip(uids, listed):
         try:
@@ -204,7 +202,7 @@ def _describe_series(files: list[str], uid: str | None = None) -> DicomSeries:
         measures = functional_group(ds, 0, "PixelMeasuresSequence")  # an enhanced object's
         spacing = bool(ds.get("PixelSpacing") or (measures is not None and measures.get("PixelSpacing")))
     except Exception as exc:  # pydicom raises many kinds on a file that is not DICOM or not an image
-        raise UnreadableHeader(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+        raise UnreadableHeader(exception_line(exc)) from None
     return DicomSeries(uid if uid is not None else text("SeriesInstanceUID"), files, text("Modality").upper(),
                        text("SeriesDescription"), size, spacing)
 
@@ -243,11 +241,11 @@ def _refuse_corrupt_rle(where: Path, files: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _stderr_captured():
-    """What libraries print on stderr during the block, captured instead of shown: GDCM's JPEG and JPEG 2000
-    decoders print a line per attempt on a corrupt slice (from C, on the process's stderr), and highdicom prints a
-    traceback before it raises on a frame it cannot decode (on sys.stderr). The list it yields holds those lines
-    after the block; our one-line error is what the user sees."""
+def _stderr_captured(where: str | os.PathLike):
+    """What libraries print on stderr while reading `where`, captured instead of shown and logged at debug level:
+    GDCM's JPEG and JPEG 2000 decoders print a line per attempt on a corrupt slice (from C, on the process's
+    stderr), and highdicom prints a traceback before it raises on a frame it cannot decode (on sys.stderr). The list
+    it yields holds those lines after the block; our one-line error is what the user sees."""
     lines: list[str] = []
     if sys.stderr is not None:
         sys.stderr.flush()
@@ -269,6 +267,8 @@ def _stderr_captured():
             sink.seek(0)
             text = sink.read().decode("utf-8", "replace") + python_text.getvalue()
             lines.extend(line for line in text.splitlines() if line.strip())
+            for line in lines:
+                log.debug("while reading %s: %s", where, line)
 
 
 def _series_below(folder: Path, series_uid: str | None, notes: list[str]) -> tuple[Path, list[DicomSeries]]:
@@ -336,13 +336,11 @@ def _read_dicom(folder: Path, series_uid: str | None, max_bytes: int) -> tuple[s
     reader.SetFileNames(chosen.files)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's own position, for the check below
     failure = None
-    with _stderr_captured() as decoder_lines:
+    with _stderr_captured(folder) as decoder_lines:
         try:
             image = reader.Execute()
         except RuntimeError as exc:
             failure = _first_line(exc)
-    for line in decoder_lines:
-        log.debug("while reading %s: %s", folder, line)
     if failure is not None:
         said = f"; the decoder said: {decoder_lines[-1].strip()}" if decoder_lines else ""
         raise InputError(f"{folder}: the DICOM series could not be read ({failure}{said}); check that it is complete "
@@ -475,8 +473,8 @@ def read_multiframe(where: Path, files: list[str]) -> sitk.Image:
             positions.append([float(v) for v in plane.ImagePositionPatient] if plane else None)
             orientations.append([float(v) for v in orientation.ImageOrientationPatient] if orientation else None)
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as exc:
-        raise InputError(f"{where}: the multi-frame DICOM file could not be read ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:200]}); check that it is complete") from None
+        raise InputError(f"{where}: the multi-frame DICOM file could not be read ({exception_line(exc)}); check "
+                         "that it is complete") from None
     if any(p is None for p in positions) or any(o is None for o in orientations):
         raise InputError(f"{where}: the multi-frame DICOM file gives no position or orientation for some frames, so "
                          "its slices cannot be placed; export the series with its geometry")
@@ -484,17 +482,13 @@ def read_multiframe(where: Path, files: list[str]) -> sitk.Image:
     order = np.argsort(np.asarray(positions) @ normal, kind="stable")
     check_slice_positions(where, [positions[k] for k in order], [orientations[k] for k in order],
                           numbers=[int(k) + 1 for k in order], noun="frames")
-    printed: list[str] = []
     try:  # HU: the modality transform (rescale) of each frame, not a real-world value map or a display window
-        with _stderr_captured() as printed:
+        with _stderr_captured(where):
             volume = image.get_volume(dtype=np.float32, apply_modality_transform=True,
                                       apply_real_world_transform=False)
     except (RuntimeError, ValueError, KeyError, AttributeError, OSError) as exc:
         raise InputError(f"{where}: the multi-frame DICOM file's frames could not be read as one volume "
-                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-    finally:
-        for line in printed:
-            log.debug("while reading %s: %s", where, line)
+                         f"({exception_line(exc)})") from None
     array = _as_int16_if_whole(volume.array)
     columns = volume.affine[:3, 2::-1]  # highdicom indexes (slice, row, column); SimpleITK's axes are i, j, k
     spacing = np.linalg.norm(columns, axis=0)
